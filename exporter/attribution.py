@@ -1,0 +1,92 @@
+"""Who holds each GPU's memory: processes, the engines whose trees they belong to, the rest.
+
+Pure assembly over what the sources returned; nothing here talks to NVML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exporter.engines import Engine
+from exporter.nvml_source import GpuReading, NvmlReading
+from exporter.proctable import ProcView
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    gpu: GpuReading
+    pid: int
+    used_bytes: int | None
+    comm: str  # "" when the process left /proc before we looked (or is outside our PID view)
+    container: str
+    engine: str  # "" when the process belongs to no known engine
+
+
+@dataclass(frozen=True)
+class EngineUsage:
+    engine: str
+    gpu: GpuReading
+    used_bytes: int | None  # None when one of its processes' memory is unknown
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nvml: NvmlReading
+    engines: tuple[Engine, ...]
+    processes: tuple[ProcessUsage, ...]
+    engine_usage: tuple[EngineUsage, ...]
+    unattributed: tuple[tuple[GpuReading, int], ...]  # only GPUs where it is known
+
+
+class Attributor:
+    """Maps GPU processes to engines by walking up from each process to an engine root.
+
+    The container of a process is cached by (pid, start time): it does not change while
+    the process lives, and the cache is pruned to the processes seen in the last pass.
+    """
+
+    def __init__(self) -> None:
+        self._containers: dict[tuple[int, int], str] = {}
+
+    def attribute(self, nvml: NvmlReading, engines: list[Engine], view: ProcView) -> Snapshot:
+        roots = {(e.root_pid, e.start_ticks): e.name for e in engines if e.up and e.root_pid}
+        roots_any_start = {e.root_pid: e.name for e in engines if e.up and e.root_pid and e.start_ticks is None}
+        containers: dict[tuple[int, int], str] = {}
+        processes: list[ProcessUsage] = []
+        engine_usage: list[EngineUsage] = []
+        unattributed: list[tuple[GpuReading, int]] = []
+        for gpu in nvml.gpus:
+            if gpu.processes is None:
+                continue
+            per_engine: dict[str, int | None] = {}
+            for proc in gpu.processes:
+                info = view.info(proc.pid)
+                engine = ""
+                comm = container = ""
+                if info is not None:
+                    comm = view.title(info)
+                    key = (info.pid, info.start_ticks)
+                    container = self._containers.get(key)
+                    if container is None:
+                        container = view.container(info.pid)
+                    containers[key] = container
+                    for ancestor in view.ancestry(proc.pid):
+                        engine = roots.get((ancestor.pid, ancestor.start_ticks)) or roots_any_start.get(ancestor.pid, "")
+                        if engine:
+                            break
+                processes.append(ProcessUsage(gpu, proc.pid, proc.used_bytes, comm, container, engine))
+                if engine:
+                    previous = per_engine.get(engine, 0)
+                    per_engine[engine] = None if previous is None or proc.used_bytes is None else previous + proc.used_bytes
+            engine_usage.extend(EngineUsage(name, gpu, used) for name, used in per_engine.items())
+            known = [proc.used_bytes for proc in gpu.processes]
+            if gpu.used_bytes is not None and None not in known:
+                unattributed.append((gpu, gpu.used_bytes - sum(known)))
+        self._containers = containers
+        return Snapshot(
+            nvml=nvml,
+            engines=tuple(engines),
+            processes=tuple(processes),
+            engine_usage=tuple(engine_usage),
+            unattributed=tuple(unattributed),
+        )

@@ -1,0 +1,167 @@
+"""`gpu-residency-exporter`: serve the node's GPU residency to Prometheus."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from exporter import __version__
+from exporter.collector import ResidencyCollector
+from exporter.engines import ConfigError, EngineCatalog, load_static_config
+from exporter.errors import ErrorCounter
+from exporter.nvml_source import NvmlSource
+from exporter.registry import DEFAULT_DIR, REGISTRY_ENV
+from exporter.server import ExporterServer, ListenAddressError, make_app, parse_listen_address
+
+log = logging.getLogger("exporter")
+
+DEFAULT_LISTEN = ":9852"
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+
+EPILOG = """\
+examples:
+  gpu-residency-exporter                      serve on :9852/metrics with the node's NVML
+  gpu-residency-exporter --demo               a simulated 8-GPU node (no GPU needed)
+  gpu-residency-exporter --web.listen-address 127.0.0.1:9852 --log.level debug
+
+Engines are found in the registry directory (one JSON file per engine, written by
+exporter.registry.register_engine), in --engines.config-file, and by recognising
+SGLang launch command lines. Run with hostPID (Kubernetes) or in the host PID
+namespace, or NVML's PIDs cannot be matched to processes.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpu-residency-exporter",
+        description="Prometheus exporter of what really holds GPU memory: whole-GPU used memory (NVML), "
+        "per-process and per-engine residency, and unattributed memory.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    web = parser.add_argument_group("web")
+    web.add_argument(
+        "--web.listen-address", dest="listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+        help=f"address to serve on (default {DEFAULT_LISTEN}: all interfaces; port 0 picks a free one)",
+    )
+    web.add_argument(
+        "--web.telemetry-path", dest="telemetry_path", default="/metrics", metavar="PATH",
+        help="path of the metrics (default /metrics)",
+    )
+    engines = parser.add_argument_group("engines")
+    engines.add_argument(
+        "--registry.dir", dest="registry_dir", default=os.environ.get(REGISTRY_ENV, DEFAULT_DIR), metavar="DIR",
+        help=f"engine registry directory (default ${REGISTRY_ENV} or {DEFAULT_DIR}); a missing directory means "
+        "no registered engines",
+    )
+    engines.add_argument(
+        "--engines.config-file", dest="engines_config", metavar="FILE",
+        help="TOML file of fixed engines: [[engines]] name, kind, url, and pid_file or root_pid",
+    )
+    engines.add_argument(
+        "--engines.discover", dest="discover", action=argparse.BooleanOptionalAction, default=True,
+        help="find SGLang servers by their launch command line (default on)",
+    )
+    engines.add_argument(
+        "--engines.discovery-interval", dest="discovery_interval", type=_positive_float, default=10.0,
+        metavar="SECONDS", help="how often discovery scans the process table (default 10)",
+    )
+    nvml = parser.add_argument_group("nvml")
+    nvml.add_argument(
+        "--nvml.library", dest="nvml_library", metavar="PATH",
+        help="load libnvidia-ml from this path instead of the loader's search path",
+    )
+    parser.add_argument(
+        "--node", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        help="value of the node label (default $NODE_NAME, else the host name)",
+    )
+    parser.add_argument("--log.level", dest="log_level", choices=sorted(LOG_LEVELS), default="info")
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="simulate an 8-GPU node (fake NVML, real process trees and engines); needs a C compiler",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def build_collector(args: argparse.Namespace, errors: ErrorCounter) -> tuple[ResidencyCollector, EngineCatalog]:
+    static = load_static_config(args.engines_config) if args.engines_config else []
+    catalog = EngineCatalog(
+        errors,
+        registry_dir=Path(args.registry_dir),
+        static=static,
+        discover=args.discover,
+        discovery_interval=args.discovery_interval,
+    )
+    nvml = NvmlSource(errors, library_path=args.nvml_library)
+    return ResidencyCollector(args.node, nvml, catalog, errors), catalog
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=LOG_LEVELS[args.log_level], format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if not args.telemetry_path.startswith("/") or args.telemetry_path in ("/", "/healthz"):
+        parser.error(f"--web.telemetry-path {args.telemetry_path!r}: must start with / and not be / or /healthz")
+    try:
+        host, port = parse_listen_address(args.listen)
+    except ListenAddressError as exc:
+        parser.error(str(exc))
+
+    demo = None
+    if args.demo:
+        from exporter.demo import DemoNode
+
+        demo = DemoNode.start()
+        demo.apply(args)
+
+    errors = ErrorCounter()
+    try:
+        collector, catalog = build_collector(args, errors)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    try:
+        server = ExporterServer(make_app(registry, args.telemetry_path), host, port)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
+        return 1
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    catalog.start()
+    server.start()
+    bound_host, bound_port = server.address
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    log.info("gpu-residency-exporter %s listening on http://%s:%d%s", __version__, shown, bound_port, args.telemetry_path)
+    try:
+        stop.wait()
+    finally:
+        log.info("shutting down")
+        server.stop()
+        catalog.stop()
+        if demo is not None:
+            demo.stop()
+    return 0

@@ -1,0 +1,148 @@
+"""The prometheus_client Collector: one fresh set of families per scrape.
+
+Building the families per scrape (no long-lived labelled Gauges) means a process or
+engine that disappears leaves no stale series. Concurrent scrapes share one collection:
+a scrape that waited while another collected reuses that result instead of hitting NVML
+and /proc again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+from exporter.attribution import Attributor, Snapshot
+from exporter.engines import EngineCatalog
+from exporter.errors import ErrorCounter
+from exporter.nvml_source import GpuReading, NvmlSource
+from exporter.proctable import ProcView
+
+PREFIX = "gpu_residency_"
+GPU_LABELS = ["node", "gpu", "uuid", "pci_bus_id", "model"]
+
+# Extra families from other concerns (SGLang accounting, exits) given the snapshot.
+FamilySource = Callable[[Snapshot], Iterable[Metric]]
+
+
+class ResidencyCollector(Collector):
+    def __init__(
+        self,
+        node: str,
+        nvml: NvmlSource,
+        catalog: EngineCatalog,
+        errors: ErrorCounter,
+        extra_sources: Iterable[FamilySource] = (),
+    ) -> None:
+        self._node = node
+        self._nvml = nvml
+        self._catalog = catalog
+        self._errors = errors
+        self._extra = list(extra_sources)
+        self._attributor = Attributor()
+        self._lock = threading.Lock()
+        self._last: tuple[float, Snapshot, float] | None = None  # (finished, snapshot, duration)
+
+    def snapshot(self) -> tuple[Snapshot, float]:
+        """A collection finished after this call began: a fresh one, or a concurrent one's."""
+        asked = time.monotonic()
+        with self._lock:
+            if self._last is not None and self._last[0] >= asked:
+                return self._last[1], self._last[2]
+            started = time.perf_counter()
+            reading = self._nvml.read()
+            view = ProcView(self._errors)
+            engines = self._catalog.resolve(view)
+            snapshot = self._attributor.attribute(reading, engines, view)
+            duration = time.perf_counter() - started
+            self._last = (time.monotonic(), snapshot, duration)
+            return snapshot, duration
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot, duration = self.snapshot()
+        yield from self._gpu_families(snapshot)
+        yield from self._attribution_families(snapshot)
+        for source in self._extra:
+            yield from source(snapshot)
+        yield from self._self_families(snapshot, duration)
+
+    def _gpu_labels(self, gpu: GpuReading) -> list[str]:
+        return [self._node, str(gpu.index), gpu.uuid, gpu.pci_bus_id, gpu.model]
+
+    def _gpu_families(self, snapshot: Snapshot) -> Iterable[Metric]:
+        specs = (
+            ("memory_used_bytes", "used_bytes", "GPU memory in use, whole card (NVML), the wake-up gate's signal."),
+            ("memory_total_bytes", "total_bytes", "GPU memory size (NVML)."),
+            ("memory_reserved_bytes", "reserved_bytes", "GPU memory reserved by the driver (NVML memory info v2)."),
+        )
+        for name, field, doc in specs:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=GPU_LABELS)
+            for gpu in snapshot.nvml.gpus:
+                value = getattr(gpu, field)
+                if value is not None:
+                    family.add_metric(self._gpu_labels(gpu), value)
+            yield family
+
+    def _attribution_families(self, snapshot: Snapshot) -> Iterable[Metric]:
+        node = self._node
+        processes = GaugeMetricFamily(
+            PREFIX + "process_memory_bytes",
+            "GPU memory used by one process (NVML); engine is '' for a process in no known engine.",
+            labels=["node", "gpu", "uuid", "pid", "comm", "engine", "container"],
+        )
+        for proc in snapshot.processes:
+            if proc.used_bytes is not None:
+                processes.add_metric(
+                    [node, str(proc.gpu.index), proc.gpu.uuid, str(proc.pid), proc.comm, proc.engine, proc.container],
+                    proc.used_bytes,
+                )
+        yield processes
+        engine_memory = GaugeMetricFamily(
+            PREFIX + "engine_memory_bytes",
+            "GPU memory held by an engine's whole process tree on one GPU.",
+            labels=["node", "engine", "gpu", "uuid"],
+        )
+        for usage in snapshot.engine_usage:
+            if usage.used_bytes is not None:
+                engine_memory.add_metric([node, usage.engine, str(usage.gpu.index), usage.gpu.uuid], usage.used_bytes)
+        yield engine_memory
+        unattributed = GaugeMetricFamily(
+            PREFIX + "unattributed_memory_bytes",
+            "GPU memory used minus the sum of all listed processes (high: PIDs not visible, e.g. no hostPID).",
+            labels=["node", "gpu", "uuid"],
+        )
+        for gpu, value in snapshot.unattributed:
+            unattributed.add_metric([node, str(gpu.index), gpu.uuid], value)
+        yield unattributed
+        engine_up = GaugeMetricFamily(
+            PREFIX + "engine_up",
+            "1 while the engine's root process lives (same PID and start time), else 0.",
+            labels=["node", "engine", "kind"],
+        )
+        for engine in snapshot.engines:
+            engine_up.add_metric([node, engine.name, engine.kind], 1 if engine.up else 0)
+        yield engine_up
+
+    def _self_families(self, snapshot: Snapshot, duration: float) -> Iterable[Metric]:
+        node = self._node
+        yield _node_gauge("nvml_up", "1 when NVML answered this collection.", node, 1 if snapshot.nvml.up else 0)
+        yield _node_gauge("scrape_duration_seconds", "Time the last collection took.", node, duration)
+        errors = CounterMetricFamily(
+            PREFIX + "errors", "Failed reads, by source and reason.", labels=["node", "source", "reason"]
+        )
+        for (source, reason), count in sorted(self._errors.snapshot().items()):
+            errors.add_metric([node, source, reason], count)
+        yield errors
+        build = GaugeMetricFamily(PREFIX + "build_info", "Exporter version.", labels=["node", "version"])
+        build.add_metric([node, __version__], 1)
+        yield build
+
+
+def _node_gauge(name: str, doc: str, node: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(PREFIX + name, doc, labels=["node"])
+    family.add_metric([node], value)
+    return family

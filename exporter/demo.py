@@ -1,0 +1,118 @@
+"""`--demo`: a simulated colocated-RL node, so the exporter shows real output without a GPU.
+
+Eight fake GPUs (the fake NVML), four SGLang-like engines at TP=2 and a trainer, each a
+real process tree whose leaves "hold" memory, registered in a private registry. The
+engines and the trainer take turns every PHASE_SECONDS, as in colocated RL training:
+engines awake and the trainer offloaded, then engines asleep and the trainer awake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import fakenvml
+from fakenvml import GIB, Scenario
+from exporter.registry import register_engine
+
+log = logging.getLogger(__name__)
+
+PHASE_SECONDS = 20.0
+GPUS = 8
+TP = 2
+CONTEXT_BYTES = int(0.3 * GIB)  # driver/context memory no process is charged for
+
+
+@dataclass
+class _Tree:
+    name: str
+    root: subprocess.Popen
+    leaves: list[int]
+
+
+def _start_tree(name: str, leaves: int, title: str) -> _Tree:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(fakenvml.__file__).parent.parent), env.get("PYTHONPATH")]))
+    root = subprocess.Popen(
+        [sys.executable, "-m", "fakenvml.tree", "--depth", "2", "--leaves", str(leaves), "--title", title],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    pids = [int(root.stdout.readline()) for _ in range(leaves)]
+    return _Tree(name, root, pids)
+
+
+class DemoNode:
+    def __init__(self, workdir: Path, lib_dir: Path) -> None:
+        self.workdir = workdir
+        self.lib_dir = lib_dir
+        self.registry = workdir / "engines"
+        self.scenario = Scenario.with_gpus(workdir / "scenario.json", GPUS)
+        self.engines: list[_Tree] = []
+        self.trainer: _Tree | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._cycle, name="demo", daemon=True)
+
+    @classmethod
+    def start(cls) -> DemoNode:
+        try:
+            lib_dir = fakenvml.build()
+        except fakenvml.BuildError as exc:
+            raise SystemExit(f"gpu-residency-exporter: --demo needs the fake NVML: {exc}") from None
+        node = cls(Path(tempfile.mkdtemp(prefix="gpu-residency-demo-")), lib_dir)
+        atexit.register(node.stop)
+        for engine in range(GPUS // TP):
+            tree = _start_tree(f"rollout-{engine}", TP, "sglang::scheduler")
+            register_engine(tree.name, root_pid=tree.root.pid, kind="sglang", directory=node.registry)
+            node.engines.append(tree)
+        node.trainer = _start_tree("trainer", GPUS, "megatron::rank")
+        register_engine("trainer", root_pid=node.trainer.root.pid, kind="trainer", directory=node.registry)
+        node._write_phase(engines_awake=True)
+        node._thread.start()
+        log.info("demo node: %d fake GPUs, scenario %s, registry %s", GPUS, node.scenario.path, node.registry)
+        return node
+
+    def apply(self, args: argparse.Namespace) -> None:
+        """Point the exporter at the simulated node."""
+        os.environ["FAKE_NVML_SCENARIO"] = str(self.scenario.path)
+        args.nvml_library = str(self.lib_dir / fakenvml.SONAME)
+        args.registry_dir = str(self.registry)
+
+    def _write_phase(self, engines_awake: bool) -> None:
+        engine_bytes = 62 * GIB if engines_awake else int(1.7 * GIB)
+        trainer_bytes = 3 * GIB if engines_awake else 68 * GIB
+        for gpu in self.scenario.gpus:
+            gpu.processes = []
+        for engine_index, tree in enumerate(self.engines):
+            for rank, pid in enumerate(tree.leaves):
+                self.scenario.gpus[engine_index * TP + rank].processes.append((pid, engine_bytes))
+        for index, pid in enumerate(self.trainer.leaves):
+            self.scenario.gpus[index].processes.append((pid, trainer_bytes))
+        for gpu in self.scenario.gpus:
+            gpu.used = sum(used for _, used in gpu.processes) + CONTEXT_BYTES
+        self.scenario.write()
+
+    def _cycle(self) -> None:
+        awake = True
+        while not self._stop.wait(PHASE_SECONDS):
+            awake = not awake
+            self._write_phase(engines_awake=awake)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for tree in [*self.engines, *([self.trainer] if self.trainer else [])]:
+            with contextlib.suppress(OSError):
+                tree.root.terminate()
+                tree.root.wait(timeout=5)
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""Whole-GPU memory and GPU process lists from NVML (nvidia-ml-py).
+
+Each value NVML cannot give stays None (absent in the output), never 0: an idle GPU
+and an unreadable one must not look alike. Newer NVML calls are tried first with the
+older versions as fallback, so the exporter runs on old and new drivers alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from exporter.errors import ErrorCounter
+
+log = logging.getLogger(__name__)
+
+# How long to wait before trying nvmlInit again after it failed (driver not loaded yet,
+# library missing): often enough to notice a fixed node, rarely enough to cost nothing.
+INIT_RETRY_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_bytes: int | None  # None: NVML lists the process but cannot say its memory
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int
+    uuid: str
+    pci_bus_id: str
+    model: str
+    used_bytes: int | None
+    total_bytes: int | None
+    reserved_bytes: int | None
+    processes: tuple[GpuProcess, ...] | None  # None: the process lists could not be read
+
+
+@dataclass(frozen=True)
+class NvmlReading:
+    up: bool
+    gpus: tuple[GpuReading, ...]
+    driver_version: str = ""
+
+
+def _reason(exc: Exception) -> str:
+    """A short label value for an NVML error: 'gpu_is_lost', 'not_supported', ..."""
+    name = type(exc).__name__
+    if name.startswith("NVMLError_"):
+        name = name[len("NVMLError_") :]
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_") or "unknown"
+
+
+@dataclass(frozen=True)
+class _Identity:
+    uuid: str
+    pci_bus_id: str
+    model: str
+
+
+class NvmlSource:
+    """Reads every GPU once per call; initialises NVML lazily and retries after failure."""
+
+    def __init__(self, errors: ErrorCounter, library_path: str | None = None) -> None:
+        self._errors = errors
+        self._library_path = library_path
+        self._lock = threading.Lock()
+        self._nvml = None  # the pynvml module once initialised
+        self._next_init = 0.0
+        self._logged_failure = False
+        self._identities: dict[int, _Identity] = {}
+        self._driver_version = ""
+
+    def _init(self) -> bool:
+        if self._nvml is not None:
+            return True
+        if time.monotonic() < self._next_init:
+            return False
+        self._next_init = time.monotonic() + INIT_RETRY_SECONDS
+        try:
+            if self._library_path:
+                # Loading by path first makes the binding's dlopen("libnvidia-ml.so.1")
+                # resolve to this already-loaded library (matched by soname).
+                ctypes.CDLL(self._library_path)
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._driver_version = str(pynvml.nvmlSystemGetDriverVersion())
+        except OSError as exc:
+            return self._init_failed("library_not_found", f"cannot load {self._library_path}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any NVML failure means "no GPU data", not a crash
+            return self._init_failed(_reason(exc), str(exc))
+        self._nvml = pynvml
+        self._identities.clear()
+        log.info("NVML initialised, driver %s", self._driver_version)
+        self._logged_failure = False
+        return True
+
+    def _init_failed(self, reason: str, message: str) -> bool:
+        self._errors.inc("nvml", reason)
+        if not self._logged_failure:
+            log.warning(
+                "NVML unavailable (%s); serving process and engine metrics only, "
+                "gpu_residency_nvml_up=0; retrying every %.0fs",
+                message,
+                INIT_RETRY_SECONDS,
+            )
+            self._logged_failure = True
+        return False
+
+    def read(self) -> NvmlReading:
+        with self._lock:
+            if not self._init():
+                return NvmlReading(up=False, gpus=())
+            nvml = self._nvml
+            try:
+                count = nvml.nvmlDeviceGetCount()
+            except nvml.NVMLError as exc:
+                self._errors.inc("nvml", _reason(exc))
+                return NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
+            gpus = []
+            for index in range(count):
+                gpu = self._read_gpu(index)
+                if gpu is not None:
+                    gpus.append(gpu)
+            return NvmlReading(up=True, gpus=tuple(gpus), driver_version=self._driver_version)
+
+    def _read_gpu(self, index: int) -> GpuReading | None:
+        nvml = self._nvml
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            identity = self._identities.get(index) or self._identify(index, handle)
+        except nvml.NVMLError as exc:
+            # Without a UUID the GPU cannot be named in a series: drop it, count why.
+            self._errors.inc("nvml", _reason(exc))
+            return None
+        used, total, reserved = self._memory(handle)
+        return GpuReading(
+            index=index,
+            uuid=identity.uuid,
+            pci_bus_id=identity.pci_bus_id,
+            model=identity.model,
+            used_bytes=used,
+            total_bytes=total,
+            reserved_bytes=reserved,
+            processes=self._processes(handle),
+        )
+
+    def _identify(self, index: int, handle: object) -> _Identity:
+        """UUID, bus id and model never change while NVML is up; read them once."""
+        nvml = self._nvml
+        identity = _Identity(
+            uuid=str(nvml.nvmlDeviceGetUUID(handle)),
+            pci_bus_id=_text(nvml.nvmlDeviceGetPciInfo(handle).busId),
+            model=str(nvml.nvmlDeviceGetName(handle)),
+        )
+        self._identities[index] = identity
+        return identity
+
+    def _memory(self, handle: object) -> tuple[int | None, int | None, int | None]:
+        nvml = self._nvml
+        try:
+            info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+            return info.used, info.total, info.reserved
+        except (nvml.NVMLError_FunctionNotFound, nvml.NVMLError_NotSupported, nvml.NVMLError_ArgumentVersionMismatch):
+            pass  # an older driver: fall back to v1
+        except nvml.NVMLError as exc:
+            self._errors.inc("nvml", _reason(exc))
+            return None, None, None
+        try:
+            # v1: 'used' includes the driver-reserved memory, which v1 cannot separate.
+            info = nvml.nvmlDeviceGetMemoryInfo(handle)
+            return info.used, info.total, None
+        except nvml.NVMLError as exc:
+            self._errors.inc("nvml", _reason(exc))
+            return None, None, None
+
+    def _processes(self, handle: object) -> tuple[GpuProcess, ...] | None:
+        """Compute and graphics processes merged by PID (a process in both lists is one holder)."""
+        nvml = self._nvml
+        merged: dict[int, int | None] = {}
+        for calls in (
+            (nvml.nvmlDeviceGetComputeRunningProcesses_v3, nvml.nvmlDeviceGetComputeRunningProcesses_v2),
+            (nvml.nvmlDeviceGetGraphicsRunningProcesses_v3, nvml.nvmlDeviceGetGraphicsRunningProcesses_v2),
+        ):
+            listed = self._first_supported(calls, handle)
+            if listed is None:
+                return None
+            for proc in listed:
+                known = [v for v in (merged.get(proc.pid), proc.usedGpuMemory) if v is not None]
+                merged[proc.pid] = max(known) if known else None
+        return tuple(GpuProcess(pid=pid, used_bytes=used) for pid, used in merged.items())
+
+    def _first_supported(self, calls: tuple, handle: object) -> list | None:
+        nvml = self._nvml
+        for call in calls:
+            try:
+                return call(handle)
+            except nvml.NVMLError_FunctionNotFound:
+                continue
+            except nvml.NVMLError as exc:
+                self._errors.inc("nvml", _reason(exc))
+                return None
+        self._errors.inc("nvml", "function_not_found")
+        return None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,153 @@
+"""The engine registry: how a framework tells the exporter which processes are engines.
+
+Framework side (standard library only, safe to import anywhere)::
+
+    from exporter.registry import registered_engine
+    with registered_engine("rollout-0", root_pid=proc.pid, url="http://127.0.0.1:30000"):
+        ...
+
+One JSON file per engine in a directory (a hostPath shared with the exporter), written
+atomically (temporary file + rename) so the exporter never reads half an entry. The
+entry records the writer's PID namespace and the root's start time, so the exporter
+can find the process from another container and tell it from a later process that
+reuses the PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_DIR = "/run/gpu-residency/engines"
+REGISTRY_ENV = "GPU_RESIDENCY_REGISTRY"
+ENTRY_SUFFIX = ".json"
+MAX_ENTRY_BYTES = 64 * 1024
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+KINDS = ("sglang", "vllm", "trainer", "other")
+
+
+class RegistryError(ValueError):
+    """An entry that is invalid, with a message that says which field and why."""
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    name: str
+    root_pid: int
+    kind: str = "sglang"
+    url: str | None = None
+    pid_ns: int | None = None  # inode of the writer's PID namespace
+    start_ticks: int | None = None  # the root's start time, against PID reuse
+
+    def validate(self) -> EngineEntry:
+        if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
+            raise RegistryError(f"engine name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if isinstance(self.root_pid, bool) or not isinstance(self.root_pid, int) or self.root_pid <= 0:
+            raise RegistryError(f"root_pid {self.root_pid!r} must be a positive integer")
+        if self.kind not in KINDS:
+            raise RegistryError(f"kind {self.kind!r} must be one of {', '.join(KINDS)}")
+        if self.url is not None and not isinstance(self.url, str):
+            raise RegistryError("url must be a string")
+        for key in ("pid_ns", "start_ticks"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise RegistryError(f"{key} must be an integer")
+        return self
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineEntry:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise RegistryError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RegistryError("an entry must be a JSON object")
+        known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        try:
+            return cls(**known).validate()
+        except TypeError as exc:  # a missing required field
+            raise RegistryError(str(exc)) from None
+
+
+def registry_dir(path: str | os.PathLike | None = None) -> Path:
+    return Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_DIR)
+
+
+def start_ticks_of(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (same in every PID namespace)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def _own_pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write by temporary file, fsync and rename: readers see the old or the new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def register_engine(
+    name: str,
+    root_pid: int | None = None,
+    url: str | None = None,
+    kind: str = "sglang",
+    directory: str | os.PathLike | None = None,
+) -> Path:
+    """Record an engine whose process tree (root and all descendants) the exporter attributes.
+
+    `root_pid` is the engine's launch process as this process sees it (default: this one).
+    """
+    pid = os.getpid() if root_pid is None else root_pid
+    entry = EngineEntry(
+        name=name,
+        root_pid=pid,
+        kind=kind,
+        url=url,
+        pid_ns=_own_pid_namespace(),
+        start_ticks=start_ticks_of(pid),
+    ).validate()
+    folder = registry_dir(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}{ENTRY_SUFFIX}"
+    atomic_write(path, json.dumps(asdict(entry)))
+    return path
+
+
+def unregister_engine(name: str, directory: str | os.PathLike | None = None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (registry_dir(directory) / f"{name}{ENTRY_SUFFIX}").unlink()
+
+
+@contextlib.contextmanager
+def registered_engine(name: str, **kwargs) -> Iterator[Path]:
+    """Register for the duration of a block; unregister however the block ends."""
+    path = register_engine(name, **kwargs)
+    try:
+        yield path
+    finally:
+        unregister_engine(name, kwargs.get("directory"))

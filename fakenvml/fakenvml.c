@@ -1,0 +1,431 @@
+/*
+ * A fake libnvidia-ml.so.1 for machines without a GPU.
+ *
+ * The real nvidia-ml-py binding loads this library by its soname and calls
+ * the same C entry points it calls on a real driver, so the exporter's NVML
+ * code runs unchanged. State comes from a JSON scenario file named by
+ * FAKE_NVML_SCENARIO; it is re-read whenever its inode, mtime or size changes, so a
+ * test can rewrite it (atomically, by rename) while the exporter runs.
+ *
+ * Scenario shape (every key optional):
+ * {
+ *   "driver_version": "550.54.15",
+ *   "init_error": 0,            NVML return code for nvmlInit
+ *   "count_error": 0,           NVML return code for nvmlDeviceGetCount
+ *   "gpus": [{
+ *     "uuid": "GPU-...", "name": "NVIDIA H100 80GB HBM3",
+ *     "pci_bus_id": "00000000:18:00.0",
+ *     "total": 85899345920, "used": 1073741824, "reserved": 536870912,
+ *     "processes": [{"pid": 1234, "used": 1048576}],   used -1: not available
+ *     "graphics_processes": [...],
+ *     "errors": {"handle": 0, "uuid": 0, "name": 0, "pci": 0,
+ *                "memory": 0, "memory_v2": 0, "processes": 0,
+ *                "processes_v3": 0, "graphics_processes": 0}
+ *       a call name fails every version of that call; a "_v2"/"_v3"
+ *       name fails only that version, as an older driver would
+ *   }]
+ * }
+ */
+#include <ctype.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+typedef int nvmlReturn_t;
+typedef void *nvmlDevice_t;
+
+enum {
+    NVML_SUCCESS = 0,
+    NVML_ERROR_UNINITIALIZED = 1,
+    NVML_ERROR_INVALID_ARGUMENT = 2,
+    NVML_ERROR_NOT_SUPPORTED = 3,
+    NVML_ERROR_INSUFFICIENT_SIZE = 7,
+    NVML_ERROR_GPU_IS_LOST = 15,
+    NVML_ERROR_UNKNOWN = 999,
+};
+
+/* ---------- a small JSON reader, enough for the scenario ---------- */
+
+typedef enum { J_NULL, J_BOOL, J_NUM, J_STR, J_ARR, J_OBJ } jtype;
+
+typedef struct jval {
+    jtype type;
+    double num;
+    char *str;          /* J_STR value */
+    struct jval *items; /* J_ARR elements / J_OBJ values */
+    char **keys;        /* J_OBJ keys */
+    int len;
+} jval;
+
+typedef struct {
+    const char *p;
+    int ok;
+} jparser;
+
+static void jskip(jparser *ps) {
+    while (*ps->p && isspace((unsigned char)*ps->p)) ps->p++;
+}
+
+static int jparse(jparser *ps, jval *out, int depth);
+
+static char *jparse_string(jparser *ps) {
+    size_t cap = 16, n = 0;
+    char *buf = malloc(cap);
+    ps->p++; /* opening quote */
+    while (*ps->p && *ps->p != '"') {
+        char c = *ps->p++;
+        if (c == '\\' && *ps->p) {
+            c = *ps->p++;
+            if (c == 'n') c = '\n';
+            else if (c == 't') c = '\t';
+            else if (c == 'u') { /* keep it simple: replace with '?' */
+                for (int i = 0; i < 4 && *ps->p; i++) ps->p++;
+                c = '?';
+            }
+        }
+        if (n + 2 > cap) buf = realloc(buf, cap *= 2);
+        buf[n++] = c;
+    }
+    if (*ps->p != '"') ps->ok = 0; else ps->p++;
+    buf[n] = 0;
+    return buf;
+}
+
+static int jparse_seq(jparser *ps, jval *out, int is_obj, int depth) {
+    char close = is_obj ? '}' : ']';
+    int cap = 4;
+    out->type = is_obj ? J_OBJ : J_ARR;
+    out->items = calloc(cap, sizeof(jval));
+    out->keys = is_obj ? calloc(cap, sizeof(char *)) : NULL;
+    ps->p++;
+    jskip(ps);
+    if (*ps->p == close) { ps->p++; return 1; }
+    for (;;) {
+        if (out->len == cap) {
+            cap *= 2;
+            out->items = realloc(out->items, cap * sizeof(jval));
+            if (is_obj) out->keys = realloc(out->keys, cap * sizeof(char *));
+        }
+        jskip(ps);
+        if (is_obj) {
+            if (*ps->p != '"') return ps->ok = 0;
+            out->keys[out->len] = jparse_string(ps);
+            jskip(ps);
+            if (*ps->p != ':') return ps->ok = 0;
+            ps->p++;
+        }
+        memset(&out->items[out->len], 0, sizeof(jval));
+        if (!jparse(ps, &out->items[out->len], depth + 1)) return 0;
+        out->len++;
+        jskip(ps);
+        if (*ps->p == ',') { ps->p++; continue; }
+        if (*ps->p == close) { ps->p++; return 1; }
+        return ps->ok = 0;
+    }
+}
+
+static int jparse(jparser *ps, jval *out, int depth) {
+    if (depth > 32) return ps->ok = 0;
+    jskip(ps);
+    char c = *ps->p;
+    if (c == '{' || c == '[') return jparse_seq(ps, out, c == '{', depth);
+    if (c == '"') { out->type = J_STR; out->str = jparse_string(ps); return ps->ok; }
+    if (!strncmp(ps->p, "true", 4)) { out->type = J_BOOL; out->num = 1; ps->p += 4; return 1; }
+    if (!strncmp(ps->p, "false", 5)) { out->type = J_BOOL; ps->p += 5; return 1; }
+    if (!strncmp(ps->p, "null", 4)) { out->type = J_NULL; ps->p += 4; return 1; }
+    char *end;
+    out->num = strtod(ps->p, &end);
+    if (end == ps->p) return ps->ok = 0;
+    out->type = J_NUM;
+    ps->p = end;
+    return 1;
+}
+
+static void jfree(jval *v) {
+    for (int i = 0; i < v->len; i++) {
+        jfree(&v->items[i]);
+        if (v->keys) free(v->keys[i]);
+    }
+    free(v->items);
+    free(v->keys);
+    free(v->str);
+}
+
+static const jval *jget(const jval *obj, const char *key) {
+    if (!obj || obj->type != J_OBJ) return NULL;
+    for (int i = 0; i < obj->len; i++)
+        if (!strcmp(obj->keys[i], key)) return &obj->items[i];
+    return NULL;
+}
+
+static double jnum(const jval *obj, const char *key, double dflt) {
+    const jval *v = jget(obj, key);
+    return (v && v->type == J_NUM) ? v->num : dflt;
+}
+
+static const char *jstr(const jval *obj, const char *key, const char *dflt) {
+    const jval *v = jget(obj, key);
+    return (v && v->type == J_STR) ? v->str : dflt;
+}
+
+/* ---------- scenario state ---------- */
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static jval scenario;
+static int have_scenario;
+static struct timespec loaded_mtime;
+static off_t loaded_size = -1;
+static ino_t loaded_ino;
+static int initialized;
+
+/* Reload the scenario if the file changed; a file that does not parse keeps
+ * the previous state (a test writing it non-atomically is a test bug). */
+static void refresh(void) {
+    const char *path = getenv("FAKE_NVML_SCENARIO");
+    struct stat st;
+    if (!path || stat(path, &st) != 0) return;
+    if (have_scenario && st.st_size == loaded_size && st.st_ino == loaded_ino &&
+        st.st_mtim.tv_sec == loaded_mtime.tv_sec &&
+        st.st_mtim.tv_nsec == loaded_mtime.tv_nsec)
+        return;
+    FILE *f = fopen(path, "rb");
+    if (!f) return;
+    char *buf = malloc(st.st_size + 1);
+    size_t n = fread(buf, 1, st.st_size, f);
+    fclose(f);
+    buf[n] = 0;
+    jval parsed = {0};
+    jparser ps = {buf, 1};
+    if (jparse(&ps, &parsed, 0) && ps.ok && parsed.type == J_OBJ) {
+        if (have_scenario) jfree(&scenario);
+        scenario = parsed;
+        have_scenario = 1;
+        loaded_mtime = st.st_mtim;
+        loaded_size = st.st_size;
+        loaded_ino = st.st_ino;
+    } else {
+        jfree(&parsed);
+    }
+    free(buf);
+}
+
+static const jval *gpus(void) {
+    const jval *g = jget(&scenario, "gpus");
+    return (g && g->type == J_ARR) ? g : NULL;
+}
+
+/* Look up the GPU behind a handle (index + 1) and its injected error for
+ * the named call; returns NVML_SUCCESS with *out set, or an error code. */
+static nvmlReturn_t gpu_for2(nvmlDevice_t dev, const char *call, const char *variant,
+                             const jval **out) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    refresh();
+    long idx = (long)(size_t)dev - 1;
+    const jval *g = gpus();
+    if (!g || idx < 0 || idx >= g->len) return NVML_ERROR_GPU_IS_LOST;
+    *out = &g->items[idx];
+    const jval *errors = jget(*out, "errors");
+    int err = (int)jnum(errors, call, 0);
+    if (!err && variant) err = (int)jnum(errors, variant, 0);
+    return err;
+}
+
+/* "errors": {call: code} fails every version of a call; {variant: code}
+ * fails only that version (e.g. "memory_v2" to mimic an older driver). */
+static nvmlReturn_t gpu_for(nvmlDevice_t dev, const char *call, const jval **out) {
+    return gpu_for2(dev, call, NULL, out);
+}
+
+static nvmlReturn_t copy_str(const char *s, char *buf, unsigned int len) {
+    if (!buf) return NVML_ERROR_INVALID_ARGUMENT;
+    if (strlen(s) + 1 > len) return NVML_ERROR_INSUFFICIENT_SIZE;
+    strcpy(buf, s);
+    return NVML_SUCCESS;
+}
+
+#define LOCKED(body) do { pthread_mutex_lock(&lock); nvmlReturn_t r_ = (body); \
+    pthread_mutex_unlock(&lock); return r_; } while (0)
+
+/* ---------- the NVML entry points the binding calls ---------- */
+
+static nvmlReturn_t do_init(void) {
+    refresh();
+    int err = (int)jnum(&scenario, "init_error", 0);
+    if (err) return err;
+    initialized = 1;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags) { (void)flags; LOCKED(do_init()); }
+nvmlReturn_t nvmlInit_v2(void) { LOCKED(do_init()); }
+nvmlReturn_t nvmlInit(void) { LOCKED(do_init()); }
+
+nvmlReturn_t nvmlShutdown(void) {
+    pthread_mutex_lock(&lock);
+    initialized = 0;
+    pthread_mutex_unlock(&lock);
+    return NVML_SUCCESS;
+}
+
+const char *nvmlErrorString(nvmlReturn_t r) {
+    switch (r) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    default: return "Unknown Error";
+    }
+}
+
+static nvmlReturn_t do_driver_version(char *buf, unsigned int len) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    refresh();
+    return copy_str(jstr(&scenario, "driver_version", "550.54.15"), buf, len);
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *buf, unsigned int len) {
+    LOCKED(do_driver_version(buf, len));
+}
+
+static nvmlReturn_t do_count(unsigned int *count) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    refresh();
+    int err = (int)jnum(&scenario, "count_error", 0);
+    if (err) return err;
+    const jval *g = gpus();
+    *count = g ? g->len : 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) { LOCKED(do_count(count)); }
+nvmlReturn_t nvmlDeviceGetCount(unsigned int *count) { LOCKED(do_count(count)); }
+
+static nvmlReturn_t do_handle(unsigned int index, nvmlDevice_t *dev) {
+    const jval *g;
+    nvmlReturn_t r = gpu_for((nvmlDevice_t)(size_t)(index + 1), "handle", &g);
+    if (r == NVML_ERROR_GPU_IS_LOST) return NVML_ERROR_INVALID_ARGUMENT;
+    if (r) return r;
+    *dev = (nvmlDevice_t)(size_t)(index + 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int i, nvmlDevice_t *d) { LOCKED(do_handle(i, d)); }
+nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int i, nvmlDevice_t *d) { LOCKED(do_handle(i, d)); }
+
+static nvmlReturn_t do_string(nvmlDevice_t dev, const char *call, const char *key,
+                              const char *dflt, char *buf, unsigned int len) {
+    const jval *g;
+    nvmlReturn_t r = gpu_for(dev, call, &g);
+    if (r) return r;
+    return copy_str(jstr(g, key, dflt), buf, len);
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *buf, unsigned int len) {
+    LOCKED(do_string(d, "uuid", "uuid", "GPU-00000000-0000-0000-0000-000000000000", buf, len));
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *buf, unsigned int len) {
+    LOCKED(do_string(d, "name", "name", "NVIDIA Fake GPU", buf, len));
+}
+
+/* nvmlPciInfo_t as laid out by NVML >= 9.0. */
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+
+static nvmlReturn_t do_pci(nvmlDevice_t dev, nvmlPciInfo_t *pci) {
+    const jval *g;
+    nvmlReturn_t r = gpu_for(dev, "pci", &g);
+    if (r) return r;
+    memset(pci, 0, sizeof(*pci));
+    const char *bus_id = jstr(g, "pci_bus_id", "00000000:00:00.0");
+    snprintf(pci->busId, sizeof(pci->busId), "%s", bus_id);
+    snprintf(pci->busIdLegacy, sizeof(pci->busIdLegacy), "%.15s", bus_id);
+    sscanf(bus_id, "%x:%x:%x", &pci->domain, &pci->bus, &pci->device);
+    pci->pciDeviceId = 0x233010de;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) { LOCKED(do_pci(d, p)); }
+nvmlReturn_t nvmlDeviceGetPciInfo_v2(nvmlDevice_t d, nvmlPciInfo_t *p) { LOCKED(do_pci(d, p)); }
+
+typedef struct {
+    unsigned long long total, free, used;
+} nvmlMemory_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned long long total, reserved, free, used;
+} nvmlMemory_v2_t;
+
+static nvmlReturn_t do_memory(nvmlDevice_t dev, nvmlMemory_t *m) {
+    const jval *g;
+    nvmlReturn_t r = gpu_for(dev, "memory", &g);
+    if (r) return r;
+    /* v1 semantics: used includes the driver-reserved memory. */
+    m->total = (unsigned long long)jnum(g, "total", 0);
+    m->used = (unsigned long long)(jnum(g, "used", 0) + jnum(g, "reserved", 0));
+    m->free = m->total > m->used ? m->total - m->used : 0;
+    return NVML_SUCCESS;
+}
+
+static nvmlReturn_t do_memory_v2(nvmlDevice_t dev, nvmlMemory_v2_t *m) {
+    const jval *g;
+    nvmlReturn_t r = gpu_for2(dev, "memory", "memory_v2", &g);
+    if (r) return r;
+    if (m->version != 0x02000028) return 25; /* NVML_ERROR_ARGUMENT_VERSION_MISMATCH */
+    m->total = (unsigned long long)jnum(g, "total", 0);
+    m->reserved = (unsigned long long)jnum(g, "reserved", 0);
+    m->used = (unsigned long long)jnum(g, "used", 0);
+    unsigned long long taken = m->used + m->reserved;
+    m->free = m->total > taken ? m->total - taken : 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) { LOCKED(do_memory(d, m)); }
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) { LOCKED(do_memory_v2(d, m)); }
+
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlProcessInfo_t;
+
+/* NVML's two-call protocol: count first (INSUFFICIENT_SIZE), then fill. */
+static nvmlReturn_t do_processes(nvmlDevice_t dev, const char *key, const char *variant,
+                                 unsigned int *count, nvmlProcessInfo_t *infos) {
+    const jval *g;
+    nvmlReturn_t r = gpu_for2(dev, key, variant, &g);
+    if (r) return r;
+    const jval *list = jget(g, key);
+    unsigned int n = (list && list->type == J_ARR) ? list->len : 0;
+    if (n == 0) { *count = 0; return NVML_SUCCESS; }
+    if (!infos || *count < n) { *count = n; return NVML_ERROR_INSUFFICIENT_SIZE; }
+    for (unsigned int i = 0; i < n; i++) {
+        const jval *p = &list->items[i];
+        double used = jnum(p, "used", 0);
+        infos[i].pid = (unsigned int)jnum(p, "pid", 0);
+        infos[i].usedGpuMemory = used < 0 ? ~0ULL : (unsigned long long)used;
+        infos[i].gpuInstanceId = 0xFFFFFFFF;
+        infos[i].computeInstanceId = 0xFFFFFFFF;
+    }
+    *count = n;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *c, nvmlProcessInfo_t *p) {
+    LOCKED(do_processes(d, "processes", "processes_v3", c, p));
+}
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t d, unsigned int *c, nvmlProcessInfo_t *p) {
+    LOCKED(do_processes(d, "processes", NULL, c, p));
+}
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t d, unsigned int *c, nvmlProcessInfo_t *p) {
+    LOCKED(do_processes(d, "graphics_processes", NULL, c, p));
+}
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(nvmlDevice_t d, unsigned int *c, nvmlProcessInfo_t *p) {
+    LOCKED(do_processes(d, "graphics_processes", NULL, c, p));
+}

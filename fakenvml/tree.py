@@ -1,0 +1,70 @@
+"""A real process tree standing in for an engine: root -> ... -> leaves that "hold" GPU memory.
+
+    python -m fakenvml.tree --depth 2 --leaves 2 --title sglang::scheduler
+
+starts a chain `depth` levels deep whose last level has `leaves` processes, each
+titled like SGLang's schedulers (title_TP0, title_TP1, ...), and prints one line per
+leaf: its PID. Every process exits when its parent goes away, on SIGTERM, or after
+--max-seconds, so nothing outlives the test or demo that started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PR_SET_NAME = 15
+
+
+def _set_comm(title: str) -> None:
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_NAME, title.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fakenvml.tree", *args], stdout=sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=2, help="levels below this process (0: this is a leaf)")
+    parser.add_argument("--leaves", type=int, default=1, help="processes at the last level")
+    parser.add_argument("--title", default="sglang::scheduler")
+    parser.add_argument("--leaf-index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--max-seconds", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+
+    parent = os.getppid()
+    children: list[subprocess.Popen] = []
+    common = ["--title", args.title, "--max-seconds", str(args.max_seconds)]
+    if args.depth > 1:
+        children.append(_spawn(["--depth", str(args.depth - 1), "--leaves", str(args.leaves), *common]))
+    elif args.depth == 1:
+        for index in range(args.leaves):
+            children.append(_spawn(["--depth", "0", "--leaf-index", str(index), *common]))
+    else:
+        _set_comm(f"{args.title}_TP{args.leaf_index}")
+        os.write(sys.stdout.fileno(), f"{os.getpid()}\n".encode())  # one write: lines never interleave
+
+    def stop(*_: object) -> None:
+        for child in children:
+            child.terminate()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    deadline = time.monotonic() + args.max_seconds
+    while time.monotonic() < deadline and os.getppid() == parent:
+        time.sleep(0.2)
+    stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
