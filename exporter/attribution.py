@@ -49,8 +49,8 @@ class Attributor:
         self._containers: dict[tuple[int, int], str] = {}
 
     def attribute(self, nvml: NvmlReading, engines: list[Engine], view: ProcView) -> Snapshot:
-        roots = {(e.root_pid, e.start_ticks): e.name for e in engines if e.up and e.root_pid}
-        roots_any_start = {e.root_pid: e.name for e in engines if e.up and e.root_pid and e.start_ticks is None}
+        # An engine is up only if its root PID is, in this same view, the registered process.
+        roots = {e.root_pid: e.name for e in engines if e.up and e.root_pid}
         containers: dict[tuple[int, int], str] = {}
         processes: list[ProcessUsage] = []
         engine_usage: list[EngineUsage] = []
@@ -61,23 +61,16 @@ class Attributor:
             per_engine: dict[str, int | None] = {}
             for proc in gpu.processes:
                 info = view.info(proc.pid)
-                engine = ""
-                comm = container = ""
+                engine = comm = container = ""
                 if info is not None:
                     comm = view.title(info)
                     key = (info.pid, info.start_ticks)
                     container = self._containers.get(key)
-                    if container is None:
-                        container = view.container(info.pid)
-                    containers[key] = container
-                    for ancestor in view.ancestry(proc.pid):
-                        engine = roots.get((ancestor.pid, ancestor.start_ticks)) or roots_any_start.get(ancestor.pid, "")
-                        if engine:
-                            break
+                    containers[key] = container = container if container is not None else view.container(info.pid)
+                    engine = next((roots[a.pid] for a in view.ancestry(proc.pid) if a.pid in roots), "")
                 processes.append(ProcessUsage(gpu, proc.pid, proc.used_bytes, comm, container, engine))
                 if engine:
-                    previous = per_engine.get(engine, 0)
-                    per_engine[engine] = None if previous is None or proc.used_bytes is None else previous + proc.used_bytes
+                    per_engine[engine] = _add(per_engine.get(engine, 0), proc.used_bytes)
             engine_usage.extend(EngineUsage(name, gpu, used) for name, used in per_engine.items())
             known = [proc.used_bytes for proc in gpu.processes]
             if gpu.used_bytes is not None and None not in known:
@@ -90,3 +83,8 @@ class Attributor:
             engine_usage=tuple(engine_usage),
             unattributed=tuple(unattributed),
         )
+
+
+def _add(total: int | None, value: int | None) -> int | None:
+    """A sum with an unknown part is unknown."""
+    return None if total is None or value is None else total + value

@@ -49,43 +49,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     web = parser.add_argument_group("web")
     web.add_argument(
-        "--web.listen-address", dest="listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+        "--web.listen-address",
+        dest="listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
         help=f"address to serve on (default {DEFAULT_LISTEN}: all interfaces; port 0 picks a free one)",
     )
     web.add_argument(
-        "--web.telemetry-path", dest="telemetry_path", default="/metrics", metavar="PATH",
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        default="/metrics",
+        metavar="PATH",
         help="path of the metrics (default /metrics)",
     )
     engines = parser.add_argument_group("engines")
     engines.add_argument(
-        "--registry.dir", dest="registry_dir", default=os.environ.get(REGISTRY_ENV, DEFAULT_DIR), metavar="DIR",
+        "--registry.dir",
+        dest="registry_dir",
+        default=os.environ.get(REGISTRY_ENV, DEFAULT_DIR),
+        metavar="DIR",
         help=f"engine registry directory (default ${REGISTRY_ENV} or {DEFAULT_DIR}); a missing directory means "
         "no registered engines",
     )
     engines.add_argument(
-        "--engines.config-file", dest="engines_config", metavar="FILE",
+        "--engines.config-file",
+        dest="engines_config",
+        metavar="FILE",
         help="TOML file of fixed engines: [[engines]] name, kind, url, and pid_file or root_pid",
     )
     engines.add_argument(
-        "--engines.discover", dest="discover", action=argparse.BooleanOptionalAction, default=True,
+        "--engines.discover",
+        dest="discover",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="find SGLang servers by their launch command line (default on)",
     )
     engines.add_argument(
-        "--engines.discovery-interval", dest="discovery_interval", type=_positive_float, default=10.0,
-        metavar="SECONDS", help="how often discovery scans the process table (default 10)",
+        "--engines.discovery-interval",
+        dest="discovery_interval",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often discovery scans the process table (default 10)",
     )
     nvml = parser.add_argument_group("nvml")
     nvml.add_argument(
-        "--nvml.library", dest="nvml_library", metavar="PATH",
+        "--nvml.library",
+        dest="nvml_library",
+        metavar="PATH",
         help="load libnvidia-ml from this path instead of the loader's search path",
     )
     parser.add_argument(
-        "--node", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        "--node",
+        default=os.environ.get("NODE_NAME") or socket.gethostname(),
         help="value of the node label (default $NODE_NAME, else the host name)",
     )
     parser.add_argument("--log.level", dest="log_level", choices=sorted(LOG_LEVELS), default="info")
     parser.add_argument(
-        "--demo", action="store_true",
+        "--demo",
+        action="store_true",
         help="simulate an 8-GPU node (fake NVML, real process trees and engines); needs a C compiler",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -155,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     bound_host, bound_port = server.address
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    log.info("gpu-residency-exporter %s listening on http://%s:%d%s", __version__, shown, bound_port, args.telemetry_path)
+    log.info(
+        "gpu-residency-exporter %s listening on http://%s:%d%s", __version__, shown, bound_port, args.telemetry_path
+    )
     try:
         stop.wait()
     finally:

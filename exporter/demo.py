@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fakenvml
-from fakenvml import GIB, Scenario
 from exporter.registry import register_engine
+from fakenvml import GIB, Scenario
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class _Tree:
 
 def _start_tree(name: str, leaves: int, title: str) -> _Tree:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(fakenvml.__file__).parent.parent), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(fakenvml.__file__).parent.parent), env.get("PYTHONPATH")])
+    )
     root = subprocess.Popen(
         [sys.executable, "-m", "fakenvml.tree", "--depth", "2", "--leaves", str(leaves), "--title", title],
         stdout=subprocess.PIPE,

@@ -61,8 +61,11 @@ def load_static_config(path: str) -> list[StaticEngine]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    tables = data.get("engines", [])
+    if not isinstance(tables, list):
+        raise ConfigError(f"{path}: 'engines' must be an array of tables ([[engines]])")
     engines = []
-    for number, table in enumerate(data.get("engines", []), start=1):
+    for number, table in enumerate(tables, start=1):
         where = f"{path}: engines #{number}"
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")

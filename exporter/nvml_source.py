@@ -92,7 +92,7 @@ class NvmlSource:
             self._driver_version = str(pynvml.nvmlSystemGetDriverVersion())
         except OSError as exc:
             return self._init_failed("library_not_found", f"cannot load {self._library_path}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - any NVML failure means "no GPU data", not a crash
+        except Exception as exc:
             return self._init_failed(_reason(exc), str(exc))
         self._nvml = pynvml
         self._identities.clear()

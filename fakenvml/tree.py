@@ -11,6 +11,7 @@ leaf: its PID. Every process exits when its parent goes away, on SIGTERM, or aft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -22,10 +23,8 @@ PR_SET_NAME = 15
 
 
 def _set_comm(title: str) -> None:
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(PR_SET_NAME, title.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
