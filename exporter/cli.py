@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -17,9 +18,13 @@ from exporter import __version__
 from exporter.collector import ResidencyCollector
 from exporter.engines import ConfigError, EngineCatalog, load_static_config
 from exporter.errors import ErrorCounter
+from exporter.exit_log import ExitLog
 from exporter.nvml_source import NvmlSource
+from exporter.proctable import ProcView
 from exporter.registry import DEFAULT_DIR, REGISTRY_ENV
 from exporter.server import ExporterServer, ListenAddressError, make_app, parse_listen_address
+from exporter.sglang import SglangPoller
+from exporter.url_policy import UrlPolicy
 
 log = logging.getLogger("exporter")
 
@@ -31,6 +36,10 @@ examples:
   gpu-residency-exporter                      serve on :9852/metrics with the node's NVML
   gpu-residency-exporter --demo               a simulated 8-GPU node (no GPU needed)
   gpu-residency-exporter --web.listen-address 127.0.0.1:9852 --log.level debug
+  gpu-residency-exporter launch --engine rollout-0 --url http://127.0.0.1:30000 -- \
+      python -m sglang.launch_server --port 30000
+                                              run an engine as a child and record its exit
+                                              (gpu-residency-exporter launch --help)
 
 Engines are found in the registry directory (one JSON file per engine, written by
 exporter.registry.register_engine), in --engines.config-file, and by recognising
@@ -92,6 +101,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often discovery scans the process table (default 10)",
     )
+    sglang = parser.add_argument_group("sglang accounting and exits")
+    sglang.add_argument(
+        "--sglang.poll-interval",
+        dest="sglang_interval",
+        type=_positive_float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how often each SGLang engine's /server_info is polled, in the background (default 15; failures back "
+        "off up to 300)",
+    )
+    sglang.add_argument(
+        "--sglang.timeout",
+        dest="sglang_timeout",
+        type=_positive_float,
+        default=3.0,
+        metavar="SECONDS",
+        help="read timeout of one poll; connecting has 1 s (default 3)",
+    )
+    sglang.add_argument(
+        "--sglang.allowed-hosts",
+        dest="sglang_allowed",
+        default="",
+        metavar="LIST",
+        help="comma-separated CIDRs, IPs or host names engine URLs may point to, besides loopback and this node's "
+        "own addresses (default: none); other URLs are never requested",
+    )
+    sglang.add_argument(
+        "--exits.grace-period",
+        dest="exit_grace",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a registered engine's root may be gone before an exit nobody reported is counted as "
+        'exit_code="unknown" (default 30)',
+    )
     nvml = parser.add_argument_group("nvml")
     nvml.add_argument(
         "--nvml.library",
@@ -124,20 +168,54 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_collector(args: argparse.Namespace, errors: ErrorCounter) -> tuple[ResidencyCollector, EngineCatalog]:
+@dataclass
+class Exporter:
+    """Everything one exporter process runs: the collector and its background workers."""
+
+    collector: ResidencyCollector
+    catalog: EngineCatalog
+    poller: SglangPoller
+
+    def start(self) -> None:
+        self.catalog.start()
+        self.poller.start()
+
+    def stop(self) -> None:
+        self.poller.stop()
+        self.catalog.stop()
+
+
+def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
     static = load_static_config(args.engines_config) if args.engines_config else []
+    registry_dir = Path(args.registry_dir)
     catalog = EngineCatalog(
         errors,
-        registry_dir=Path(args.registry_dir),
+        registry_dir=registry_dir,
         static=static,
         discover=args.discover,
         discovery_interval=args.discovery_interval,
     )
+    allowed = [item.strip() for item in args.sglang_allowed.split(",") if item.strip()]
+    poller = SglangPoller(
+        args.node,
+        errors,
+        UrlPolicy.default(allowed),
+        interval=args.sglang_interval,
+        read_timeout=args.sglang_timeout,
+        engines=lambda: catalog.resolve(ProcView(errors)),
+    )
+    exits = ExitLog(args.node, registry_dir, errors, grace_seconds=args.exit_grace)
     nvml = NvmlSource(errors, library_path=args.nvml_library)
-    return ResidencyCollector(args.node, nvml, catalog, errors), catalog
+    collector = ResidencyCollector(args.node, nvml, catalog, errors, extra_sources=[poller.families, exits.families])
+    return Exporter(collector, catalog, poller)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        from exporter.launch import main as launch
+
+        return launch(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -159,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
 
     errors = ErrorCounter()
     try:
-        collector, catalog = build_collector(args, errors)
+        exporter = build_exporter(args, errors)
     except ConfigError as exc:
         parser.error(str(exc))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    registry.register(exporter.collector)
     try:
         server = ExporterServer(make_app(registry, args.telemetry_path), host, port)
     except OSError as exc:
@@ -173,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    catalog.start()
+    exporter.start()
     server.start()
     bound_host, bound_port = server.address
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
@@ -185,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log.info("shutting down")
         server.stop()
-        catalog.stop()
+        exporter.stop()
         if demo is not None:
             demo.stop()
     return 0

@@ -1,7 +1,8 @@
 """`--demo`: a simulated colocated-RL node, so the exporter shows real output without a GPU.
 
-Eight fake GPUs (the fake NVML), four SGLang-like engines at TP=2 and a trainer, each a
-real process tree whose leaves "hold" memory, registered in a private registry. The
+Eight fake GPUs (the fake NVML), four SGLang-like engines at TP=2 (each with a fake
+SGLang /server_info) and a trainer, each a real process tree whose leaves "hold"
+memory, registered in a private registry. The
 engines and the trainer take turns every PHASE_SECONDS, as in colocated RL training:
 engines awake and the trainer offloaded, then engines asleep and the trainer awake.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import fakenvml
 from exporter.registry import register_engine
 from fakenvml import GIB, Scenario
+from fakenvml.sglang import FakeSglang
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class DemoNode:
         self.scenario = Scenario.with_gpus(workdir / "scenario.json", GPUS)
         self.engines: list[_Tree] = []
         self.trainer: _Tree | None = None
+        self.servers: list[FakeSglang] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._cycle, name="demo", daemon=True)
 
@@ -76,7 +79,9 @@ class DemoNode:
         atexit.register(node.stop)
         for engine in range(GPUS // TP):
             tree = _start_tree(f"rollout-{engine}", TP, "sglang::scheduler")
-            register_engine(tree.name, root_pid=tree.root.pid, kind="sglang", directory=node.registry)
+            server = FakeSglang("new", dp_size=1, lifetime=None)
+            node.servers.append(server)
+            register_engine(tree.name, root_pid=tree.root.pid, kind="sglang", url=server.url, directory=node.registry)
             node.engines.append(tree)
         node.trainer = _start_tree("trainer", GPUS, "megatron::rank")
         register_engine("trainer", root_pid=node.trainer.root.pid, kind="trainer", directory=node.registry)
@@ -113,6 +118,9 @@ class DemoNode:
 
     def stop(self) -> None:
         self._stop.set()
+        for server in self.servers:
+            server.stop()
+        self.servers.clear()
         for tree in [*self.engines, *([self.trainer] if self.trainer else [])]:
             with contextlib.suppress(OSError):
                 tree.root.terminate()

@@ -7,6 +7,7 @@ whether that root is still the same live process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -33,6 +34,7 @@ class Engine:
     root_pid: int | None  # host PID; None when it cannot be resolved
     start_ticks: int | None
     up: bool
+    registered_at: float = 0.0  # wall-clock time of the registry entry (0 for other sources)
 
 
 class ConfigError(ValueError):
@@ -189,6 +191,7 @@ class EngineCatalog:
         self._ns_cache: dict[tuple[int, int], int | None] = {}
         self._discovered: list[tuple[EngineEntry, int]] = []
         self._lock = threading.Lock()
+        self._resolve_lock = threading.Lock()  # scrapes and the SGLang poller both resolve
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -214,7 +217,7 @@ class EngineCatalog:
 
     # --- registry ---
 
-    def _registry_entries(self) -> list[EngineEntry]:
+    def _registry_entries(self) -> list[tuple[EngineEntry, float]]:
         if self._registry_dir is None:
             return []
         try:
@@ -229,7 +232,7 @@ class EngineCatalog:
             entry = self._registry_entry(self._registry_dir / name)
             seen.add(name)
             if entry is not None:
-                entries.append(entry)
+                entries.append((entry, self._entry_cache[name][0][1] / 1e9))
         for stale in set(self._entry_cache) - seen:
             del self._entry_cache[stale]
         return entries
@@ -295,10 +298,15 @@ class EngineCatalog:
 
     def resolve(self, view: ProcView) -> list[Engine]:
         """Every known engine, once per name: registry first, then static, then discovered."""
+        with self._resolve_lock:
+            return self._resolve(view)
+
+    def _resolve(self, view: ProcView) -> list[Engine]:
         engines: dict[str, Engine] = {}
-        for entry in self._registry_entries():
+        for entry, registered_at in self._registry_entries():
             pid = self._host_pid(entry)
-            engines[entry.name] = _engine(view, entry.name, entry.kind, entry.url, "registry", pid, entry.start_ticks)
+            engine = _engine(view, entry.name, entry.kind, entry.url, "registry", pid, entry.start_ticks)
+            engines[entry.name] = dataclasses.replace(engine, registered_at=registered_at)
         for static in self._static:
             if static.name in engines:
                 self._errors.inc("registry", "duplicate_name")

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 PR_SET_NAME = 15
@@ -52,16 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         _set_comm(f"{args.title}_TP{args.leaf_index}")
         os.write(sys.stdout.fileno(), f"{os.getpid()}\n".encode())  # one write: lines never interleave
 
-    def stop(*_: object) -> None:
-        for child in children:
-            child.terminate()
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, stop)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     deadline = time.monotonic() + args.max_seconds
-    while time.monotonic() < deadline and os.getppid() == parent:
-        time.sleep(0.2)
-    stop()
+    while not stopping.wait(0.2) and time.monotonic() < deadline and os.getppid() == parent:
+        pass
+    for child in children:
+        child.terminate()
     return 0
 
 

@@ -195,14 +195,15 @@ class LocalExporter:
 
 @pytest.fixture
 def local_exporter(tmp_path, fake_nvml_dir, scenario, monkeypatch) -> LocalExporter:
-    from exporter.collector import ResidencyCollector
-    from exporter.engines import EngineCatalog
+    """The CLI's own assembly (build_exporter), in-process; background workers are not started."""
+    from exporter.cli import build_exporter, build_parser
     from exporter.errors import ErrorCounter
-    from exporter.nvml_source import NvmlSource
 
     monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
     registry_dir = tmp_path / "engines"
+    args = build_parser().parse_args(
+        ["--node", "test-node", "--registry.dir", str(registry_dir), "--no-engines.discover",
+         "--nvml.library", str(fake_nvml_dir / fakenvml.SONAME)]
+    )  # fmt: skip
     errors = ErrorCounter()
-    catalog = EngineCatalog(errors, registry_dir=registry_dir, discover=False)
-    nvml = NvmlSource(errors, library_path=str(fake_nvml_dir / fakenvml.SONAME))
-    return LocalExporter(ResidencyCollector("test-node", nvml, catalog, errors), registry_dir, errors)
+    return LocalExporter(build_exporter(args, errors).collector, registry_dir, errors)

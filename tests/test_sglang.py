@@ -1,0 +1,240 @@
+"""SGLang /server_info accounting against a fake SGLang over real HTTP, hostile ones included."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import one, values
+
+from exporter.attribution import Snapshot
+from exporter.engines import Engine
+from exporter.errors import ErrorCounter
+from exporter.nvml_source import NvmlReading
+from exporter.sglang import GIB, SglangPoller, ShapeError, parse_server_info
+from exporter.url_policy import UrlPolicy
+from fakenvml.sglang import FakeSglang, server_info
+
+
+@pytest.fixture
+def fake_sglang():
+    servers = []
+
+    def start(mode: str = "new", dp_size: int = 1) -> FakeSglang:
+        server = FakeSglang(mode, dp_size, lifetime=60)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def engine(name: str, url: str, up: bool = True) -> Engine:
+    return Engine(name=name, kind="sglang", url=url, source="registry", root_pid=1, start_ticks=None, up=up)
+
+
+def snapshot_of(*engines: Engine) -> Snapshot:
+    return Snapshot(NvmlReading(True, ()), tuple(engines), (), (), ())
+
+
+def scrape(poller: SglangPoller, *engines: Engine) -> dict:
+    from conftest import parse_metrics
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    class One:
+        def collect(self):
+            return poller.families(snapshot_of(*engines))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(One())
+    return parse_metrics(generate_latest(registry).decode())
+
+
+def new_poller(errors: ErrorCounter | None = None, **kwargs) -> SglangPoller:
+    kwargs.setdefault("read_timeout", 1.0)
+    return SglangPoller("n", errors or ErrorCounter(), UrlPolicy.default(), interval=0.2, **kwargs)
+
+
+def test_new_release_with_dp2_publishes_every_component_per_rank(fake_sglang):
+    server = fake_sglang("new", dp_size=2)
+    poller = new_poller()
+    e = engine("rollout-0", server.url)
+    scrape(poller, e)
+    poller.poll_once()
+    m = scrape(poller, e)
+    assert one(m, "gpu_residency_sglang_up", engine="rollout-0") == 1
+    for rank in ("0", "1"):
+        assert one(m, "gpu_residency_sglang_memory_bytes", dp_rank=rank, component="weight") == 14.5 * GIB
+        assert one(m, "gpu_residency_sglang_memory_bytes", dp_rank=rank, component="graph") == 1.25 * GIB
+    assert one(m, "gpu_residency_sglang_memory_bytes", dp_rank="1", component="kvcache") == 56.25 * GIB
+    assert one(m, "gpu_residency_sglang_token_capacity", dp_rank="1") == 901_235
+    assert server.requests == ["/server_info"]
+
+
+def test_old_release_falls_back_to_get_server_info_and_has_no_weight_or_graph(fake_sglang):
+    server = fake_sglang("old")
+    poller = new_poller()
+    e = engine("old", server.url)
+    scrape(poller, e)
+    poller.poll_once()
+    m = scrape(poller, e)
+    assert one(m, "gpu_residency_sglang_memory_bytes", component="kvcache") == 55.25 * GIB
+    assert values(m, "gpu_residency_sglang_memory_bytes", component="weight") == []
+    assert values(m, "gpu_residency_sglang_memory_bytes", component="graph") == []
+    assert one(m, "gpu_residency_sglang_token_capacity", dp_rank="0") == 901_234
+    assert server.requests == ["/server_info", "/get_server_info"]
+    time.sleep(0.25)
+    poller.poll_once()
+    assert server.requests[-1] == "/get_server_info", "the working path is remembered"
+
+
+def test_mid_release_reads_cuda_graph(fake_sglang):
+    server = fake_sglang("mid")
+    poller = new_poller()
+    e = engine("mid", server.url)
+    scrape(poller, e)
+    poller.poll_once()
+    assert one(scrape(poller, e), "gpu_residency_sglang_memory_bytes", component="graph") == 1.25 * GIB
+
+
+@pytest.mark.parametrize(
+    "mode, reason",
+    [
+        ("hang", "timeout"),
+        ("trickle", "timeout"),
+        ("status500", "status"),
+        ("garbage", "bad_json"),
+        ("huge", "too_large"),
+        ("shape", "unexpected_shape"),
+    ],
+)
+def test_hostile_engines_drop_accounting_and_count_the_reason(fake_sglang, mode, reason):
+    good, bad = fake_sglang("new"), fake_sglang(mode)
+    errors = ErrorCounter()
+    poller = new_poller(errors)
+    engines = [engine("good", good.url), engine("bad", bad.url)]
+    scrape(poller, *engines)
+    started = time.monotonic()
+    poller.poll_once()
+    assert time.monotonic() - started < 5, "a poll is bounded by its deadline"
+    m = scrape(poller, *engines)
+    assert one(m, "gpu_residency_sglang_up", engine="bad") == 0
+    assert values(m, "gpu_residency_sglang_memory_bytes", engine="bad") == []
+    assert values(m, "gpu_residency_sglang_token_capacity", engine="bad") == []
+    assert one(m, "gpu_residency_sglang_up", engine="good") == 1
+    assert errors.snapshot()[("sglang", reason)] == 1
+
+
+def test_a_scrape_never_waits_on_a_hanging_engine(fake_sglang):
+    hanging = fake_sglang("hang")
+    poller = new_poller(read_timeout=2.0)
+    e = engine("h", hanging.url)
+    scrape(poller, e)
+    poller.start()
+    try:
+        time.sleep(0.3)  # the background poll is now stuck on the engine
+        started = time.monotonic()
+        m = scrape(poller, e)
+        assert time.monotonic() - started < 0.2
+        assert values(m, "gpu_residency_sglang_up", engine="h") == [], "not yet known: absent, not 0"
+    finally:
+        poller.stop()
+
+
+def test_failures_back_off(fake_sglang):
+    bad = fake_sglang("status500")
+    poller = new_poller()
+    e = engine("b", bad.url)
+    scrape(poller, e)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        poller.poll_once()
+        time.sleep(0.05)
+    # interval 0.2 s, doubling per failure: 0, 0.2, 0.6, 1.4 -> at most 4 attempts in 2 s (not 40)
+    assert 2 <= len(bad.requests) <= 5, bad.requests
+
+
+def test_urls_outside_the_allowed_hosts_are_never_requested(fake_sglang):
+    errors = ErrorCounter()
+    poller = new_poller(errors)
+    refused = [
+        engine("remote", "http://192.0.2.10:30000"),
+        engine("name", "http://attacker.example:30000"),
+        engine("scheme", "file:///etc/passwd"),
+        engine("creds", "http://user:pw@127.0.0.1:1"),
+    ]
+    m = scrape(poller, *refused)
+    poller.poll_once()
+    assert values(m, "gpu_residency_sglang_up") == []
+    assert errors.snapshot()[("sglang", "url_not_allowed")] == len(refused)
+    scrape(poller, *refused)
+    assert errors.snapshot()[("sglang", "url_not_allowed")] == len(refused), "counted once per engine and URL"
+
+
+def test_allowed_hosts_extend_the_policy():
+    policy = UrlPolicy.default(["10.0.0.0/8", "rollout.svc"])
+    assert policy.check("http://10.1.2.3:30000") is None
+    assert policy.check("http://rollout.svc:30000") is None
+    assert policy.check("http://127.0.0.1:30000") is None
+    assert policy.check("http://[::1]:30000") is None
+    assert "outside" in policy.check("http://192.0.2.1:30000")
+    assert "malformed" in policy.check("http://127.0.0.1:notaport")
+
+
+def test_an_engine_that_goes_away_drops_its_series(fake_sglang):
+    server = fake_sglang("new")
+    poller = new_poller()
+    e = engine("e", server.url)
+    scrape(poller, e)
+    poller.poll_once()
+    assert one(scrape(poller, e), "gpu_residency_sglang_up", engine="e") == 1
+    m = scrape(poller, engine("e", server.url, up=False))
+    assert values(m, "gpu_residency_sglang_up") == [] and values(m, "gpu_residency_sglang_memory_bytes") == []
+
+
+def test_parser_reads_every_known_shape():
+    assert parse_server_info(b'{"internal_states": [{"memory_usage": {"kvcache": 1}}]}')[0].components == {
+        "kvcache": GIB
+    }
+    flat = parse_server_info(b'{"memory_usage": {"kvcache": 2, "token_capacity": 5}}')
+    assert flat[0].components == {"kvcache": 2 * GIB} and flat[0].token_capacity == 5
+    ancient = parse_server_info(json_bytes(server_info("ancient", 1)))
+    assert ancient[0].components == {} and ancient[0].token_capacity is None
+    bad_values = parse_server_info(
+        b'{"internal_states": [{"memory_usage": {"kvcache": -1, "weight": "3", "graph": {"a": 1, "b": null},'
+        b' "token_capacity": true}}]}'
+    )
+    assert bad_values[0].components == {} and bad_values[0].token_capacity is None
+    for body in (b"[]", b'{"internal_states": 3}', b'{"internal_states": [1]}'):
+        with pytest.raises(ShapeError):
+            parse_server_info(body)
+
+
+def json_bytes(value: object) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
+
+
+def test_exporter_process_polls_a_registered_engine_without_waiting_for_a_scrape(
+    exporter_factory, scenario, spawn_tree, fake_sglang, tmp_path
+):
+    from exporter.registry import register_engine
+
+    server = fake_sglang("new", dp_size=2)
+    tree = spawn_tree()
+    register_engine("rollout-0", root_pid=tree.pid, url=server.url, directory=tmp_path / "reg")
+    exporter = exporter_factory(
+        scenario, "--registry.dir", str(tmp_path / "reg"), "--no-engines.discover", "--sglang.poll-interval", "0.2"
+    )
+    deadline = time.monotonic() + 10
+    while not server.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.requests, "the background poller found the engine before any scrape"
+    time.sleep(0.3)
+    m = exporter.scrape()
+    assert one(m, "gpu_residency_sglang_up", engine="rollout-0") == 1
+    assert one(m, "gpu_residency_sglang_memory_bytes", engine="rollout-0", dp_rank="1", component="kvcache") == (
+        56.25 * GIB
+    )
