@@ -1,0 +1,145 @@
+"""`gpu-residency-gate check|wait`: the gate for shell scripts and Kubernetes init containers.
+
+Exit status: 0 clear, 1 blocked (or timed out), 2 error (bad arguments or configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gate.core import (
+    CLEAR_SAMPLES_ENV,
+    DEFAULT_MAX_AGE_S,
+    LEGACY_THRESHOLD_ENV,
+    PROMETHEUS_ENV,
+    SOURCE_ENV,
+    SOURCES,
+    THRESHOLD_ENV,
+    Decision,
+    GateConfigError,
+    GateTimeout,
+    ResidualGate,
+    default_node,
+)
+
+EPILOG = f"""\
+GPUs are named by NVML index, UUID (GPU-...) or PCI bus id, comma-separated.
+The threshold comes from --threshold-gb, else ${THRESHOLD_ENV}, else ${LEGACY_THRESHOLD_ENV}, else 2.
+The source is --source, else ${SOURCE_ENV}, else auto (prometheus when a URL is given via
+--prometheus-url or ${PROMETHEUS_ENV}, else local NVML, else nvidia-smi).
+
+examples:
+  gpu-residency-gate check --gpus 0,1
+  gpu-residency-gate wait --gpus GPU-5d1c...,3 --threshold-gb 2 --timeout 120 \\
+      --source prometheus --prometheus-url http://prometheus:9090 --node $NODE_NAME
+
+exit status: 0 clear, 1 blocked or timed out, 2 bad arguments or configuration
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpu-residency-gate",
+        description="Block a wake-up onto shared GPUs until whole-GPU used memory is under a threshold.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="check|wait")
+    for name, help_text in (("check", "look once"), ("wait", "poll until clear or timeout")):
+        sub = commands.add_parser(
+            name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        sub.add_argument("--gpus", required=True, help="comma-separated indices, UUIDs or PCI bus ids")
+        sub.add_argument(
+            "--node", default=default_node(), help="node label to read in Prometheus (default $NODE_NAME or host name)"
+        )
+        sub.add_argument("--threshold-gb", type=float, help="GiB; a GPU is clear strictly under it")
+        sub.add_argument("--source", choices=SOURCES, help="where to read (default auto)")
+        sub.add_argument("--prometheus-url", help=f"Prometheus base URL (default ${PROMETHEUS_ENV})")
+        sub.add_argument(
+            "--max-age", type=float, help=f"seconds before a Prometheus sample is stale (default {DEFAULT_MAX_AGE_S:g})"
+        )
+        sub.add_argument("--fail-open", action="store_true", help="clear when the source fails (default: block)")
+        sub.add_argument("--json", action="store_true", help="print the decision as JSON")
+        if name == "wait":
+            sub.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+            sub.add_argument("--poll", type=float, default=0.5, help="seconds between looks (default 0.5)")
+            sub.add_argument(
+                "--clear-samples", type=int, help=f"consecutive clear looks needed (default ${CLEAR_SAMPLES_ENV} or 1)"
+            )
+    return parser
+
+
+def _as_json(decision: Decision) -> str:
+    return json.dumps(
+        {
+            "ok": decision.ok,
+            "source": decision.source,
+            "threshold_bytes": decision.threshold_bytes,
+            "fail_open": decision.fail_open,
+            "reasons": list(decision.reasons),
+            "gpus": [
+                {
+                    "gpu": v.requested,
+                    "clear": v.clear,
+                    "reason": v.reason,
+                    "used_bytes": v.sample.used_bytes if v.sample else None,
+                    "uuid": v.sample.uuid if v.sample else None,
+                    "holders": [str(h) for h in v.sample.holders] if v.sample else [],
+                }
+                for v in decision.gpus
+            ],
+        }
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {"fail_open": True} if args.fail_open else {}
+    for key, value in (
+        ("threshold_gb", args.threshold_gb),
+        ("source", args.source),
+        ("prometheus_url", args.prometheus_url),
+        ("max_age_s", args.max_age),
+        ("poll_s", getattr(args, "poll", None)),
+        ("clear_samples", getattr(args, "clear_samples", None)),
+    ):
+        if value is not None:
+            overrides[key] = value
+    gpus = [item.strip() for item in args.gpus.split(",") if item.strip()]
+    try:
+        gate = ResidualGate.from_env(**overrides)
+        if args.command == "check":
+            decision = gate.check(gpus, args.node)
+        else:
+            progress = _progress if sys.stderr.isatty() and not args.json else None
+            try:
+                decision = gate.wait(gpus, args.node, timeout=args.timeout, on_poll=progress)
+            except GateTimeout as exc:
+                decision = exc.decision
+                if progress:
+                    sys.stderr.write("\n")
+                print(f"timed out after {exc.waited:.1f}s", file=sys.stderr)
+            else:
+                if progress:
+                    sys.stderr.write("\n")
+    except GateConfigError as exc:
+        print(f"gpu-residency-gate: {exc}", file=sys.stderr)
+        return 2
+    print(_as_json(decision) if args.json else decision.explain())
+    return 0 if decision.ok else 1
+
+
+def _progress(decision: Decision, elapsed: float) -> None:
+    worst = max((v.sample.used_bytes for v in decision.gpus if v.sample), default=None)
+    shown = "no data" if worst is None else f"max {worst / 1024**3:.2f} GiB"
+    state = "clear" if decision.ok else "blocked"
+    sys.stderr.write(f"\r{elapsed:6.1f}s  {state}: {shown} (threshold {decision.threshold_bytes / 1024**3:.2f} GiB)  ")
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

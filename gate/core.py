@@ -1,0 +1,257 @@
+"""ResidualGate: may a side wake onto these GPUs? Only when each one's whole-GPU used memory
+is under the threshold, measured and fresh.
+
+Fail-closed: no data, stale data or an unreachable source blocks, with the reason. The
+gate never sleeps a grace period and lets the wake-up go ahead on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from gate.readings import GIB, GpuSample, SourceError, normalise
+from gate.sources import NvidiaSmiSource, NvmlSource, PrometheusSource, Source
+
+THRESHOLD_ENV = "GPU_RESIDENCY_GATE_THRESHOLD_GB"
+LEGACY_THRESHOLD_ENV = "MILES_MAX_RESIDUAL_GPU_MEM_GB"  # honoured for drop-in use
+SOURCE_ENV = "GPU_RESIDENCY_GATE_SOURCE"
+PROMETHEUS_ENV = "GPU_RESIDENCY_PROMETHEUS_URL"
+MAX_AGE_ENV = "GPU_RESIDENCY_GATE_MAX_AGE_S"
+FAIL_OPEN_ENV = "GPU_RESIDENCY_GATE_FAIL_OPEN"
+CLEAR_SAMPLES_ENV = "GPU_RESIDENCY_GATE_CLEAR_SAMPLES"
+DEFAULT_THRESHOLD_GB = 2.0
+DEFAULT_MAX_AGE_S = 15.0
+SOURCES = ("auto", "nvml", "prometheus", "nvidia-smi")
+
+
+class GateConfigError(ValueError):
+    """A threshold, source or option that cannot work; raised at construction, not mid-wait."""
+
+
+def parse_threshold(value: object, where: str) -> float:
+    """GiB > 0, as RLix's own parser demands ('must be a number', 'must be > 0')."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise GateConfigError(f"{where}={value!r} must be a number") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise GateConfigError(f"{where}={value!r} must be a number")
+    if number <= 0:
+        raise GateConfigError(f"{where}={value!r} must be > 0")
+    return number
+
+
+def _env_number(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise GateConfigError(f"{name}={raw!r} must be a number") from None
+    if not value > minimum:
+        raise GateConfigError(f"{name}={raw!r} must be > {minimum:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class GpuVerdict:
+    requested: str
+    sample: GpuSample | None
+    clear: bool
+    reason: str
+
+    def describe(self, threshold_bytes: int) -> str:
+        if self.sample is None:
+            return f"GPU {self.requested}: {self.reason}"
+        used = self.sample.used_bytes / GIB
+        line = f"GPU {self.requested}: {used:.2f} GiB used vs threshold {threshold_bytes / GIB:.2f} GiB"
+        if not self.clear:
+            line += f" ({self.reason})"
+            holders = ", ".join(str(h) for h in self.sample.holders[:3])
+            if holders:
+                line += f"; top holders: {holders}"
+        return line
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One look at the GPUs: clear or not, and why."""
+
+    ok: bool
+    gpus: tuple[GpuVerdict, ...]
+    threshold_bytes: int
+    source: str
+    reasons: tuple[str, ...] = field(default=())
+    fail_open: bool = False  # cleared only because the source failed and fail-open was asked for
+
+    @property
+    def used_bytes(self) -> dict[str, int | None]:
+        return {v.requested: (v.sample.used_bytes if v.sample else None) for v in self.gpus}
+
+    @property
+    def max_used_gb(self) -> float | None:
+        used = [v.sample.used_bytes for v in self.gpus if v.sample is not None]
+        return max(used) / GIB if used and len(used) == len(self.gpus) else None
+
+    def explain(self) -> str:
+        head = "clear" if self.ok else "blocked"
+        if self.fail_open:
+            head = "clear (fail-open: the source failed)"
+        lines = [f"{head} [source={self.source}]", *self.reasons]
+        lines += [v.describe(self.threshold_bytes) for v in self.gpus]
+        return "\n".join(line for line in lines if line)
+
+
+class GateTimeout(TimeoutError):
+    """wait() ran out of time; `.decision` is the last look, with its explanation."""
+
+    def __init__(self, decision: Decision, waited: float) -> None:
+        super().__init__(f"GPUs not clear after {waited:.1f}s: {decision.explain()}")
+        self.decision = decision
+        self.waited = waited
+
+
+def default_node() -> str:
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def build_source(kind: str, prometheus_url: str | None) -> Source:
+    """The named source; 'auto' is Prometheus if a URL is set, else NVML, else nvidia-smi."""
+    if kind not in SOURCES:
+        raise GateConfigError(f"source {kind!r} must be one of {', '.join(SOURCES)}")
+    if kind == "prometheus" or (kind == "auto" and prometheus_url):
+        if not prometheus_url:
+            raise GateConfigError(f"the prometheus source needs a URL (--prometheus-url or ${PROMETHEUS_ENV})")
+        try:
+            return PrometheusSource(prometheus_url)
+        except SourceError as exc:
+            raise GateConfigError(str(exc)) from None
+    if kind == "nvidia-smi":
+        try:
+            return NvidiaSmiSource()
+        except SourceError as exc:
+            raise GateConfigError(str(exc)) from None
+    try:
+        return NvmlSource()
+    except SourceError as exc:
+        if kind == "nvml":
+            raise GateConfigError(str(exc)) from None
+        try:
+            return NvidiaSmiSource()
+        except SourceError:
+            raise GateConfigError(
+                f"no source available: {exc}; no nvidia-smi either; set a Prometheus URL (${PROMETHEUS_ENV})"
+            ) from None
+
+
+class ResidualGate:
+    def __init__(
+        self,
+        threshold_gb: float = DEFAULT_THRESHOLD_GB,
+        source: Source | str = "auto",
+        prometheus_url: str | None = None,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        fail_open: bool = False,
+        clear_samples: int = 1,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.threshold_bytes = int(parse_threshold(threshold_gb, "threshold_gb") * GIB)
+        if not max_age_s > 0:
+            raise GateConfigError(f"max_age_s={max_age_s!r} must be > 0")
+        if isinstance(clear_samples, bool) or not isinstance(clear_samples, int) or clear_samples < 1:
+            raise GateConfigError(f"clear_samples={clear_samples!r} must be an integer >= 1")
+        if not poll_s > 0:
+            raise GateConfigError(f"poll_s={poll_s!r} must be > 0")
+        self.source = build_source(source, prometheus_url) if isinstance(source, str) else source
+        self.max_age_s = max_age_s
+        self.fail_open = fail_open
+        self.clear_samples = clear_samples
+        self.poll_s = poll_s
+
+    @classmethod
+    def from_env(cls, **overrides) -> ResidualGate:
+        """Settings from the environment; explicit arguments win.
+
+        Threshold: $GPU_RESIDENCY_GATE_THRESHOLD_GB, else $MILES_MAX_RESIDUAL_GPU_MEM_GB, else 2.
+        """
+        if "threshold_gb" not in overrides:
+            for name in (THRESHOLD_ENV, LEGACY_THRESHOLD_ENV):
+                if os.environ.get(name, "") != "":
+                    overrides["threshold_gb"] = parse_threshold(os.environ[name], name)
+                    break
+        overrides.setdefault("source", os.environ.get(SOURCE_ENV) or "auto")
+        overrides.setdefault("prometheus_url", os.environ.get(PROMETHEUS_ENV) or None)
+        overrides.setdefault("max_age_s", _env_number(MAX_AGE_ENV, DEFAULT_MAX_AGE_S))
+        overrides.setdefault("fail_open", os.environ.get(FAIL_OPEN_ENV, "").lower() in ("1", "true", "yes"))
+        overrides.setdefault("clear_samples", int(_env_number(CLEAR_SAMPLES_ENV, 1, minimum=0)))
+        return cls(**overrides)
+
+    def check(self, gpus: Sequence[int | str], node: str | None = None) -> Decision:
+        """One look: clear only if every requested GPU has a fresh sample under the threshold."""
+        try:
+            names = [normalise(gpu) for gpu in gpus]
+        except ValueError as exc:
+            raise GateConfigError(str(exc)) from None
+        if not names:
+            raise GateConfigError("no GPUs given")
+        try:
+            samples = self.source.read(node or default_node())
+        except SourceError as exc:
+            return Decision(
+                ok=self.fail_open,
+                gpus=tuple(GpuVerdict(n, None, self.fail_open, "source failed") for n in names),
+                threshold_bytes=self.threshold_bytes,
+                source=self.source.name,
+                reasons=(str(exc),),
+                fail_open=self.fail_open,
+            )
+        verdicts = tuple(self._verdict(name, samples) for name in names)
+        return Decision(
+            ok=all(v.clear for v in verdicts),
+            gpus=verdicts,
+            threshold_bytes=self.threshold_bytes,
+            source=self.source.name,
+        )
+
+    def _verdict(self, name: str, samples: list[GpuSample]) -> GpuVerdict:
+        found = [s for s in samples if s.matches(name)]
+        if len(found) != 1:
+            reason = "no sample for this GPU" if not found else f"ambiguous: matches {len(found)} GPUs"
+            return GpuVerdict(name, None, False, reason)
+        sample = found[0]
+        if sample.age_seconds is not None and sample.age_seconds > self.max_age_s:
+            return GpuVerdict(
+                name, sample, False, f"stale: last sample {sample.age_seconds:.1f}s old > {self.max_age_s:g}s"
+            )
+        if sample.used_bytes >= self.threshold_bytes:
+            return GpuVerdict(name, sample, False, "over threshold")
+        return GpuVerdict(name, sample, True, "under threshold")
+
+    def wait(
+        self,
+        gpus: Sequence[int | str],
+        node: str | None = None,
+        timeout: float = 120.0,
+        on_poll: Callable[[Decision, float], None] | None = None,
+    ) -> Decision:
+        """Poll until `clear_samples` consecutive looks are clear; raise GateTimeout otherwise."""
+        if not timeout > 0:
+            raise GateConfigError(f"timeout={timeout!r} must be > 0")
+        started = time.monotonic()
+        streak = 0
+        while True:
+            decision = self.check(gpus, node)
+            elapsed = time.monotonic() - started
+            streak = streak + 1 if decision.ok else 0
+            if on_poll is not None:
+                on_poll(decision, elapsed)
+            if streak >= self.clear_samples:
+                return decision
+            if elapsed + self.poll_s > timeout:
+                raise GateTimeout(decision, elapsed)
+            time.sleep(self.poll_s)

@@ -1,0 +1,57 @@
+"""What a source returns and how a requested GPU name matches a GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 1024**3
+
+
+class SourceError(RuntimeError):
+    """The source could not answer at all (unreachable, no library, bad response)."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds memory on a GPU: an engine, a process outside engines, or 'unattributed'."""
+
+    kind: str  # engine | process | unattributed
+    name: str
+    used_bytes: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kind} {self.name}: {self.used_bytes / GIB:.1f} GiB"
+            if self.name
+            else (f"{self.kind}: {self.used_bytes / GIB:.1f} GiB")
+        )
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    index: int | None
+    uuid: str
+    pci_bus_id: str
+    used_bytes: int
+    age_seconds: float | None = None  # None: read just now (local sources)
+    holders: tuple[Holder, ...] = field(default=())
+
+    def matches(self, name: str) -> bool:
+        """A GPU is named by its NVML index, UUID or PCI bus id (any case, short bus id too)."""
+        text = name.strip()
+        if text.isdigit():
+            return self.index == int(text)
+        lowered = text.lower()
+        if lowered.startswith(("gpu-", "mig-")):
+            return self.uuid.lower() == lowered
+        bus = self.pci_bus_id.lower()
+        return bool(bus) and (bus == lowered or (bus.endswith(lowered) and ":" in lowered))
+
+
+def normalise(gpu: int | str) -> str:
+    if isinstance(gpu, bool) or not isinstance(gpu, int | str):
+        raise ValueError(f"GPU {gpu!r}: give an index, a UUID or a PCI bus id")
+    text = str(gpu).strip()
+    if not text or (isinstance(gpu, int) and gpu < 0):
+        raise ValueError(f"GPU {gpu!r}: give an index, a UUID or a PCI bus id")
+    return text
