@@ -2,7 +2,8 @@
 
 Eight fake GPUs (the fake NVML), four SGLang-like engines at TP=2 (each with a fake
 SGLang /server_info) and a trainer, each a real process tree whose leaves "hold"
-memory, registered in a private registry. The
+memory, registered in a private registry; one more engine is killed by SIGKILL at
+start, so the exit counters have something to show. The
 engines and the trainer take turns every PHASE_SECONDS, as in colocated RL training:
 engines awake and the trainer offloaded, then engines asleep and the trainer awake.
 """
@@ -19,10 +20,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import fakenvml
+from exporter.exits import report_exit
 from exporter.registry import register_engine
 from fakenvml import GIB, Scenario
 from fakenvml.sglang import FakeSglang
@@ -66,6 +69,7 @@ class DemoNode:
         self.engines: list[_Tree] = []
         self.trainer: _Tree | None = None
         self.servers: list[FakeSglang] = []
+        self.orphan: _Tree | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._cycle, name="demo", daemon=True)
 
@@ -83,12 +87,21 @@ class DemoNode:
             node.servers.append(server)
             register_engine(tree.name, root_pid=tree.root.pid, kind="sglang", url=server.url, directory=node.registry)
             node.engines.append(tree)
+        node.orphan = _start_tree("orphan", 1, "python")  # a leftover process in no engine
         node.trainer = _start_tree("trainer", GPUS, "megatron::rank")
         register_engine("trainer", root_pid=node.trainer.root.pid, kind="trainer", directory=node.registry)
+        node._crash_one_engine()
         node._write_phase(engines_awake=True)
         node._thread.start()
         log.info("demo node: %d fake GPUs, scenario %s, registry %s", GPUS, node.scenario.path, node.registry)
         return node
+
+    def _crash_one_engine(self) -> None:
+        """A real child killed by SIGKILL, reported by its parent (us): the exits panel has data."""
+        started = time.monotonic()
+        child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+        code = child.wait()
+        report_exit("rollout-warmup", code, elapsed=time.monotonic() - started, directory=self.registry)
 
     def apply(self, args: argparse.Namespace) -> None:
         """Point the exporter at the simulated node."""
@@ -106,6 +119,7 @@ class DemoNode:
                 self.scenario.gpus[engine_index * TP + rank].processes.append((pid, engine_bytes))
         for index, pid in enumerate(self.trainer.leaves):
             self.scenario.gpus[index].processes.append((pid, trainer_bytes))
+        self.scenario.gpus[-1].processes.append((self.orphan.leaves[0], int(1.2 * GIB)))
         for gpu in self.scenario.gpus:
             gpu.used = sum(used for _, used in gpu.processes) + CONTEXT_BYTES
         self.scenario.write()
@@ -121,7 +135,7 @@ class DemoNode:
         for server in self.servers:
             server.stop()
         self.servers.clear()
-        for tree in [*self.engines, *([self.trainer] if self.trainer else [])]:
+        for tree in [*self.engines, *(t for t in (self.trainer, self.orphan) if t)]:
             with contextlib.suppress(OSError):
                 tree.root.terminate()
                 tree.root.wait(timeout=5)
