@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -19,11 +19,13 @@ from exporter.collector import ResidencyCollector
 from exporter.engines import ConfigError, EngineCatalog, load_static_config
 from exporter.errors import ErrorCounter
 from exporter.exit_log import ExitLog
+from exporter.gate_records import GateRecords
 from exporter.nvml_source import NvmlSource
 from exporter.proctable import ProcView
 from exporter.registry import DEFAULT_DIR, REGISTRY_ENV
 from exporter.server import ExporterServer, ListenAddressError, make_app, parse_listen_address
 from exporter.sglang import SglangPoller
+from exporter.transitions import TransitionTracker
 from exporter.url_policy import UrlPolicy
 
 log = logging.getLogger("exporter")
@@ -136,6 +138,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a registered engine's root may be gone before an exit nobody reported is counted as "
         'exit_code="unknown" (default 30)',
     )
+    states = parser.add_argument_group("sleep and wake (engines whose framework sets their state)")
+    states.add_argument(
+        "--engines.release-floor-gb",
+        dest="release_floor_gb",
+        type=_positive_float,
+        default=2.0,
+        metavar="GIB",
+        help="an asleep engine counts as released when it holds less than this on every GPU (default 2)",
+    )
+    states.add_argument(
+        "--engines.release-timeout",
+        dest="release_timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a release not complete after this is counted as a timeout and its holders logged (default 60)",
+    )
+    states.add_argument(
+        "--engines.wake-timeout",
+        dest="wake_timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="likewise for residency coming back after the engine is marked active (default 300)",
+    )
+    states.add_argument(
+        "--engines.state-interval",
+        dest="state_interval",
+        type=_positive_float,
+        default=0.25,
+        metavar="SECONDS",
+        help="how often a release or wake in progress is measured, between scrapes (default 0.25)",
+    )
     nvml = parser.add_argument_group("nvml")
     nvml.add_argument(
         "--nvml.library",
@@ -175,14 +210,31 @@ class Exporter:
     collector: ResidencyCollector
     catalog: EngineCatalog
     poller: SglangPoller
+    transitions: TransitionTracker
+    state_interval: float
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
         self.catalog.start()
         self.poller.start()
+        threading.Thread(target=self._watch_transitions, name="transitions", daemon=True).start()
 
     def stop(self) -> None:
+        self._stop.set()
         self.poller.stop()
         self.catalog.stop()
+
+    def _watch_transitions(self) -> None:
+        """Time releases and wakes between scrapes: a full collection only while one is under way,
+        else a cheap look at the registry for a new state change."""
+        seen: dict[str, float | None] = {}
+        while not self._stop.wait(self.state_interval):
+            engines = self.catalog.resolve(ProcView())
+            changed = {e.name: e.state_since for e in engines if e.state is not None}
+            if self.transitions.pending() or changed != seen:
+                snapshot, _ = self.collector.snapshot()
+                self.transitions.observe(snapshot)
+            seen = changed
 
 
 def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
@@ -205,9 +257,14 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         engines=lambda: catalog.resolve(ProcView(errors)),
     )
     exits = ExitLog(args.node, registry_dir, errors, grace_seconds=args.exit_grace)
+    transitions = TransitionTracker(
+        args.node, int(args.release_floor_gb * 1024**3), args.release_timeout, args.wake_timeout
+    )
+    gate_records = GateRecords(args.node, registry_dir, errors)
     nvml = NvmlSource(errors, library_path=args.nvml_library)
-    collector = ResidencyCollector(args.node, nvml, catalog, errors, extra_sources=[poller.families, exits.families])
-    return Exporter(collector, catalog, poller)
+    sources = [poller.families, exits.families, transitions.families, gate_records.families]
+    collector = ResidencyCollector(args.node, nvml, catalog, errors, extra_sources=sources)
+    return Exporter(collector, catalog, poller, transitions, args.state_interval)
 
 
 def main(argv: list[str] | None = None) -> int:

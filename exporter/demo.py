@@ -26,13 +26,15 @@ from pathlib import Path
 
 import fakenvml
 from exporter.exits import report_exit
-from exporter.registry import register_engine
+from exporter.registry import register_engine, set_engine_state
 from fakenvml import GIB, Scenario
 from fakenvml.sglang import FakeSglang
 
 log = logging.getLogger(__name__)
 
 PHASE_SECONDS = 20.0
+FIRST_PHASE_SECONDS = 4.0  # the first sleep comes soon, so release timings show up early
+RELEASE_SECONDS = 1.5  # between a state change and the memory actually moving
 GPUS = 8
 TP = 2
 CONTEXT_BYTES = int(0.3 * GIB)  # driver/context memory no process is charged for
@@ -85,13 +87,22 @@ class DemoNode:
             tree = _start_tree(f"rollout-{engine}", TP, "sglang::scheduler")
             server = FakeSglang("new", dp_size=1, lifetime=None)
             node.servers.append(server)
-            register_engine(tree.name, root_pid=tree.root.pid, kind="sglang", url=server.url, directory=node.registry)
+            register_engine(
+                tree.name,
+                root_pid=tree.root.pid,
+                kind="sglang",
+                url=server.url,
+                directory=node.registry,
+                state="active",
+            )
             node.engines.append(tree)
         node.orphan = _start_tree("orphan", 1, "python")  # a leftover process in no engine
         node.trainer = _start_tree("trainer", GPUS, "megatron::rank")
-        register_engine("trainer", root_pid=node.trainer.root.pid, kind="trainer", directory=node.registry)
+        register_engine(
+            "trainer", root_pid=node.trainer.root.pid, kind="trainer", directory=node.registry, state="asleep"
+        )
         node._crash_one_engine()
-        node._write_phase(engines_awake=True)
+        node._move_memory(engines_awake=True)
         node._thread.start()
         log.info("demo node: %d fake GPUs, scenario %s, registry %s", GPUS, node.scenario.path, node.registry)
         return node
@@ -109,7 +120,13 @@ class DemoNode:
         args.nvml_library = str(self.lib_dir / fakenvml.SONAME)
         args.registry_dir = str(self.registry)
 
-    def _write_phase(self, engines_awake: bool) -> None:
+    def _set_states(self, engines_awake: bool) -> None:
+        """What a framework records once /release_memory_occupation (or resume) returned."""
+        for tree in self.engines:
+            set_engine_state(tree.name, "active" if engines_awake else "asleep", self.registry)
+        set_engine_state("trainer", "asleep" if engines_awake else "active", self.registry)
+
+    def _move_memory(self, engines_awake: bool) -> None:
         engine_bytes = 62 * GIB if engines_awake else int(1.7 * GIB)
         trainer_bytes = 3 * GIB if engines_awake else 68 * GIB
         for gpu in self.scenario.gpus:
@@ -126,9 +143,14 @@ class DemoNode:
 
     def _cycle(self) -> None:
         awake = True
-        while not self._stop.wait(PHASE_SECONDS):
+        delay = FIRST_PHASE_SECONDS
+        while not self._stop.wait(delay):
+            delay = PHASE_SECONDS
             awake = not awake
-            self._write_phase(engines_awake=awake)
+            self._set_states(engines_awake=awake)
+            if self._stop.wait(RELEASE_SECONDS):  # the driver frees (and maps) memory a moment later
+                return
+            self._move_memory(engines_awake=awake)
 
     def stop(self) -> None:
         self._stop.set()

@@ -35,6 +35,8 @@ class Engine:
     start_ticks: int | None
     up: bool
     registered_at: float = 0.0  # wall-clock time of the registry entry (0 for other sources)
+    state: str | None = None  # the framework's word: starting | active | asleep | stopped
+    state_since: float | None = None
 
 
 class ConfigError(ValueError):
@@ -306,7 +308,9 @@ class EngineCatalog:
         for entry, registered_at in self._registry_entries():
             pid = self._host_pid(entry)
             engine = _engine(view, entry.name, entry.kind, entry.url, "registry", pid, entry.start_ticks)
-            engines[entry.name] = dataclasses.replace(engine, registered_at=registered_at)
+            engines[entry.name] = dataclasses.replace(
+                engine, registered_at=registered_at, state=entry.state, state_since=entry.state_since
+            )
         for static in self._static:
             if static.name in engines:
                 self._errors.inc("registry", "duplicate_name")

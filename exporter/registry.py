@@ -16,10 +16,12 @@ reuses the PID.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ ENTRY_SUFFIX = ".json"
 MAX_ENTRY_BYTES = 64 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 KINDS = ("sglang", "vllm", "trainer", "other")
+STATES = ("starting", "active", "asleep", "stopped")
 
 
 class RegistryError(ValueError):
@@ -44,6 +47,8 @@ class EngineEntry:
     url: str | None = None
     pid_ns: int | None = None  # inode of the writer's PID namespace
     start_ticks: int | None = None  # the root's start time, against PID reuse
+    state: str | None = None  # starting | active | asleep | stopped, as the framework says
+    state_since: float | None = None  # wall-clock time of the last state change
 
     def validate(self) -> EngineEntry:
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
@@ -58,6 +63,11 @@ class EngineEntry:
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise RegistryError(f"{key} must be an integer")
+        if self.state is not None and self.state not in STATES:
+            raise RegistryError(f"state {self.state!r} must be one of {', '.join(STATES)}")
+        since = self.state_since
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float) or since != since):
+            raise RegistryError("state_since must be a number")
         return self
 
     @classmethod
@@ -117,10 +127,12 @@ def register_engine(
     url: str | None = None,
     kind: str = "sglang",
     directory: str | os.PathLike | None = None,
+    state: str | None = None,
 ) -> Path:
     """Record an engine whose process tree (root and all descendants) the exporter attributes.
 
     `root_pid` is the engine's launch process as this process sees it (default: this one).
+    `state` (optional) starts the engine's sleep/wake tracking, e.g. "starting".
     """
     pid = os.getpid() if root_pid is None else root_pid
     entry = EngineEntry(
@@ -130,12 +142,52 @@ def register_engine(
         url=url,
         pid_ns=_own_pid_namespace(),
         start_ticks=start_ticks_of(pid),
+        state=state,
+        state_since=time.time() if state else None,
     ).validate()
     folder = registry_dir(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}{ENTRY_SUFFIX}"
+    return _write_entry(folder, entry)
+
+
+def _write_entry(folder: Path, entry: EngineEntry) -> Path:
+    path = folder / f"{entry.name}{ENTRY_SUFFIX}"
     atomic_write(path, json.dumps(asdict(entry)))
     return path
+
+
+def set_engine_state(name: str, state: str, directory: str | os.PathLike | None = None) -> EngineEntry:
+    """Record that the engine is now `state` (starting | active | asleep | stopped).
+
+    Call it right after /release_memory_occupation returned ("asleep") and after
+    /resume_memory_occupation ("active"): the exporter measures, from this moment, how
+    long the memory takes to really go (or come back).
+    """
+    folder = registry_dir(directory)
+    path = folder / f"{name}{ENTRY_SUFFIX}"
+    try:
+        entry = EngineEntry.from_json(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"engine {name!r} is not registered in {folder}") from None
+    updated = dataclasses.replace(entry, state=state, state_since=time.time()).validate()
+    _write_entry(folder, updated)
+    return updated
+
+
+@contextlib.contextmanager
+def engine_asleep(name: str, directory: str | os.PathLike | None = None) -> Iterator[None]:
+    """Mark the engine asleep for the block (after its release), active again after it.
+
+    requests.post(f"{url}/release_memory_occupation")
+    with engine_asleep("rollout-0"):
+        train_step()
+        requests.post(f"{url}/resume_memory_occupation")
+    """
+    set_engine_state(name, "asleep", directory)
+    try:
+        yield
+    finally:
+        set_engine_state(name, "active", directory)
 
 
 def unregister_engine(name: str, directory: str | os.PathLike | None = None) -> None:

@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--fail-open", action="store_true", help="clear when the source fails (default: block)")
         sub.add_argument("--json", action="store_true", help="print the decision as JSON")
+        sub.add_argument(
+            "--wake",
+            metavar="ENGINE",
+            help="the engine this wake-up is for: the decision is recorded for the exporter "
+            "(in $GPU_RESIDENCY_REGISTRY/gate) so waking it anyway is alerted on",
+        )
+        sub.add_argument(
+            "--waiting-for", metavar="ENGINE", help="the engine whose release is awaited, named in the explanation"
+        )
         if name == "wait":
             sub.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
             sub.add_argument("--poll", type=float, default=0.5, help="seconds between looks (default 0.5)")
@@ -113,11 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gate = ResidualGate.from_env(**overrides)
         if args.command == "check":
-            decision = gate.check(gpus, args.node)
+            decision = gate.check(gpus, args.node, wake=args.wake, waiting_for=args.waiting_for)
         else:
             progress = _progress if sys.stderr.isatty() and not args.json else None
             try:
-                decision = gate.wait(gpus, args.node, timeout=args.timeout, on_poll=progress)
+                decision = gate.wait(
+                    gpus,
+                    args.node,
+                    timeout=args.timeout,
+                    on_poll=progress,
+                    wake=args.wake,
+                    waiting_for=args.waiting_for,
+                )
             except GateTimeout as exc:
                 decision = exc.decision
                 if progress:

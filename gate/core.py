@@ -7,11 +7,13 @@ gate never sleeps a grace period and lets the wake-up go ahead on its own.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gate.readings import GIB, GpuSample, SourceError, normalise
 from gate.sources import NvidiaSmiSource, NvmlSource, PrometheusSource, Source
@@ -23,6 +25,7 @@ PROMETHEUS_ENV = "GPU_RESIDENCY_PROMETHEUS_URL"
 MAX_AGE_ENV = "GPU_RESIDENCY_GATE_MAX_AGE_S"
 FAIL_OPEN_ENV = "GPU_RESIDENCY_GATE_FAIL_OPEN"
 CLEAR_SAMPLES_ENV = "GPU_RESIDENCY_GATE_CLEAR_SAMPLES"
+REGISTRY_ENV = "GPU_RESIDENCY_REGISTRY"  # where the gate records its decisions for the exporter
 DEFAULT_THRESHOLD_GB = 2.0
 DEFAULT_MAX_AGE_S = 15.0
 SOURCES = ("auto", "nvml", "prometheus", "nvidia-smi")
@@ -72,7 +75,9 @@ class GpuVerdict:
         line = f"GPU {self.requested}: {used:.2f} GiB used vs threshold {threshold_bytes / GIB:.2f} GiB"
         if not self.clear:
             line += f" ({self.reason})"
-            holders = ", ".join(str(h) for h in self.sample.holders[:3])
+            # Engine totals and processes outside engines; an engine's processes are in its total.
+            top = [h for h in self.sample.holders if not (h.kind == "process" and h.engine)]
+            holders = ", ".join(str(h) for h in top[:3])
             if holders:
                 line += f"; top holders: {holders}"
         return line
@@ -88,6 +93,7 @@ class Decision:
     source: str
     reasons: tuple[str, ...] = field(default=())
     fail_open: bool = False  # cleared only because the source failed and fail-open was asked for
+    waiting_for: str | None = None  # the engine whose release this wait is for
 
     @property
     def used_bytes(self) -> dict[str, int | None]:
@@ -103,8 +109,30 @@ class Decision:
         if self.fail_open:
             head = "clear (fail-open: the source failed)"
         lines = [f"{head} [source={self.source}]", *self.reasons]
+        if self.waiting_for and not self.ok:
+            lines.append(self._release_line())
         lines += [v.describe(self.threshold_bytes) for v in self.gpus]
         return "\n".join(line for line in lines if line)
+
+    def _release_line(self) -> str:
+        """ "waiting for engine X's release: X still holds 9.4 GiB on GPU 3 (pid 4121 sglang::scheduler)"."""
+        engine = self.waiting_for
+        held = []
+        for verdict in self.gpus:
+            if verdict.sample is None:
+                continue
+            mine = [h for h in verdict.sample.holders if h.engine == engine and h.kind == "process"]
+            total = next(
+                (h.used_bytes for h in verdict.sample.holders if h.kind == "engine" and h.name == engine), None
+            )
+            if total is None and mine:
+                total = sum(h.used_bytes for h in mine)
+            if total:
+                who = ", ".join(h.name for h in mine[:3])
+                held.append(f"{total / GIB:.1f} GiB on GPU {verdict.requested}" + (f" ({who})" if who else ""))
+        if not held:
+            return f"waiting for engine {engine}'s release: it holds nothing measured on these GPUs"
+        return f"waiting for engine {engine}'s release: {engine} still holds " + "; ".join(held)
 
 
 class GateTimeout(TimeoutError):
@@ -159,6 +187,7 @@ class ResidualGate:
         fail_open: bool = False,
         clear_samples: int = 1,
         poll_s: float = 0.5,
+        record_dir: str | os.PathLike | None = None,
     ) -> None:
         self.threshold_bytes = int(parse_threshold(threshold_gb, "threshold_gb") * GIB)
         if not max_age_s > 0:
@@ -172,6 +201,7 @@ class ResidualGate:
         self.fail_open = fail_open
         self.clear_samples = clear_samples
         self.poll_s = poll_s
+        self.record_dir = Path(record_dir) if record_dir else None
 
     @classmethod
     def from_env(cls, **overrides) -> ResidualGate:
@@ -189,10 +219,39 @@ class ResidualGate:
         overrides.setdefault("max_age_s", _env_number(MAX_AGE_ENV, DEFAULT_MAX_AGE_S))
         overrides.setdefault("fail_open", os.environ.get(FAIL_OPEN_ENV, "").lower() in ("1", "true", "yes"))
         overrides.setdefault("clear_samples", int(_env_number(CLEAR_SAMPLES_ENV, 1, minimum=0)))
+        overrides.setdefault("record_dir", os.environ.get(REGISTRY_ENV) or None)
         return cls(**overrides)
 
-    def check(self, gpus: Sequence[int | str], node: str | None = None) -> Decision:
-        """One look: clear only if every requested GPU has a fresh sample under the threshold."""
+    def check(
+        self,
+        gpus: Sequence[int | str],
+        node: str | None = None,
+        wake: str | None = None,
+        waiting_for: str | None = None,
+    ) -> Decision:
+        """One look: clear only if every requested GPU has a fresh sample under the threshold.
+
+        `wake`: the engine this decision guards; with a record directory the decision is
+        written for the exporter (an engine woken while its gate said no is alerted on).
+        `waiting_for`: the engine whose release is awaited, named in the explanation.
+        """
+        decision = self._look(gpus, node, waiting_for)
+        if wake and self.record_dir is not None:
+            self._record(wake, decision)
+        return decision
+
+    def _record(self, engine: str, decision: Decision) -> None:
+        folder = self.record_dir / "gate"
+        body = {"engine": engine, "clear": decision.ok, "time": time.time(), "gpus": list(decision.used_bytes)}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{engine}.json.{os.getpid()}"
+            tmp.write_text(json.dumps(body))
+            os.replace(tmp, folder / f"{engine}.json")
+        except OSError:
+            pass  # recording is for observability; it never changes the decision
+
+    def _look(self, gpus: Sequence[int | str], node: str | None, waiting_for: str | None) -> Decision:
         try:
             names = [normalise(gpu) for gpu in gpus]
         except ValueError as exc:
@@ -209,6 +268,7 @@ class ResidualGate:
                 source=self.source.name,
                 reasons=(str(exc),),
                 fail_open=self.fail_open,
+                waiting_for=waiting_for,
             )
         verdicts = tuple(self._verdict(name, samples) for name in names)
         return Decision(
@@ -216,6 +276,7 @@ class ResidualGate:
             gpus=verdicts,
             threshold_bytes=self.threshold_bytes,
             source=self.source.name,
+            waiting_for=waiting_for,
         )
 
     def _verdict(self, name: str, samples: list[GpuSample]) -> GpuVerdict:
@@ -238,14 +299,19 @@ class ResidualGate:
         node: str | None = None,
         timeout: float = 120.0,
         on_poll: Callable[[Decision, float], None] | None = None,
+        wake: str | None = None,
+        waiting_for: str | None = None,
     ) -> Decision:
-        """Poll until `clear_samples` consecutive looks are clear; raise GateTimeout otherwise."""
+        """Poll until `clear_samples` consecutive looks are clear; raise GateTimeout otherwise.
+
+        `wake` and `waiting_for` as in check().
+        """
         if not timeout > 0:
             raise GateConfigError(f"timeout={timeout!r} must be > 0")
         started = time.monotonic()
         streak = 0
         while True:
-            decision = self.check(gpus, node)
+            decision = self.check(gpus, node, wake=wake, waiting_for=waiting_for)
             elapsed = time.monotonic() - started
             streak = streak + 1 if decision.ok else 0
             if on_poll is not None:

@@ -18,6 +18,7 @@ class Holder:
     kind: str  # engine | process | unattributed
     name: str
     used_bytes: int
+    engine: str = ""  # for a process: the engine it belongs to ("" for none)
 
     def __str__(self) -> str:
         return (

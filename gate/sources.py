@@ -191,8 +191,9 @@ class PrometheusSource:
 def _holder(name: str, labels: dict, value: int) -> Holder | None:
     if name == "gpu_residency_engine_memory_bytes":
         return Holder("engine", labels.get("engine", ""), value)
-    if name == "gpu_residency_process_memory_bytes" and not labels.get("engine"):
-        return Holder("process", f"pid {labels.get('pid', '?')} {labels.get('comm', '')}".strip(), value)
+    if name == "gpu_residency_process_memory_bytes":
+        name = f"pid {labels.get('pid', '?')} {labels.get('comm', '')}".strip()
+        return Holder("process", name, value, engine=labels.get("engine", ""))
     if name == "gpu_residency_unattributed_memory_bytes":
         return Holder("unattributed", "", value)
     return None

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 
+import cloudcoil.models.prometheus_operator.v1 as operator
+import helm_python as helm
+import kubernetes_validate
 import pytest
 import yaml
 from conftest import ROOT
-
-helm = pytest.importorskip("helm_python", reason="test dependency helm-python-sdk: pip install -e '.[test]'")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-operator = pytest.importorskip("cloudcoil.models.prometheus_operator.v1")
 
 CHART = ROOT / "helm" / "gpu-residency"
 KUBERNETES_VERSION = kubernetes_validate.latest_version()

@@ -1,0 +1,228 @@
+"""Writes gpu-residency.json, the Grafana dashboard: python dashboards/generate.py > dashboards/gpu-residency.json
+
+Kept as code so panels stay consistent (one datasource, the same variables everywhere);
+a test checks the committed JSON is what this prints.
+"""
+
+import json
+
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def target(expr, legend, ref):
+    return {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": ref}
+
+
+panels = []
+
+
+def panel(title, kind, targets, grid, unit="bytes", desc="", stack=False, extra=None):
+    p = {
+        "id": len(panels) + 1,
+        "title": title,
+        "type": kind,
+        "datasource": DS,
+        "description": desc,
+        "gridPos": grid,
+        "targets": [target(expr, legend, chr(65 + i)) for i, (expr, legend) in enumerate(targets)],
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {},
+    }
+    if kind == "timeseries":
+        p["fieldConfig"]["defaults"]["custom"] = {
+            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+            "fillOpacity": 40 if stack else 10,
+        }
+        p["options"] = {
+            "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
+            "tooltip": {"mode": "multi"},
+        }
+    if extra:
+        p.update(extra)
+    panels.append(p)
+
+
+sel_gpu = 'node=~"$node", gpu=~"$gpu"'
+panel(
+    "Used vs gate threshold, per GPU",
+    "timeseries",
+    [
+        (f"gpu_residency_memory_used_bytes{{{sel_gpu}}}", "{{node}} GPU {{gpu}}"),
+        (
+            f"max(gpu_residency_memory_total_bytes{{{sel_gpu}}}) * 0 + $threshold_gib * 1024 * 1024 * 1024",
+            "gate threshold",
+        ),
+    ],
+    {"h": 9, "w": 12, "x": 0, "y": 0},
+    desc="Whole-GPU used memory from NVML: the only honest wake-up signal (it counts every co-tenant). A wake-up onto a GPU is safe when its line is under the threshold.",
+)
+panel(
+    "Who holds the memory (stacked)",
+    "timeseries",
+    [
+        (f'sum by (engine) (gpu_residency_engine_memory_bytes{{{sel_gpu}, engine=~"$engine"}})', "engine {{engine}}"),
+        (f'sum(gpu_residency_process_memory_bytes{{{sel_gpu}, engine=""}})', "other processes"),
+        (f"sum(gpu_residency_unattributed_memory_bytes{{{sel_gpu}}})", "unattributed"),
+    ],
+    {"h": 9, "w": 12, "x": 12, "y": 0},
+    stack=True,
+    desc="Engines (their whole process trees), processes in no engine, and memory no listed process accounts for (high: usually a missing hostPID).",
+)
+panel(
+    "SGLang accounting vs measured residency, per engine",
+    "timeseries",
+    [
+        (
+            'sum by (engine) (gpu_residency_sglang_memory_bytes{node=~"$node", engine=~"$engine"})',
+            "{{engine}} SGLang says (start-up accounting)",
+        ),
+        (
+            'sum by (engine) (gpu_residency_engine_memory_bytes{node=~"$node", engine=~"$engine"})',
+            "{{engine}} measured (process tree, NVML)",
+        ),
+    ],
+    {"h": 9, "w": 12, "x": 0, "y": 9},
+    desc="SGLang's /server_info numbers are measured once at start-up: a slept engine still reports its pools. The measured line is what it really holds now.",
+)
+panel(
+    "Engine exits by signal",
+    "timeseries",
+    [
+        (
+            'sum by (engine, exit_code, signal) (increase(gpu_residency_engine_exits_total{node=~"$node", engine=~"$engine"}[$__rate_interval]))',
+            "{{engine}} exit {{exit_code}} {{signal}}",
+        ),
+    ],
+    {"h": 9, "w": 12, "x": 12, "y": 9},
+    unit="short",
+    desc="SIGKILL is almost always an OOM kill; exit_code=unknown means the root vanished with no report.",
+    extra={
+        "fieldConfig": {
+            "defaults": {"unit": "short", "custom": {"drawStyle": "bars", "fillOpacity": 80}},
+            "overrides": [],
+        }
+    },
+)
+panel(
+    "Engine state (as the framework set it) and residency by state",
+    "timeseries",
+    [
+        (
+            'sum by (engine, state) (gpu_residency_engine_memory_bytes{node=~"$node", engine=~"$engine"} * on (node, engine) group_left (state) (gpu_residency_engine_state{node=~"$node", engine=~"$engine"} == 1))',
+            "{{engine}} ({{state}})",
+        ),
+    ],
+    {"h": 9, "w": 12, "x": 0, "y": 18},
+    desc="What each engine holds, labelled with its state: an engine asleep should hold under the release floor.",
+)
+panel(
+    "Release and wake latency (p95)",
+    "timeseries",
+    [
+        (
+            'histogram_quantile(0.95, sum by (le, engine) (rate(gpu_residency_engine_release_seconds_bucket{node=~"$node", engine=~"$engine"}[$__rate_interval])))',
+            "{{engine}} release p95",
+        ),
+        (
+            'histogram_quantile(0.95, sum by (le, engine) (rate(gpu_residency_engine_wake_seconds_bucket{node=~"$node", engine=~"$engine"}[$__rate_interval])))',
+            "{{engine}} wake p95",
+        ),
+        (
+            'sum by (engine) (increase(gpu_residency_engine_release_timeouts_total{node=~"$node", engine=~"$engine"}[$__rate_interval])) or sum by (engine) (0 * gpu_residency_engine_up{node=~"$node", engine=~"$engine"})',
+            "{{engine}} release timeouts",
+        ),
+    ],
+    {"h": 9, "w": 12, "x": 12, "y": 18},
+    unit="s",
+    desc="From the framework marking an engine asleep (active) until its memory was really gone (back).",
+)
+panel(
+    "Engines up",
+    "stat",
+    [
+        ('gpu_residency_engine_up{node=~"$node", engine=~"$engine"}', "{{engine}}"),
+        ('gpu_residency_sglang_up{node=~"$node", engine=~"$engine"}', "{{engine}} /server_info"),
+    ],
+    {"h": 5, "w": 12, "x": 0, "y": 27},
+    unit="bool_on_off",
+)
+panel(
+    "Exporter health",
+    "timeseries",
+    [
+        ('gpu_residency_nvml_up{node=~"$node"}', "{{node}} NVML up"),
+        ('gpu_residency_scrape_duration_seconds{node=~"$node"}', "{{node}} collection seconds"),
+        (
+            'sum by (node, source, reason) (rate(gpu_residency_errors_total{node=~"$node"}[$__rate_interval])) or sum by (node) (0 * gpu_residency_nvml_up{node=~"$node"})',
+            "{{node}} errors/s {{source}} {{reason}}",
+        ),
+    ],
+    {"h": 5, "w": 12, "x": 12, "y": 27},
+    unit="short",
+)
+dash = {
+    "title": "GPU residency",
+    "uid": "gpu-residency",
+    "tags": ["gpu", "sglang", "rl"],
+    "timezone": "browser",
+    "schemaVersion": 39,
+    "version": 1,
+    "refresh": "10s",
+    "time": {"from": "now-1h", "to": "now"},
+    "editable": True,
+    "graphTooltip": 1,
+    "templating": {
+        "list": [
+            {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source", "current": {}},
+            {
+                "name": "node",
+                "type": "query",
+                "datasource": DS,
+                "label": "Node",
+                "multi": True,
+                "includeAll": True,
+                "allValue": ".*",
+                "refresh": 2,
+                "query": {"query": "label_values(gpu_residency_memory_used_bytes, node)", "refId": "node"},
+                "definition": "label_values(gpu_residency_memory_used_bytes, node)",
+                "current": {},
+            },
+            {
+                "name": "gpu",
+                "type": "query",
+                "datasource": DS,
+                "label": "GPU",
+                "multi": True,
+                "includeAll": True,
+                "allValue": ".*",
+                "refresh": 2,
+                "query": {"query": 'label_values(gpu_residency_memory_used_bytes{node=~"$node"}, gpu)', "refId": "gpu"},
+                "definition": 'label_values(gpu_residency_memory_used_bytes{node=~"$node"}, gpu)',
+                "current": {},
+            },
+            {
+                "name": "engine",
+                "type": "query",
+                "datasource": DS,
+                "label": "Engine",
+                "multi": True,
+                "includeAll": True,
+                "allValue": ".*",
+                "refresh": 2,
+                "query": {"query": 'label_values(gpu_residency_engine_up{node=~"$node"}, engine)', "refId": "engine"},
+                "definition": 'label_values(gpu_residency_engine_up{node=~"$node"}, engine)',
+                "current": {},
+            },
+            {
+                "name": "threshold_gib",
+                "type": "custom",
+                "label": "Gate threshold (GiB)",
+                "query": "2,1,4,7,10",
+                "current": {"text": "2", "value": "2"},
+                "options": [],
+            },
+        ]
+    },
+    "panels": panels,
+}
+print(json.dumps(dash, indent=2))

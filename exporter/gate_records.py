@@ -1,0 +1,70 @@
+"""The gate's last word per engine, so Prometheus can tell when an engine was woken anyway.
+
+The gate (gate.ResidualGate, given `wake=` and a registry directory) writes its latest
+decision for the engine it guards to `<registry>/gate/<engine>.json`; the exporter
+publishes it for engines it knows, and an alert fires when an engine is active while the
+gate's last decision for it was "not clear".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from exporter.attribution import Snapshot
+from exporter.errors import ErrorCounter
+
+GATE_DIR = "gate"
+MAX_RECORD_BYTES = 64 * 1024
+
+
+def read_record(path: Path) -> tuple[bool, float] | None:
+    """(clear, time) from one record, or None when it is not a valid record."""
+    try:
+        if path.is_symlink() or path.stat().st_size > MAX_RECORD_BYTES:
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    clear, when = data.get("clear"), data.get("time")
+    if not isinstance(clear, bool) or isinstance(when, bool) or not isinstance(when, int | float):
+        return None
+    return (clear, float(when)) if math.isfinite(when) else None
+
+
+class GateRecords:
+    def __init__(self, node: str, directory: Path | None, errors: ErrorCounter) -> None:
+        self._node = node
+        self._dir = directory / GATE_DIR if directory else None
+        self._errors = errors
+
+    def families(self, snapshot: Snapshot) -> Iterable[Metric]:
+        clear = GaugeMetricFamily(
+            "gpu_residency_gate_clear",
+            "The gate's last decision for waking this engine: 1 clear, 0 blocked.",
+            labels=["node", "engine"],
+        )
+        when = GaugeMetricFamily(
+            "gpu_residency_gate_decision_timestamp_seconds",
+            "When the gate last decided for this engine (Unix time).",
+            labels=["node", "engine"],
+        )
+        if self._dir is not None:
+            for engine in sorted(e.name for e in snapshot.engines):
+                path = self._dir / f"{engine}.json"
+                if not path.exists():
+                    continue
+                record = read_record(path)
+                if record is None:
+                    self._errors.inc("gate_records", "malformed")
+                    continue
+                clear.add_metric([self._node, engine], 1 if record[0] else 0)
+                when.add_metric([self._node, engine], record[1])
+        yield clear
+        yield when

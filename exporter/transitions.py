@@ -1,0 +1,172 @@
+"""Sleep and wake, measured: after an engine is marked asleep, how long until its memory is
+really gone; after it is marked active, how long until its memory is back.
+
+SGLang answers /release_memory_occupation with 200 whether or not the memory went (one
+public report: ~30 GiB stayed resident with the memory saver off). The framework marks
+the state (exporter.registry.set_engine_state); this module watches residency from that
+moment:
+
+- release: done when the engine holds under `floor` on every GPU; else, after `limit`,
+  a timeout is counted and the holders are logged;
+- wake: done when it holds again, on every GPU it held before sleeping, at least 90% of
+  what it held then (or, never seen awake, more than `floor` somewhere).
+
+Only transitions that began while this exporter ran are timed: one that began before a
+restart has an unknown start as far as the measurement goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from exporter.attribution import Snapshot
+from exporter.registry import STATES
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+WAKE_FRACTION = 0.9
+START_SLACK_SECONDS = 2.0  # a change written just before start-up still counts as seen
+
+
+@dataclass
+class _Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    total: int = 0
+    sum: float = 0.0
+
+    def observe(self, value: float) -> None:
+        for index, bound in enumerate(BUCKETS):
+            if value <= bound:
+                self.counts[index] += 1
+        self.total += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        return [(str(bound), count) for bound, count in zip(BUCKETS, self.counts, strict=True)] + [("+Inf", self.total)]
+
+
+@dataclass
+class _Open:
+    kind: str  # release | wake
+    since: float
+    target: dict[str, int]  # wake: per-GPU bytes to get back to
+
+
+class TransitionTracker:
+    def __init__(self, node: str, floor_bytes: int, release_limit: float, wake_limit: float) -> None:
+        self._node = node
+        self._floor = floor_bytes
+        self._limits = {"release": release_limit, "wake": wake_limit}
+        self._started = time.time()
+        self._seen: dict[str, float | None] = {}  # engine -> state_since last handled
+        self._open: dict[str, _Open] = {}
+        self._awake_level: dict[str, dict[str, int]] = {}  # engine -> per-GPU bytes while active
+        self._histograms = {"release": {}, "wake": {}}
+        self._timeouts = {"release": {}, "wake": {}}
+
+    def pending(self) -> bool:
+        """A transition is being timed: worth looking more often than scrapes do."""
+        return bool(self._open)
+
+    def observe(self, snapshot: Snapshot, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        usage: dict[str, dict[str, int | None]] = {}
+        for item in snapshot.engine_usage:
+            usage.setdefault(item.engine, {})[item.gpu.uuid] = item.used_bytes
+        live = set()
+        for engine in snapshot.engines:
+            if not engine.up or engine.state is None:
+                continue
+            live.add(engine.name)
+            held = usage.get(engine.name, {})
+            if None in held.values():
+                continue  # a process's memory is unknown this time: decide nothing
+            if self._seen.get(engine.name, 0.0) != engine.state_since:
+                self._begin(engine.name, engine.state, engine.state_since)
+            if engine.state == "active" and engine.name not in self._open:
+                self._awake_level[engine.name] = dict(held)
+            self._check(engine.name, held, now, snapshot)
+        for gone in set(self._open) - live:
+            del self._open[gone]
+
+    def _begin(self, name: str, state: str, since: float | None) -> None:
+        self._seen[name] = since
+        self._open.pop(name, None)
+        if since is None or since < self._started - START_SLACK_SECONDS:
+            return
+        if state == "asleep":
+            self._open[name] = _Open("release", since, {})
+        elif state == "active" and name in self._awake_level:
+            self._open[name] = _Open("wake", since, dict(self._awake_level[name]))
+
+    def _check(self, name: str, held: dict[str, int], now: float, snapshot: Snapshot) -> None:
+        transition = self._open.get(name)
+        if transition is None:
+            return
+        if transition.kind == "release":
+            done = all(value < self._floor for value in held.values())
+        elif transition.target:
+            done = all(held.get(gpu, 0) >= WAKE_FRACTION * level for gpu, level in transition.target.items())
+        else:
+            done = any(value >= self._floor for value in held.values())
+        elapsed = max(0.0, now - transition.since)
+        if done:
+            self._histograms[transition.kind].setdefault(name, _Histogram()).observe(elapsed)
+            del self._open[name]
+        elif elapsed > self._limits[transition.kind]:
+            counts = self._timeouts[transition.kind]
+            counts[name] = counts.get(name, 0) + 1
+            holders = ", ".join(
+                f"pid {p.pid} {p.comm} {p.used_bytes / 1024**3:.1f} GiB on GPU {p.gpu.index}"
+                for p in snapshot.processes
+                if p.engine == name and p.used_bytes
+            )
+            log.warning(
+                "engine %s: %s not complete after %.0fs; holders: %s", name, transition.kind, elapsed, holders or "none"
+            )
+            del self._open[name]
+
+    def families(self, snapshot: Snapshot) -> Iterable[Metric]:
+        self.observe(snapshot)
+        node = self._node
+        state = GaugeMetricFamily(
+            "gpu_residency_engine_state",
+            "1 for the engine's current state as its framework set it (starting, active, asleep, stopped).",
+            labels=["node", "engine", "state"],
+        )
+        since = GaugeMetricFamily(
+            "gpu_residency_engine_state_change_timestamp_seconds",
+            "When the engine's framework last changed its state (Unix time).",
+            labels=["node", "engine"],
+        )
+        for engine in snapshot.engines:
+            if engine.state is None:
+                continue
+            for name in STATES:
+                state.add_metric([node, engine.name, name], 1 if name == engine.state else 0)
+            if engine.state_since is not None:
+                since.add_metric([node, engine.name], engine.state_since)
+        yield state
+        yield since
+        for kind, doc in (
+            ("release", "Seconds from an engine marked asleep until it held under the floor on every GPU."),
+            ("wake", "Seconds from an engine marked active until its residency was back (resume cost)."),
+        ):
+            histogram = HistogramMetricFamily(f"gpu_residency_engine_{kind}_seconds", doc, labels=["node", "engine"])
+            for name, data in sorted(self._histograms[kind].items()):
+                histogram.add_metric([node, name], data.buckets(), data.sum)
+            yield histogram
+            timeouts = CounterMetricFamily(
+                f"gpu_residency_engine_{kind}_timeouts",
+                f"Engine {kind}s that did not complete within the limit.",
+                labels=["node", "engine"],
+            )
+            for name, count in sorted(self._timeouts[kind].items()):
+                timeouts.add_metric([node, name], count)
+            yield timeouts
