@@ -27,6 +27,7 @@ from exporter.server import ExporterServer, ListenAddressError, make_app, parse_
 from exporter.sglang import SglangPoller
 from exporter.transitions import TransitionTracker
 from exporter.url_policy import UrlPolicy
+from exporter.web_config import WebConfig, WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
 
@@ -65,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
         help=f"address to serve on (default {DEFAULT_LISTEN}: all interfaces; port 0 picks a free one)",
+    )
+    web.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        metavar="FILE",
+        help="TLS and basic auth, in the exporter-toolkit web-config format (tls_server_config: cert_file, "
+        "key_file; basic_auth_users: user: bcrypt hash); see docs/SECURITY.md",
+    )
+    web.add_argument(
+        "--collection.min-interval",
+        dest="min_interval",
+        type=_non_negative_float,
+        default=0.25,
+        metavar="SECONDS",
+        help="scrapes this close to the last collection reuse it (default 0.25; 0 collects on every scrape); "
+        "concurrent scrapes always share one",
     )
     web.add_argument(
         "--web.telemetry-path",
@@ -193,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -232,7 +259,7 @@ class Exporter:
             engines = self.catalog.resolve(ProcView())
             changed = {e.name: e.state_since for e in engines if e.state is not None}
             if self.transitions.pending() or changed != seen:
-                snapshot, _ = self.collector.snapshot()
+                snapshot, _ = self.collector.snapshot(max_age=0)
                 self.transitions.observe(snapshot)
             seen = changed
 
@@ -263,7 +290,9 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
     gate_records = GateRecords(args.node, registry_dir, errors)
     nvml = NvmlSource(errors, library_path=args.nvml_library)
     sources = [poller.families, exits.families, transitions.families, gate_records.families]
-    collector = ResidencyCollector(args.node, nvml, catalog, errors, extra_sources=sources)
+    collector = ResidencyCollector(
+        args.node, nvml, catalog, errors, extra_sources=sources, min_interval=args.min_interval
+    )
     return Exporter(collector, catalog, poller, transitions, args.state_interval)
 
 
@@ -297,10 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         exporter = build_exporter(args, errors)
     except ConfigError as exc:
         parser.error(str(exc))
+    try:
+        web = load_web_config(args.web_config) if args.web_config else WebConfig()
+    except WebConfigError as exc:
+        parser.error(str(exc))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter.collector)
     try:
-        server = ExporterServer(make_app(registry, args.telemetry_path), host, port)
+        server = ExporterServer(make_app(registry, args.telemetry_path, web), host, port, tls=web.tls)
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         return 1
@@ -313,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     bound_host, bound_port = server.address
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info(
-        "gpu-residency-exporter %s listening on http://%s:%d%s", __version__, shown, bound_port, args.telemetry_path
+        "gpu-residency-exporter %s listening on %s://%s:%d%s",
+        __version__,
+        "https" if web.tls else "http",
+        shown,
+        bound_port,
+        args.telemetry_path,
     )
     try:
         stop.wait()

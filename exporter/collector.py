@@ -37,21 +37,28 @@ class ResidencyCollector(Collector):
         catalog: EngineCatalog,
         errors: ErrorCounter,
         extra_sources: Iterable[FamilySource] = (),
+        min_interval: float = 0.0,
     ) -> None:
+        """`min_interval`: scrapes within this many seconds of the last collection reuse it, so
+        many scrapers (HA Prometheus pairs, dashboards, gates) cost one NVML and /proc pass."""
         self._node = node
         self._nvml = nvml
         self._catalog = catalog
         self._errors = errors
         self._extra = list(extra_sources)
+        self._min_interval = min_interval
+        self.collections = 0  # how many real collections ran (for tests and benchmarks)
         self._attributor = Attributor()
         self._lock = threading.Lock()
         self._last: tuple[float, Snapshot, float] | None = None  # (finished, snapshot, duration)
 
-    def snapshot(self) -> tuple[Snapshot, float]:
-        """A collection finished after this call began: a fresh one, or a concurrent one's."""
+    def snapshot(self, max_age: float | None = None) -> tuple[Snapshot, float]:
+        """A collection no older than `max_age` (default: the min interval), or one that
+        finished while this call waited for a concurrent one: never a second pass at once."""
         asked = time.monotonic()
+        oldest = asked - (self._min_interval if max_age is None else max_age)
         with self._lock:
-            if self._last is not None and self._last[0] >= asked:
+            if self._last is not None and self._last[0] >= oldest:
                 return self._last[1], self._last[2]
             started = time.perf_counter()
             reading = self._nvml.read()
@@ -59,6 +66,7 @@ class ResidencyCollector(Collector):
             engines = self._catalog.resolve(view)
             snapshot = self._attributor.attribute(reading, engines, view)
             duration = time.perf_counter() - started
+            self.collections += 1
             self._last = (time.monotonic(), snapshot, duration)
             return snapshot, duration
 
@@ -131,6 +139,13 @@ class ResidencyCollector(Collector):
         node = self._node
         yield _node_gauge("nvml_up", "1 when NVML answered this collection.", node, 1 if snapshot.nvml.up else 0)
         yield _node_gauge("scrape_duration_seconds", "Time the last collection took.", node, duration)
+        collections = CounterMetricFamily(
+            PREFIX + "collections",
+            "NVML and /proc passes; scrapes that reuse a recent one do not add.",
+            labels=["node"],
+        )
+        collections.add_metric([node], self.collections)
+        yield collections
         errors = CounterMetricFamily(
             PREFIX + "errors", "Failed reads, by source and reason.", labels=["node", "source", "reason"]
         )

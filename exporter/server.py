@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import logging
 import socket
+import ssl
 import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -12,6 +13,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from exporter import __version__
+from exporter.web_config import WebConfig, unauthorized_app
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,11 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("%s " + fmt, self.address_string(), *args)
 
 
-def make_app(registry: CollectorRegistry, telemetry_path: str, healthy=lambda: True):
-    """WSGI app: telemetry path -> metrics, /healthz -> 200 'ok', / -> landing page."""
+def make_app(registry: CollectorRegistry, telemetry_path: str, web: WebConfig | None = None, healthy=lambda: True):
+    """WSGI app: telemetry path -> metrics, /healthz -> 200 'ok', / -> landing page.
+
+    With basic auth users configured, everything but /healthz needs credentials."""
+    web = web or WebConfig()
     metrics = make_wsgi_app(registry)
     landing = (
         "<html><head><title>gpu-residency exporter</title></head><body>"
@@ -56,6 +61,8 @@ def make_app(registry: CollectorRegistry, telemetry_path: str, healthy=lambda: T
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
+        if path != "/healthz" and not web.authorized(environ.get("HTTP_AUTHORIZATION")):
+            return unauthorized_app(environ, start_response)
         if path == telemetry_path:
             return metrics(environ, start_response)
         if path == "/healthz":
@@ -74,8 +81,11 @@ def make_app(registry: CollectorRegistry, telemetry_path: str, healthy=lambda: T
 class ExporterServer:
     """A threaded HTTP server on its own thread; `address` is the bound (host, port)."""
 
-    def __init__(self, app, host: str, port: int) -> None:
+    def __init__(self, app, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         self._httpd = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+        if tls is not None:
+            # The handshake happens in the request's own thread, so a slow client cannot stall accept().
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True, do_handshake_on_connect=False)
         self.address = self._httpd.server_address[:2]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
 

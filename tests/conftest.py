@@ -140,14 +140,27 @@ class ExporterProcess:
         return self.proc.returncode
 
 
-LISTENING = re.compile(r"listening on (http://[^/\s]+)")
+LISTENING = re.compile(r"listening on (https?://[^/\s]+)")
 
 
-def start_exporter(tmp_path: Path, args: list[str], env: dict[str, str], timeout: float = 30.0) -> ExporterProcess:
+def start_exporter(
+    tmp_path: Path, args: list[str], env: dict[str, str], timeout: float = 30.0, wrapper: list[str] = ()
+) -> ExporterProcess:
     """Run `python -m exporter` on a free loopback port and wait until it serves."""
     log_path = tmp_path / f"exporter-{time.monotonic_ns()}.log"
     handle = log_path.open("w")
-    full = [sys.executable, "-m", "exporter", "--web.listen-address", "127.0.0.1:0", "--node", "test-node", *args]
+    log_path.chmod(0o666)  # an exporter run as another user (wrapper) writes it too
+    full = [
+        *wrapper,
+        sys.executable,
+        "-m",
+        "exporter",
+        "--web.listen-address",
+        "127.0.0.1:0",
+        "--node",
+        "test-node",
+        *args,
+    ]
     proc = subprocess.Popen(full, stdout=handle, stderr=subprocess.STDOUT, env=dict(env, PYTHONPATH=str(ROOT)))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -203,6 +216,7 @@ def local_exporter(tmp_path, fake_nvml_dir, scenario, monkeypatch) -> LocalExpor
     registry_dir = tmp_path / "engines"
     args = build_parser().parse_args(
         ["--node", "test-node", "--registry.dir", str(registry_dir), "--no-engines.discover",
+         "--collection.min-interval", "0",
          "--nvml.library", str(fake_nvml_dir / fakenvml.SONAME)]
     )  # fmt: skip
     errors = ErrorCounter()

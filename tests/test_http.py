@@ -23,6 +23,7 @@ CONTRACT = {
     "gpu_residency_scrape_duration_seconds": {"node"},
     "gpu_residency_errors_total": {"node", "source", "reason"},
     "gpu_residency_build_info": {"node", "version"},
+    "gpu_residency_collections_total": {"node"},
 }
 
 
@@ -43,7 +44,10 @@ def test_scrape_over_http_matches_the_contract(exporter_factory, scenario, spawn
         assert name in m or name == "gpu_residency_errors_total", f"{name} missing"
         for sample_labels, _ in m.get(name, []):
             assert set(sample_labels) == labels, (name, sample_labels)
-    assert {n for n in m if n.startswith("gpu_residency_")} <= set(CONTRACT) | {"gpu_residency_errors_created"}
+    assert {n for n in m if n.startswith("gpu_residency_")} <= set(CONTRACT) | {
+        "gpu_residency_errors_created",
+        "gpu_residency_collections_created",
+    }
     assert not [n for n in m if n.startswith(("process_", "python_"))], "default collectors must be off"
     assert one(m, "gpu_residency_engine_memory_bytes", engine="rollout-0", gpu=1) == 4 * GIB
     assert one(m, "gpu_residency_unattributed_memory_bytes", gpu=1) == GIB

@@ -1,0 +1,368 @@
+"""Hardening: load, soak, faults, hostile input and security. Bounded in time, loopback only."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+import requests
+from conftest import ROOT, one, require_tool, start_exporter, values
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.exits import ExitEvent, report_exit
+from exporter.registry import EngineEntry, RegistryError, register_engine, unregister_engine
+from exporter.sglang import ShapeError, parse_server_info
+from fakenvml import GIB, GPU_IS_LOST
+from gate.sources import METRICS, build_query
+
+# Families whose series legitimately accumulate (counters of events) or change every scrape.
+COUNTED = ("gpu_residency_engine_exits", "gpu_residency_errors", "gpu_residency_collections", "gpu_residency_scrape")
+SOAK_SECONDS = float(os.environ.get("GPU_RESIDENCY_SOAK_SECONDS", "45"))
+
+
+def _proc_status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1], 16 if key.startswith("Cap") else 10)
+    raise KeyError(key)
+
+
+# ---------- load ----------
+
+
+def test_fifty_concurrent_scrapers_for_twenty_seconds(exporter_factory, scenario, spawn_tree, tmp_path):
+    tree = spawn_tree(leaves=2)
+    register_engine("e", root_pid=tree.pid, directory=tmp_path / "reg")
+    scenario.gpus[0].processes = [(tree.leaves[0], GIB)]
+    scenario.write()
+    exporter = exporter_factory(scenario, "--registry.dir", str(tmp_path / "reg"), "--no-engines.discover")
+    latencies: list[float] = []
+    failures: list[str] = []
+    deadline = time.monotonic() + 20
+
+    def scraper() -> None:
+        session = requests.Session()
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                response = session.get(exporter.url + "/metrics", timeout=10)
+                if response.status_code != 200 or "gpu_residency_engine_memory_bytes" not in response.text:
+                    failures.append(f"status {response.status_code}")
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+            latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=scraper) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failures, failures[:5]
+    latencies.sort()
+    p99 = latencies[int(0.99 * len(latencies))]
+    assert len(latencies) > 500 and p99 < 2.0, (len(latencies), p99)
+    m = exporter.scrape()
+    collections = 1 + 20 / 0.25  # the default --collection.min-interval
+    assert one(m, "gpu_residency_collections_total") <= collections + 5, "scrapes share collections"
+    print(f"load: {len(latencies)} scrapes, median {statistics.median(latencies) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms")
+
+
+# ---------- soak ----------
+
+
+def test_soak_churn_leaks_no_memory_series_or_threads(exporter_factory, scenario, spawn_tree, tmp_path):
+    registry = tmp_path / "reg"
+    scenario.gpus = scenario.gpus[:2]
+    stable = spawn_tree()
+    register_engine("stable", root_pid=stable.pid, directory=registry)
+    scenario.gpus[0].processes = [(stable.leaves[0], GIB)]
+    scenario.write()
+    exporter = exporter_factory(scenario, "--registry.dir", str(registry), "--exits.grace-period", "0.5")
+
+    def series() -> set[str]:
+        text = requests.get(exporter.url + "/metrics", timeout=10).text
+        return {
+            line.rsplit(" ", 1)[0]
+            for line in text.splitlines()
+            if line and not line.startswith(("#", *COUNTED))
+        }  # fmt: skip
+
+    warm_until = time.monotonic() + 3
+    while time.monotonic() < warm_until:
+        series()
+    baseline = series()
+    rss_start = _proc_status(exporter.proc.pid, "VmRSS")
+    threads_start = _proc_status(exporter.proc.pid, "Threads")
+    rng = random.Random(7)
+    deadline = time.monotonic() + SOAK_SECONDS
+    round_number = 0
+    while time.monotonic() < deadline:
+        round_number += 1
+        tree = spawn_tree(leaves=2)
+        name = f"churn-{round_number}"
+        register_engine(name, root_pid=tree.pid, directory=registry)
+        scenario.gpus[1].processes = [(tree.leaves[0], rng.randint(1, 8) * GIB), (tree.leaves[1], GIB)]
+        scenario.gpus[1].used = 10 * GIB
+        scenario.write()
+        series()
+        if round_number % 3 == 0:
+            tree.root.kill()  # a crash nobody reports: counted as unknown once
+        else:
+            report_exit(name, -9 if round_number % 3 == 1 else 0, directory=registry)
+            tree.root.terminate()
+        tree.root.wait(timeout=10)
+        time.sleep(0.6)
+        series()
+        unregister_engine(name, registry)
+        scenario.gpus[1].processes = []
+        scenario.gpus[1].used = 0
+        scenario.write()
+        time.sleep(0.3)
+    final = series()
+    rss_growth_kib = _proc_status(exporter.proc.pid, "VmRSS") - rss_start
+    threads_end = _proc_status(exporter.proc.pid, "Threads")
+    print(f"soak: {round_number} rounds, RSS +{rss_growth_kib} KiB, threads {threads_start}->{threads_end}")
+    assert final == baseline, final ^ baseline
+    assert rss_growth_kib < 5 * 1024
+    assert threads_end <= threads_start + 2
+    m = exporter.scrape()
+    reported = round_number - round_number // 3
+    assert len(values(m, "gpu_residency_engine_exits_total")) >= reported, "every reported exit is counted"
+
+
+# ---------- faults ----------
+
+
+def test_gpu_lost_mid_run_and_recovered(exporter_factory, scenario):
+    scenario.gpus[1].used = 3 * GIB
+    scenario.write()
+    exporter = exporter_factory(scenario, "--collection.min-interval", "0")
+    assert one(exporter.scrape(), "gpu_residency_memory_used_bytes", gpu=1) == 3 * GIB
+    scenario.gpus[1].errors = {"memory": GPU_IS_LOST, "processes": GPU_IS_LOST}
+    scenario.write()
+    m = exporter.scrape()
+    assert values(m, "gpu_residency_memory_used_bytes", gpu=1) == [] and one(m, "gpu_residency_nvml_up") == 1
+    assert one(m, "gpu_residency_errors_total", source="nvml", reason="gpu_is_lost") >= 1
+    scenario.gpus[1].errors = {}
+    scenario.write()
+    assert one(exporter.scrape(), "gpu_residency_memory_used_bytes", gpu=1) == 3 * GIB
+
+
+def test_truncated_events_file_is_reread_not_crashed_on(local_exporter):
+    registry = local_exporter.registry_dir
+    for _ in range(3):
+        report_exit("t", -9, directory=registry)
+    assert one(local_exporter.scrape(), "gpu_residency_engine_exits_total", engine="t") == 3
+    (registry / "events.jsonl").write_text("")
+    report_exit("t", 1, directory=registry)
+    m = local_exporter.scrape()
+    assert one(m, "gpu_residency_engine_exits_total", engine="t", exit_code="1") == 1
+    assert values(m, "gpu_residency_engine_exits_total", engine="t", exit_code="-9") == []
+
+
+def test_exporter_without_capabilities_keeps_serving_when_the_registry_denies_it(
+    fake_nvml_dir, scenario, spawn_tree, tmp_path
+):
+    """Root without any capability (as in the chart: drop ALL) on a registry it cannot write:
+    an unreported death cannot be recorded; the exporter counts that and keeps serving."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and util-linux setpriv to drop capabilities")
+    registry = tmp_path / "reg"
+    tree = spawn_tree()
+    register_engine("silent", root_pid=tree.pid, directory=registry)
+    # An entry from a PID namespace that does not exist here: resolved to nothing, not a crash.
+    (registry / "foreign.json").write_text('{"name": "foreign", "root_pid": 1, "pid_ns": 4026531999}')
+    os.chown(registry, 65534, 65534)  # without CAP_DAC_OVERRIDE root cannot write here
+    env = scenario.environ(fake_nvml_dir)
+    env["PYTHONPATH"] = str(ROOT)
+    exporter = start_exporter(
+        tmp_path, ["--registry.dir", str(registry), "--exits.grace-period", "0.5"], env,
+        wrapper=[setpriv, "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"],
+    )  # fmt: skip
+    try:
+        assert _proc_status(exporter.proc.pid, "CapEff") == 0, "the exporter runs with no capability"
+        assert one(exporter.scrape(), "gpu_residency_engine_up", engine="foreign") == 0
+        tree.root.kill()
+        tree.root.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            m = exporter.scrape()
+            if values(m, "gpu_residency_errors_total", source="events", reason="unwritable"):
+                break
+            time.sleep(0.2)
+        assert one(m, "gpu_residency_errors_total", source="events", reason="unwritable") >= 1
+        assert one(m, "gpu_residency_engine_up", engine="silent") == 0
+        assert one(m, "gpu_residency_nvml_up") == 1
+    finally:
+        exporter.stop()
+
+
+# ---------- hostile input (property-based) ----------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=20,
+)
+memory_usage = st.dictionaries(
+    st.sampled_from(["weight", "kvcache", "graph", "cuda_graph", "token_capacity", "startup_available", "x"]),
+    json_values,
+    max_size=7,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_values, st.fixed_dictionaries({"internal_states": st.lists(
+    st.fixed_dictionaries({"memory_usage": memory_usage}) | json_values, max_size=3)})))  # fmt: skip
+def test_server_info_parser_never_crashes_and_never_invents(body):
+    import json
+
+    try:
+        ranks = parse_server_info(json.dumps(body))
+    except ShapeError:
+        return
+    except ValueError:
+        return  # not JSON (NaN is not JSON for strict parsers)
+    for rank in ranks:
+        for value in rank.components.values():
+            assert value >= 0 and value == value and value != float("inf")
+        assert rank.token_capacity is None or (isinstance(rank.token_capacity, int) and rank.token_capacity >= 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=200), json_values.map(lambda v: __import__("json").dumps(v))))
+def test_registry_and_event_parsers_only_raise_their_own_errors(text):
+    with contextlib.suppress(RegistryError):
+        EngineEntry.from_json(text)
+    with contextlib.suppress(ValueError):
+        ExitEvent.from_json(text)
+
+
+def _unescape(value: str) -> str:
+    out, index = [], 0
+    while index < len(value):
+        char = value[index]
+        if char == "\\":
+            index += 1
+            char = {"n": "\n"}.get(value[index], value[index])
+        out.append(char)
+        index += 1
+    return "".join(out)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=60))
+def test_gate_query_keeps_any_node_string_inside_its_label_value(node):
+    query = build_query(node, 300)
+    names = "|".join(METRICS)
+    prefix = f'{{__name__=~"{names}",node="'
+    assert query.startswith(prefix) and query.endswith('"}[300s]')
+    literal = query[len(prefix) : -len('"}[300s]')]
+    # No unescaped quote can end the string early, and the literal means exactly the node.
+    index = 0
+    while index < len(literal):
+        if literal[index] == "\\":
+            index += 2
+            continue
+        assert literal[index] != '"'
+        index += 1
+    assert _unescape(literal) == node
+
+
+# ---------- security ----------
+
+
+def test_no_command_line_argument_or_environment_ever_reaches_output(exporter_factory, scenario, tmp_path):
+    secret_arg, secret_env = "SECRET-ARGV-3141", "SECRET-ENV-2718"
+    code = "import time; time.sleep(60)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "-m", "sglang.launch_server", "--port", "31999", "--api-key", secret_arg],
+        env=dict(os.environ, HF_TOKEN=secret_env),
+    )
+    try:
+        register_engine("reg", root_pid=proc.pid, directory=tmp_path / "reg", url="http://127.0.0.1:31999")
+        scenario.gpus[0].processes = [(proc.pid, GIB)]
+        scenario.write()
+        exporter = exporter_factory(scenario, "--registry.dir", str(tmp_path / "reg"), "--log.level", "debug")
+        other = exporter_factory(
+            scenario, "--registry.dir", str(tmp_path / "none"), "--engines.discovery-interval", "0.2"
+        )
+        time.sleep(0.5)
+        bodies = [
+            requests.get(e.url + path, timeout=10).text
+            for e in (exporter, other)
+            for path in ("/metrics", "/", "/healthz")
+        ]
+        assert one(other.scrape(), "gpu_residency_engine_up", engine="sglang-31999") == 1
+        for text in [*bodies, exporter.log(), other.log()]:
+            assert secret_arg not in text and secret_env not in text and "--api-key" not in text
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_and_basic_auth(exporter_factory, scenario, tls_files, tmp_path):
+    cert, key = tls_files
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(
+        f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\nbasic_auth_users:\n  prometheus: '{hashed}'\n"
+    )
+    exporter = exporter_factory(scenario, "--web.config.file", str(config))
+    assert exporter.url.startswith("https://")
+    get = lambda path, **kw: requests.get(exporter.url + path, verify=str(cert), timeout=10, **kw)  # noqa: E731
+    assert get("/metrics").status_code == 401
+    assert get("/metrics", auth=("prometheus", "wrong")).status_code == 401
+    assert get("/metrics", auth=("nobody", "s3cret")).status_code == 401
+    ok = get("/metrics", auth=("prometheus", "s3cret"))
+    assert ok.status_code == 200 and "gpu_residency_memory_used_bytes" in ok.text
+    assert get("/healthz").status_code == 200, "probes need no credentials"
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(exporter.url.replace("https", "http") + "/metrics", timeout=5)
+    header = "Basic " + base64.b64encode(b"prometheus:s3cret").decode()
+    assert get("/", headers={"Authorization": header}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("tls_server_config:\n  cert_file: /nope\n", "needs cert_file and key_file"),
+        ("tls_server_config:\n  cert_file: /nope.crt\n  key_file: /nope.key\n", "tls_server_config"),
+        ("basic_auth_users:\n  u: plaintext\n", "not a bcrypt hash"),
+        ("surprise: 1\n", "unknown keys"),
+        (": : :\n", "not valid YAML"),
+    ],
+)
+def test_bad_web_config_is_a_clear_error(tmp_path, body, message):
+    config = tmp_path / "web.yml"
+    config.write_text(body)
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--web.config.file", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
