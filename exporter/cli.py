@@ -23,7 +23,7 @@ from exporter.gate_records import GateRecords
 from exporter.nvml_source import NvmlSource
 from exporter.proctable import ProcView
 from exporter.registry import DEFAULT_DIR, REGISTRY_ENV
-from exporter.server import ExporterServer, ListenAddressError, make_app, parse_listen_address
+from exporter.server import ExporterServer, ListenAddressError, make_responder, parse_listen_address
 from exporter.sglang import SglangPoller
 from exporter.transitions import TransitionTracker
 from exporter.url_policy import UrlPolicy
@@ -253,9 +253,14 @@ class Exporter:
 
     def _watch_transitions(self) -> None:
         """Time releases and wakes between scrapes: a full collection only while one is under way,
-        else a cheap look at the registry for a new state change."""
+        else a stat of the registry directory (a state change renames a file into it)."""
+        seen_dir: int | None = None
         seen: dict[str, float | None] = {}
         while not self._stop.wait(self.state_interval):
+            directory = self.catalog.registry_mtime()
+            if not self.transitions.pending() and directory == seen_dir:
+                continue
+            seen_dir = directory
             engines = self.catalog.resolve(ProcView())
             changed = {e.name: e.state_since for e in engines if e.state is not None}
             if self.transitions.pending() or changed != seen:
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter.collector)
     try:
-        server = ExporterServer(make_app(registry, args.telemetry_path, web), host, port, tls=web.tls)
+        server = ExporterServer(make_responder(registry, args.telemetry_path, web), host, port, tls=web.tls)
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         return 1

@@ -219,6 +219,13 @@ class EngineCatalog:
 
     # --- registry ---
 
+    def registry_mtime(self) -> int | None:
+        """The registry directory's mtime: it changes whenever an entry is written or removed."""
+        try:
+            return os.stat(self._registry_dir).st_mtime_ns if self._registry_dir else None
+        except OSError:
+            return None
+
     def _registry_entries(self) -> list[tuple[EngineEntry, float]]:
         if self._registry_dir is None:
             return []

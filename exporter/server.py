@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
 import html
 import logging
 import socket
 import ssl
 import threading
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from collections.abc import Callable
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from exporter import __version__
-from exporter.web_config import WebConfig, unauthorized_app
+from exporter.web_config import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,60 +35,80 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-class _Server(ThreadingMixIn, WSGIServer):
+class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def server_bind(self) -> None:
-        if ":" in self.server_address[0]:
+    def __init__(self, address: tuple[str, int], respond: Responder) -> None:
+        if ":" in address[0]:
             self.address_family = socket.AF_INET6
-            self.socket = socket.socket(self.address_family, self.socket_type)
-        super().server_bind()
+        self.respond = respond
+        super().__init__(address, _Handler)
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _Handler(BaseHTTPRequestHandler):
+    # HTTP/1.1 keep-alive: Prometheus reuses its connection, so a scrape costs no new
+    # connection and no new thread. Idle connections are closed after `timeout` seconds.
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
+
+    def do_GET(self) -> None:
+        status, headers, body = self.server.respond(self.path, self.headers)
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, fmt: str, *args: object) -> None:
         log.debug("%s " + fmt, self.address_string(), *args)
 
 
-def make_app(registry: CollectorRegistry, telemetry_path: str, web: WebConfig | None = None, healthy=lambda: True):
-    """WSGI app: telemetry path -> metrics, /healthz -> 200 'ok', / -> landing page.
+Responder = Callable[[str, Message], tuple[int, list[tuple[str, str]], bytes]]
+
+
+def make_responder(
+    registry: CollectorRegistry, telemetry_path: str, web: WebConfig | None = None, healthy=lambda: True
+) -> Responder:
+    """path, headers -> (status, headers, body): telemetry path -> metrics, /healthz -> 'ok', / -> landing page.
 
     With basic auth users configured, everything but /healthz needs credentials."""
     web = web or WebConfig()
-    metrics = make_wsgi_app(registry)
     landing = (
         "<html><head><title>gpu-residency exporter</title></head><body>"
         f"<h1>gpu-residency exporter {html.escape(__version__)}</h1>"
         f'<p><a href="{html.escape(telemetry_path)}">Metrics</a> &middot; <a href="/healthz">Health</a></p>'
         "</body></html>"
     ).encode()
+    text = [("Content-Type", "text/plain; charset=utf-8")]
 
-    def app(environ, start_response):
-        path = environ.get("PATH_INFO", "/")
-        if path != "/healthz" and not web.authorized(environ.get("HTTP_AUTHORIZATION")):
-            return unauthorized_app(environ, start_response)
-        if path == telemetry_path:
-            return metrics(environ, start_response)
+    def respond(target: str, headers: Message) -> tuple[int, list[tuple[str, str]], bytes]:
+        path = urlsplit(target).path
         if path == "/healthz":
-            ok = healthy()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"unhealthy\n"]
+            return (200, text, b"ok\n") if healthy() else (503, text, b"unhealthy\n")
+        if not web.authorized(headers.get("Authorization")):
+            return 401, [*text, ("WWW-Authenticate", 'Basic realm="gpu-residency"')], b"unauthorized\n"
+        if path == telemetry_path:
+            encoder, content_type = choose_encoder(headers.get("Accept") or "")
+            body = encoder(registry)
+            if gzip_accepted(headers.get("Accept-Encoding") or ""):
+                return 200, [("Content-Type", content_type), ("Content-Encoding", "gzip")], gzip.compress(body, 6)
+            return 200, [("Content-Type", content_type)], body
         if path == "/":
-            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-            return [landing]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found\n"]
+            return 200, [("Content-Type", "text/html; charset=utf-8")], landing
+        return 404, text, b"not found\n"
 
-    return app
+    return respond
 
 
 class ExporterServer:
     """A threaded HTTP server on its own thread; `address` is the bound (host, port)."""
 
-    def __init__(self, app, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
-        self._httpd = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+    def __init__(self, respond: Responder, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self._httpd = _Server((host, port), respond)
         if tls is not None:
-            # The handshake happens in the request's own thread, so a slow client cannot stall accept().
+            # The handshake happens in the connection's own thread, so a slow client cannot stall accept().
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True, do_handshake_on_connect=False)
         self.address = self._httpd.server_address[:2]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)

@@ -195,9 +195,12 @@ class SglangPoller:
             future.result()
 
     def _loop(self) -> None:
+        refreshed = 0.0
         while not self._stop.is_set():
             try:
-                if self._engine_source is not None:
+                # Learn new engines at the poll interval (5 s at most), not on every tick.
+                if self._engine_source is not None and time.monotonic() - refreshed >= min(self._interval, 5.0):
+                    refreshed = time.monotonic()
                     self.track(self._engine_source())
                 self.poll_once()
             except RuntimeError:  # the pool was shut down under us

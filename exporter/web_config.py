@@ -113,10 +113,3 @@ def _users(path: str, section: object) -> dict[str, bytes]:
             raise WebConfigError(f"{path}: basic_auth_users.{user}: not a bcrypt hash")
         users[str(user)] = hashed.encode()
     return users
-
-
-def unauthorized_app(environ, start_response) -> list[bytes]:
-    start_response(
-        "401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Basic realm="gpu-residency"')]
-    )
-    return [b"unauthorized\n"]

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 PR_SET_NAME = 15
@@ -53,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         _set_comm(f"{args.title}_TP{args.leaf_index}")
         os.write(sys.stdout.fileno(), f"{os.getpid()}\n".encode())  # one write: lines never interleave
 
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    # A plain flag: Event.set() from a signal handler can deadlock against Event.wait().
+    stopping: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     deadline = time.monotonic() + args.max_seconds
-    while not stopping.wait(0.2) and time.monotonic() < deadline and os.getppid() == parent:
-        pass
+    while not stopping and time.monotonic() < deadline and os.getppid() == parent:
+        time.sleep(0.2)
     for child in children:
         child.terminate()
     return 0

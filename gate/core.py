@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -145,7 +144,7 @@ class GateTimeout(TimeoutError):
 
 
 def default_node() -> str:
-    return os.environ.get("NODE_NAME") or socket.gethostname()
+    return os.environ.get("NODE_NAME") or os.uname().nodename  # = gethostname(), without importing socket
 
 
 def build_source(kind: str, prometheus_url: str | None) -> Source:

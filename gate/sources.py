@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Protocol
 
@@ -125,6 +120,8 @@ class PrometheusSource:
     name = "prometheus"
 
     def __init__(self, url: str, timeout: float = 5.0, window_seconds: int = 300) -> None:
+        import urllib.parse  # here, not at the top: `import gate` stays fast where this source is unused
+
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise SourceError(f"prometheus source: {url!r} is not an http(s) URL")
@@ -133,6 +130,10 @@ class PrometheusSource:
         self._window = window_seconds
 
     def read(self, node: str) -> list[GpuSample]:
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
         query = build_query(node, self._window)
         body = urllib.parse.urlencode({"query": query}).encode()
         request = urllib.request.Request(self._endpoint, data=body, method="POST")
@@ -208,12 +209,16 @@ class NvidiaSmiSource:
     name = "nvidia-smi"
 
     def __init__(self, binary: str = "nvidia-smi", timeout: float = 5.0) -> None:
+        import shutil
+
         path = shutil.which(binary)
         if path is None:
             raise SourceError(f"nvidia-smi source: {binary} not found on PATH")
         self._binary, self._timeout = path, timeout
 
     def read(self, node: str) -> list[GpuSample]:
+        import subprocess
+
         command = [self._binary, "--query-gpu=index,uuid,pci.bus_id,memory.used", "--format=csv,noheader,nounits"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=self._timeout, check=False)

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fakenvml
 from fakenvml import Scenario
+from fakenvml.prometheus import PrometheusServer, start_prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 # CI sets this so that a missing system tool fails the suite instead of skipping.
@@ -223,84 +224,15 @@ def local_exporter(tmp_path, fake_nvml_dir, scenario, monkeypatch) -> LocalExpor
     return LocalExporter(build_exporter(args, errors).collector, registry_dir, errors)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class PrometheusServer:
-    """A real Prometheus (Debian package) on loopback, scraping given targets every second."""
-
-    proc: subprocess.Popen
-    url: str
-    log_path: Path
-
-    def query(self, promql: str) -> list:
-        response = requests.get(self.url + "/api/v1/query", params={"query": promql}, timeout=10)
-        payload = response.json()
-        assert payload["status"] == "success", payload
-        return payload["data"]["result"]
-
-    def wait_for(self, promql: str, timeout: float = 30.0) -> list:
-        """Poll (bounded) until the query returns data; Prometheus needs ~5 s to its first sample."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = self.query(promql)
-            if result:
-                return result
-            time.sleep(0.25)
-        raise AssertionError(f"no data for {promql} after {timeout}s:\n{self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def prometheus_factory(tmp_path) -> Iterator:
     binary = require_tool("prometheus")
     started: list[PrometheusServer] = []
 
     def factory(targets: list[str], rule_files: list[Path] = (), interval: str = "1s") -> PrometheusServer:
-        workdir = tmp_path / f"prometheus-{len(started)}"
-        workdir.mkdir()
-        config = workdir / "prometheus.yml"
-        targets_yaml = ", ".join(f"'{t}'" for t in targets)
-        rules_yaml = "".join(f"\n  - '{p}'" for p in rule_files)
-        config.write_text(
-            f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n"
-            f"rule_files:{rules_yaml or ' []'}\n"
-            f"scrape_configs:\n  - job_name: gpu-residency\n    static_configs:\n      - targets: [{targets_yaml}]\n"
-        )
-        port = free_port()
-        log_path = workdir / "prometheus.log"
-        proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-            stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        server = PrometheusServer(proc, f"http://127.0.0.1:{port}", log_path)
+        server = start_prometheus(binary, tmp_path / f"prometheus-{len(started)}", targets, rule_files, interval)
         started.append(server)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(server.url + "/-/ready", timeout=2).status_code == 200:
-                    return server
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"prometheus did not start:\n{log_path.read_text()[-2000:]}")
+        return server
 
     yield factory
     for server in started:

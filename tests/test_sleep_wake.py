@@ -78,7 +78,7 @@ def test_a_release_that_never_happens_times_out_and_names_its_processes(
     log = exporter.log()
     assert "engine stuck: release not complete" in log
     assert f"pid {tree.leaves[0]} sglang::schedul" in log and "30.0 GiB on GPU 0" in log
-    assert one(exporter.scrape(), "gpu_residency_engine_state", engine="stuck", state="active") == 1
+    _until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine="stuck", state="active") == [1])
 
 
 def test_state_survives_an_exporter_restart(exporter_factory, scenario, spawn_tree, tmp_path):

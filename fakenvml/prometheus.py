@@ -1,0 +1,85 @@
+"""A real Prometheus (Debian's package) on loopback, scraping given targets: for tests and
+benchmarks. Stops by its own PID; its data lives in a directory of the caller's."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class PrometheusServer:
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def query(self, promql: str) -> list:
+        response = requests.get(self.url + "/api/v1/query", params={"query": promql}, timeout=10)
+        payload = response.json()
+        if payload.get("status") != "success":
+            raise RuntimeError(f"query {promql!r} failed: {payload}")
+        return payload["data"]["result"]
+
+    def wait_for(self, promql: str, timeout: float = 30.0) -> list:
+        """Poll (bounded) until the query returns data; Prometheus needs ~5 s to its first sample."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.query(promql)
+            if result:
+                return result
+            time.sleep(0.25)
+        raise TimeoutError(f"no data for {promql} after {timeout}s:\n{self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_prometheus(
+    binary: str, workdir: Path, targets: list[str], rule_files: list[Path] = (), interval: str = "1s"
+) -> PrometheusServer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "prometheus.yml"
+    targets_yaml = ", ".join(f"'{t}'" for t in targets)
+    rules_yaml = "".join(f"\n  - '{p}'" for p in rule_files)
+    config.write_text(
+        f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n"
+        f"rule_files:{rules_yaml or ' []'}\n"
+        f"scrape_configs:\n  - job_name: gpu-residency\n    static_configs:\n      - targets: [{targets_yaml}]\n"
+    )
+    port = free_port()
+    log_path = workdir / "prometheus.log"
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    server = PrometheusServer(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(server.url + "/-/ready", timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"prometheus did not start:\n{log_path.read_text()[-2000:]}")
