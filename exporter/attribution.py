@@ -41,17 +41,17 @@ class Snapshot:
 class Attributor:
     """Maps GPU processes to engines by walking up from each process to an engine root.
 
-    The container of a process is cached by (pid, start time): it does not change while
-    the process lives, and the cache is pruned to the processes seen in the last pass.
+    A process's title and container are cached by (pid, start time): they do not change
+    while it lives, and the cache is pruned to the processes seen in the last pass.
     """
 
     def __init__(self) -> None:
-        self._containers: dict[tuple[int, int], str] = {}
+        self._labels: dict[tuple[int, int], tuple[str, str]] = {}  # -> (comm, container)
 
     def attribute(self, nvml: NvmlReading, engines: list[Engine], view: ProcView) -> Snapshot:
         # An engine is up only if its root PID is, in this same view, the registered process.
         roots = {e.root_pid: e.name for e in engines if e.up and e.root_pid}
-        containers: dict[tuple[int, int], str] = {}
+        labels: dict[tuple[int, int], tuple[str, str]] = {}
         processes: list[ProcessUsage] = []
         engine_usage: list[EngineUsage] = []
         unattributed: list[tuple[GpuReading, int]] = []
@@ -63,10 +63,10 @@ class Attributor:
                 info = view.info(proc.pid)
                 engine = comm = container = ""
                 if info is not None:
-                    comm = view.title(info)
                     key = (info.pid, info.start_ticks)
-                    container = self._containers.get(key)
-                    containers[key] = container = container if container is not None else view.container(info.pid)
+                    known = self._labels.get(key) or (view.title(info), view.container(info.pid))
+                    labels[key] = known
+                    comm, container = known
                     engine = next((roots[a.pid] for a in view.ancestry(proc.pid) if a.pid in roots), "")
                 processes.append(ProcessUsage(gpu, proc.pid, proc.used_bytes, comm, container, engine))
                 if engine:
@@ -75,7 +75,7 @@ class Attributor:
             known = [proc.used_bytes for proc in gpu.processes]
             if gpu.used_bytes is not None and None not in known:
                 unattributed.append((gpu, gpu.used_bytes - sum(known)))
-        self._containers = containers
+        self._labels = labels
         return Snapshot(
             nvml=nvml,
             engines=tuple(engines),

@@ -112,31 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="find SGLang servers by their launch command line (default on)",
     )
-    engines.add_argument(
+    _seconds(
+        engines,
         "--engines.discovery-interval",
-        dest="discovery_interval",
-        type=_positive_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="how often discovery scans the process table (default 10)",
+        "discovery_interval",
+        10.0,
+        "how often discovery scans the process table (default 10)",
     )
     sglang = parser.add_argument_group("sglang accounting and exits")
-    sglang.add_argument(
+    _seconds(
+        sglang,
         "--sglang.poll-interval",
-        dest="sglang_interval",
-        type=_positive_float,
-        default=15.0,
-        metavar="SECONDS",
-        help="how often each SGLang engine's /server_info is polled, in the background (default 15; failures back "
+        "sglang_interval",
+        15.0,
+        "how often each SGLang engine's /server_info is polled, in the background (default 15; failures back "
         "off up to 300)",
     )
-    sglang.add_argument(
+    _seconds(
+        sglang,
         "--sglang.timeout",
-        dest="sglang_timeout",
-        type=_positive_float,
-        default=3.0,
-        metavar="SECONDS",
-        help="read timeout of one poll; connecting has 1 s (default 3)",
+        "sglang_timeout",
+        3.0,
+        "read timeout of one poll; connecting has 1 s (default 3)",
     )
     sglang.add_argument(
         "--sglang.allowed-hosts",
@@ -146,13 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated CIDRs, IPs or host names engine URLs may point to, besides loopback and this node's "
         "own addresses (default: none); other URLs are never requested",
     )
-    sglang.add_argument(
+    _seconds(
+        sglang,
         "--exits.grace-period",
-        dest="exit_grace",
-        type=_positive_float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long a registered engine's root may be gone before an exit nobody reported is counted as "
+        "exit_grace",
+        30.0,
+        "how long a registered engine's root may be gone before an exit nobody reported is counted as "
         'exit_code="unknown" (default 30)',
     )
     states = parser.add_argument_group("sleep and wake (engines whose framework sets their state)")
@@ -164,29 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GIB",
         help="an asleep engine counts as released when it holds less than this on every GPU (default 2)",
     )
-    states.add_argument(
+    _seconds(
+        states,
         "--engines.release-timeout",
-        dest="release_timeout",
-        type=_positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="a release not complete after this is counted as a timeout and its holders logged (default 60)",
+        "release_timeout",
+        60.0,
+        "a release not complete after this is counted as a timeout and its holders logged (default 60)",
     )
-    states.add_argument(
+    _seconds(
+        states,
         "--engines.wake-timeout",
-        dest="wake_timeout",
-        type=_positive_float,
-        default=300.0,
-        metavar="SECONDS",
-        help="likewise for residency coming back after the engine is marked active (default 300)",
+        "wake_timeout",
+        300.0,
+        "likewise for residency coming back after the engine is marked active (default 300)",
     )
-    states.add_argument(
+    _seconds(
+        states,
         "--engines.state-interval",
-        dest="state_interval",
-        type=_positive_float,
-        default=0.25,
-        metavar="SECONDS",
-        help="how often a release or wake in progress is measured, between scrapes (default 0.25)",
+        "state_interval",
+        0.25,
+        "how often a release or wake in progress is measured, between scrapes (default 0.25)",
     )
     nvml = parser.add_argument_group("nvml")
     nvml.add_argument(
@@ -208,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def _seconds(group: argparse._ArgumentGroup, flag: str, dest: str, default: float, help_text: str) -> None:
+    """A duration option: a positive number of seconds."""
+    group.add_argument(flag, dest=dest, type=_positive_float, default=default, metavar="SECONDS", help=help_text)
 
 
 def _non_negative_float(text: str) -> float:

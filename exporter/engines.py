@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat as stat_module
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -257,7 +258,7 @@ class EngineCatalog:
         if cached and cached[0] == key:
             return cached[1]
         entry = None
-        if not path.is_file() or path.is_symlink():
+        if not stat_module.S_ISREG(stat.st_mode):
             reason = "refused"  # a symlink could point anywhere on the host
         elif stat.st_size > MAX_ENTRY_BYTES:
             reason = "too_large"

@@ -57,6 +57,7 @@ def _reason(exc: Exception) -> str:
 
 @dataclass(frozen=True)
 class _Identity:
+    handle: object
     uuid: str
     pci_bus_id: str
     model: str
@@ -122,6 +123,8 @@ class NvmlSource:
             except nvml.NVMLError as exc:
                 self._errors.inc("nvml", _reason(exc))
                 return NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
+            if count != len(self._identities) and any(i >= count for i in self._identities):
+                self._identities.clear()  # GPUs went away: indices may now name other cards
             gpus = []
             for index in range(count):
                 gpu = self._read_gpu(index)
@@ -132,12 +135,12 @@ class NvmlSource:
     def _read_gpu(self, index: int) -> GpuReading | None:
         nvml = self._nvml
         try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            identity = self._identities.get(index) or self._identify(index, handle)
+            identity = self._identities.get(index) or self._identify(index)
         except nvml.NVMLError as exc:
             # Without a UUID the GPU cannot be named in a series: drop it, count why.
             self._errors.inc("nvml", _reason(exc))
             return None
+        handle = identity.handle
         used, total, reserved = self._memory(handle)
         return GpuReading(
             index=index,
@@ -150,10 +153,12 @@ class NvmlSource:
             processes=self._processes(handle),
         )
 
-    def _identify(self, index: int, handle: object) -> _Identity:
-        """UUID, bus id and model never change while NVML is up; read them once."""
+    def _identify(self, index: int) -> _Identity:
+        """Handle, UUID, bus id and model never change while NVML is up; read them once."""
         nvml = self._nvml
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
         identity = _Identity(
+            handle=handle,
             uuid=str(nvml.nvmlDeviceGetUUID(handle)),
             pci_bus_id=_text(nvml.nvmlDeviceGetPciInfo(handle).busId),
             model=str(nvml.nvmlDeviceGetName(handle)),

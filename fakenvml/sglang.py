@@ -39,6 +39,15 @@ def server_info(mode: str, dp_size: int) -> dict:
     return {"model_path": "/models/demo", "tp_size": 1, "dp_size": dp_size, "internal_states": states, "version": "x"}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that give up on a hostile mode (hang, trickle) are expected, not worth a traceback."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
 class FakeSglang:
     def __init__(self, mode: str = "new", dp_size: int = 1, lifetime: float | None = 300.0) -> None:
         """`lifetime`: seconds until the server stops by itself (None: until stop(), for the demo)."""
@@ -56,8 +65,7 @@ class FakeSglang:
                 fake.requests.append(self.path)
                 fake._respond(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self._timer = threading.Timer(lifetime or 0, self.stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -281,3 +282,35 @@ def test_cli_with_nvml_source(fake_nvml_dir, nvml_gate_env):
     result = run("wait", "--source", "nvml", "--gpus", "0", "--timeout", "0.5", "--poll", "0.1")
     assert result.returncode == 1 and "timed out" in result.stderr and "over threshold" in result.stdout
     assert run("check", "--source", "nvml", "--gpus", "").returncode == 2
+
+
+def test_cli_shows_progress_on_a_terminal(fake_nvml_dir, nvml_gate_env):
+    import pty
+
+    env = nvml_gate_env.environ(fake_nvml_dir)
+    env["PYTHONPATH"] = str(ROOT)
+    controller, terminal = pty.openpty()
+    command = [
+        sys.executable,
+        "-m",
+        "gate",
+        "wait",
+        "--source",
+        "nvml",
+        "--gpus",
+        "0",
+        "--timeout",
+        "1",
+        "--poll",
+        "0.2",
+    ]
+    proc = subprocess.Popen(command, env=env, stderr=terminal, stdout=subprocess.PIPE, text=True)
+    os.close(terminal)
+    proc.wait(timeout=60)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the terminal's other end is closed
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    os.close(controller)
+    assert proc.returncode == 1
+    assert shown.count(b"\r") >= 3 and b"blocked: max 10.00 GiB (threshold 2.00 GiB)" in shown

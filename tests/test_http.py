@@ -137,3 +137,41 @@ def test_help_answers_the_usual_questions():
     out = _run_cli("--help").stdout
     for flag in ("--web.listen-address", "--web.telemetry-path", "--log.level", "--registry.dir", "--demo", "hostPID"):
         assert flag in out
+
+
+def test_own_text_encoder_matches_prometheus_client(local_exporter, scenario, spawn_tree):
+    """exporter.exposition writes what prometheus_client's encoder writes, hostile values included."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from exporter.exposition import render
+
+    tree = spawn_tree()
+    register_engine("e", root_pid=tree.pid, directory=local_exporter.registry_dir)
+    scenario.gpus[0].processes = [(tree.leaves[0], GIB)]
+    scenario.write()
+    hostile = GaugeMetricFamily("x_hostile", "help with \\ and\nnewline", labels=["v"])
+    hostile.add_metric(
+        [
+            'a "quoted" \\ back\nslash',
+        ],
+        1.5,
+    )
+    families = [*local_exporter.collector.collect(), hostile]
+
+    class Fixed:
+        def collect(self):
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed())
+
+    def parsed(text: str) -> list:
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        )
+
+    assert parsed(render(families).decode()) == parsed(generate_latest(registry).decode())
