@@ -109,8 +109,8 @@ class ExitLog:
         now = time.monotonic()
         dead_now = set()
         for engine in snapshot.engines:
-            if engine.up or engine.source != "registry":
-                continue
+            if engine.up or engine.source != "registry" or engine.root_pid is None:
+                continue  # (no root PID: an entry from a PID namespace we cannot see; not a death)
             key = (engine.name, engine.root_pid, engine.start_ticks)
             dead_now.add(key)
             if key in self._reported or self._reported_names.get(engine.name, -1.0) >= engine.registered_at:
