@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -44,6 +45,7 @@ class ExitLog:
         self._reported: set[tuple[str, int | None, int | None]] = set()
         self._reported_names: dict[str, float] = {}  # engine -> latest event time (reports without a root)
         self._dead_since: dict[tuple[str, int | None, int | None], float] = {}
+        self._lock = threading.Lock()  # concurrent scrapes must not read the same bytes twice
 
     @property
     def path(self) -> Path | None:
@@ -138,14 +140,16 @@ class ExitLog:
             del self._dead_since[key]
 
     def families(self, snapshot: Snapshot) -> Iterable[Metric]:
-        self.ingest()
-        self.record_unreported(snapshot)
+        with self._lock:
+            self.ingest()
+            self.record_unreported(snapshot)
+            counts = sorted(self._counts.items())
         family = CounterMetricFamily(
             "gpu_residency_engine_exits",
             "Engine exits by exit code and signal (signal='' for a plain exit code; exit_code='unknown' when the "
             "root vanished with no report).",
             labels=["node", "engine", "exit_code", "signal"],
         )
-        for (engine, code, signal_label), count in sorted(self._counts.items()):
+        for (engine, code, signal_label), count in counts:
             family.add_metric([self._node, engine, code, signal_label], count)
         yield family

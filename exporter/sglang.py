@@ -173,8 +173,10 @@ class SglangPoller:
                 continue
             problem = self._policy.check(engine.url)
             if problem:
-                if (engine.name, engine.url) not in self._refused:
+                with self._lock:
+                    first = (engine.name, engine.url) not in self._refused
                     self._refused.add((engine.name, engine.url))
+                if first:
                     self._errors.inc("sglang", "url_not_allowed")
                     log.warning("engine %s: not polling %s: %s", engine.name, engine.url, problem)
                 continue

@@ -18,6 +18,7 @@ restart has an unknown start as far as the measurement goes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,13 +70,17 @@ class TransitionTracker:
         self._awake_level: dict[str, dict[str, int]] = {}  # engine -> per-GPU bytes while active
         self._histograms = {"release": {}, "wake": {}}
         self._timeouts = {"release": {}, "wake": {}}
+        self._lock = threading.Lock()  # scrapes and the watcher thread both observe
 
     def pending(self) -> bool:
         """A transition is being timed: worth looking more often than scrapes do."""
         return bool(self._open)
 
     def observe(self, snapshot: Snapshot, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        with self._lock:
+            self._observe(snapshot, time.time() if now is None else now)
+
+    def _observe(self, snapshot: Snapshot, now: float) -> None:
         usage: dict[str, dict[str, int | None]] = {}
         for item in snapshot.engine_usage:
             usage.setdefault(item.engine, {})[item.gpu.uuid] = item.used_bytes
@@ -154,19 +159,25 @@ class TransitionTracker:
                 since.add_metric([node, engine.name], engine.state_since)
         yield state
         yield since
+        with self._lock:
+            histograms = {
+                kind: [(name, h.buckets(), h.sum) for name, h in sorted(data.items())]
+                for kind, data in self._histograms.items()
+            }
+            timeouts_by_kind = {kind: sorted(data.items()) for kind, data in self._timeouts.items()}
         for kind, doc in (
             ("release", "Seconds from an engine marked asleep until it held under the floor on every GPU."),
             ("wake", "Seconds from an engine marked active until its residency was back (resume cost)."),
         ):
             histogram = HistogramMetricFamily(f"gpu_residency_engine_{kind}_seconds", doc, labels=["node", "engine"])
-            for name, data in sorted(self._histograms[kind].items()):
-                histogram.add_metric([node, name], data.buckets(), data.sum)
+            for name, buckets, total in histograms[kind]:
+                histogram.add_metric([node, name], buckets, total)
             yield histogram
             timeouts = CounterMetricFamily(
                 f"gpu_residency_engine_{kind}_timeouts",
                 f"Engine {kind}s that did not complete within the limit.",
                 labels=["node", "engine"],
             )
-            for name, count in sorted(self._timeouts[kind].items()):
+            for name, count in timeouts_by_kind[kind]:
                 timeouts.add_metric([node, name], count)
             yield timeouts
