@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,12 +56,13 @@ class GateRecords:
             "When the gate last decided for this engine (Unix time).",
             labels=["node", "engine"],
         )
-        if self._dir is not None:
-            for engine in sorted(e.name for e in snapshot.engines):
-                path = self._dir / f"{engine}.json"
-                if not path.exists():
-                    continue
-                record = read_record(path)
+        try:
+            present = set(os.listdir(self._dir)) if self._dir is not None else set()
+        except OSError:
+            present = set()  # no gate has recorded anything yet
+        for engine in sorted(e.name for e in snapshot.engines):
+            if f"{engine}.json" in present:
+                record = read_record(self._dir / f"{engine}.json")
                 if record is None:
                     self._errors.inc("gate_records", "malformed")
                     continue

@@ -8,6 +8,7 @@ explicitly are polled. Host names are not resolved: a DNS answer cannot widen th
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from urllib.parse import urlsplit
@@ -34,6 +35,8 @@ class UrlPolicy:
     def __init__(self, networks: list[IPNetwork], names: set[str]) -> None:
         self._networks = networks
         self._names = {name.lower() for name in names}
+        # Engines' URLs are checked on every scrape; the answer for a URL never changes.
+        self.check = functools.lru_cache(maxsize=1024)(self._check)
 
     @classmethod
     def default(cls, extra: list[str] = ()) -> UrlPolicy:
@@ -48,7 +51,7 @@ class UrlPolicy:
                 names.add(item)
         return cls(networks, names)
 
-    def check(self, url: str) -> str | None:
+    def _check(self, url: str) -> str | None:
         """None when `url` may be polled, else why not."""
         try:
             parts = urlsplit(url)
