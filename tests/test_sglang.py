@@ -51,6 +51,13 @@ def scrape(poller: SglangPoller, *engines: Engine) -> dict:
     return parse_metrics(generate_latest(registry).decode())
 
 
+def polled(poller: SglangPoller, *engines: Engine) -> dict:
+    """A scrape tells the poller its engines; one poll; the next scrape shows the results."""
+    scrape(poller, *engines)
+    poller.poll_once()
+    return scrape(poller, *engines)
+
+
 def new_poller(errors: ErrorCounter | None = None, **kwargs) -> SglangPoller:
     kwargs.setdefault("read_timeout", 1.0)
     return SglangPoller("n", errors or ErrorCounter(), UrlPolicy.default(), interval=0.2, **kwargs)
@@ -60,9 +67,7 @@ def test_new_release_with_dp2_publishes_every_component_per_rank(fake_sglang):
     server = fake_sglang("new", dp_size=2)
     poller = new_poller()
     e = engine("rollout-0", server.url)
-    scrape(poller, e)
-    poller.poll_once()
-    m = scrape(poller, e)
+    m = polled(poller, e)
     assert one(m, "gpu_residency_sglang_up", engine="rollout-0") == 1
     for rank in ("0", "1"):
         assert one(m, "gpu_residency_sglang_memory_bytes", dp_rank=rank, component="weight") == 14.5 * GIB
@@ -76,9 +81,7 @@ def test_old_release_falls_back_to_get_server_info_and_has_no_weight_or_graph(fa
     server = fake_sglang("old")
     poller = new_poller()
     e = engine("old", server.url)
-    scrape(poller, e)
-    poller.poll_once()
-    m = scrape(poller, e)
+    m = polled(poller, e)
     assert one(m, "gpu_residency_sglang_memory_bytes", component="kvcache") == 55.25 * GIB
     assert values(m, "gpu_residency_sglang_memory_bytes", component="weight") == []
     assert values(m, "gpu_residency_sglang_memory_bytes", component="graph") == []
@@ -93,9 +96,7 @@ def test_mid_release_reads_cuda_graph(fake_sglang):
     server = fake_sglang("mid")
     poller = new_poller()
     e = engine("mid", server.url)
-    scrape(poller, e)
-    poller.poll_once()
-    assert one(scrape(poller, e), "gpu_residency_sglang_memory_bytes", component="graph") == 1.25 * GIB
+    assert one(polled(poller, e), "gpu_residency_sglang_memory_bytes", component="graph") == 1.25 * GIB
 
 
 @pytest.mark.parametrize(
@@ -186,9 +187,7 @@ def test_an_engine_that_goes_away_drops_its_series(fake_sglang):
     server = fake_sglang("new")
     poller = new_poller()
     e = engine("e", server.url)
-    scrape(poller, e)
-    poller.poll_once()
-    assert one(scrape(poller, e), "gpu_residency_sglang_up", engine="e") == 1
+    assert one(polled(poller, e), "gpu_residency_sglang_up", engine="e") == 1
     m = scrape(poller, engine("e", server.url, up=False))
     assert values(m, "gpu_residency_sglang_up") == [] and values(m, "gpu_residency_sglang_memory_bytes") == []
 
