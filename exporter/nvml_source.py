@@ -123,7 +123,7 @@ class NvmlSource:
             except nvml.NVMLError as exc:
                 self._errors.inc("nvml", _reason(exc))
                 return NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
-            if count != len(self._identities) and any(i >= count for i in self._identities):
+            if any(index >= count for index in self._identities):
                 self._identities.clear()  # GPUs went away: indices may now name other cards
             gpus = []
             for index in range(count):

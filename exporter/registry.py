@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from exporter.proctable import read_proc
+
 DEFAULT_DIR = "/run/gpu-residency/engines"
 REGISTRY_ENV = "GPU_RESIDENCY_REGISTRY"
 ENTRY_SUFFIX = ".json"
@@ -89,16 +91,6 @@ def registry_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_DIR)
 
 
-def start_ticks_of(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (same in every PID namespace)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return int(fields[19]) if len(fields) > 19 else None
-
-
 def _own_pid_namespace() -> int | None:
     try:
         return os.stat("/proc/self/ns/pid").st_ino
@@ -141,7 +133,7 @@ def register_engine(
         kind=kind,
         url=url,
         pid_ns=_own_pid_namespace(),
-        start_ticks=start_ticks_of(pid),
+        start_ticks=info.start_ticks if (info := read_proc(pid)) else None,
         state=state,
         state_since=time.time() if state else None,
     ).validate()

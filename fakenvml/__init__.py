@@ -22,11 +22,9 @@ GIB = 1024**3
 
 # NVML return codes a scenario injects (values from nvml.h).
 NOT_SUPPORTED = 3
-NO_PERMISSION = 4
 GPU_IS_LOST = 15
 FUNCTION_NOT_FOUND = 13
 LIBRARY_NOT_FOUND = 12
-DRIVER_NOT_LOADED = 9
 
 
 class BuildError(RuntimeError):
