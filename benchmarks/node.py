@@ -3,15 +3,15 @@ idle host processes to reach a target process count (HostProcesses)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import fakenvml
 from exporter.proctable import scan_pids
 from exporter.registry import register_engine
+from fakenvml.tree import Tree
+from fakenvml.tree import start as start_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,18 +23,15 @@ class SimulatedNode:
         self.registry = self.workdir / "engines"
         self.lib_dir = fakenvml.build()
         self.scenario = fakenvml.Scenario.with_gpus(self.workdir / "scenario.json", gpus)
-        self._children: list[subprocess.Popen] = []
+        self._trees: list[Tree] = []
 
     def __enter__(self) -> SimulatedNode:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
         for index in range(self.engines):
             leaves = max(1, self.gpus // self.engines)
-            command = [sys.executable, "-m", "fakenvml.tree", "--leaves", str(leaves), "--max-seconds", "900"]
-            tree = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-            self._children.append(tree)
+            tree = start_tree(leaves, max_seconds=900)
+            self._trees.append(tree)
             register_engine(f"engine-{index}", root_pid=tree.pid, directory=self.registry)
-            for rank in range(leaves):
-                pid = int(tree.stdout.readline())
+            for rank, pid in enumerate(tree.leaves):
                 self.scenario.gpus[(index * leaves + rank) % self.gpus].processes.append((pid, 10 * fakenvml.GIB))
         for gpu in self.scenario.gpus:
             gpu.used = sum(used for _, used in gpu.processes) + fakenvml.GIB
@@ -42,10 +39,8 @@ class SimulatedNode:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for child in self._children:
-            child.terminate()
-        for child in self._children:
-            child.wait()
+        for tree in self._trees:
+            tree.stop()
 
     def environ(self) -> dict[str, str]:
         """For an exporter in a child process: the fake NVML and this node's scenario."""

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import fakenvml
@@ -29,6 +28,8 @@ from exporter.exits import report_exit
 from exporter.registry import register_engine, set_engine_state
 from fakenvml import GIB, Scenario
 from fakenvml.sglang import FakeSglang
+from fakenvml.tree import Tree
+from fakenvml.tree import start as start_tree
 
 log = logging.getLogger(__name__)
 
@@ -40,38 +41,16 @@ TP = 2
 CONTEXT_BYTES = int(0.3 * GIB)  # driver/context memory no process is charged for
 
 
-@dataclass
-class _Tree:
-    name: str
-    root: subprocess.Popen
-    leaves: list[int]
-
-
-def _start_tree(name: str, leaves: int, title: str) -> _Tree:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(Path(fakenvml.__file__).parent.parent), env.get("PYTHONPATH")])
-    )
-    root = subprocess.Popen(
-        [sys.executable, "-m", "fakenvml.tree", "--depth", "2", "--leaves", str(leaves), "--title", title],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    pids = [int(root.stdout.readline()) for _ in range(leaves)]
-    return _Tree(name, root, pids)
-
-
 class DemoNode:
     def __init__(self, workdir: Path, lib_dir: Path) -> None:
         self.workdir = workdir
         self.lib_dir = lib_dir
         self.registry = workdir / "engines"
         self.scenario = Scenario.with_gpus(workdir / "scenario.json", GPUS)
-        self.engines: list[_Tree] = []
-        self.trainer: _Tree | None = None
+        self.engines: list[tuple[str, Tree]] = []
+        self.trainer: Tree | None = None
         self.servers: list[FakeSglang] = []
-        self.orphan: _Tree | None = None
+        self.orphan: Tree | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._cycle, name="demo", daemon=True)
 
@@ -84,23 +63,21 @@ class DemoNode:
         node = cls(Path(tempfile.mkdtemp(prefix="gpu-residency-demo-")), lib_dir)
         atexit.register(node.stop)
         for engine in range(GPUS // TP):
-            tree = _start_tree(f"rollout-{engine}", TP, "sglang::scheduler")
+            name, tree = f"rollout-{engine}", start_tree(TP)
             server = FakeSglang("new", dp_size=1, lifetime=None)
             node.servers.append(server)
             register_engine(
-                tree.name,
-                root_pid=tree.root.pid,
+                name,
+                root_pid=tree.pid,
                 kind="sglang",
                 url=server.url,
                 directory=node.registry,
                 state="active",
             )
-            node.engines.append(tree)
-        node.orphan = _start_tree("orphan", 1, "python")  # a leftover process in no engine
-        node.trainer = _start_tree("trainer", GPUS, "megatron::rank")
-        register_engine(
-            "trainer", root_pid=node.trainer.root.pid, kind="trainer", directory=node.registry, state="asleep"
-        )
+            node.engines.append((name, tree))
+        node.orphan = start_tree(1, title="python")  # a leftover process in no engine
+        node.trainer = start_tree(GPUS, title="megatron::rank")
+        register_engine("trainer", root_pid=node.trainer.pid, kind="trainer", directory=node.registry, state="asleep")
         node._crash_one_engine()
         node._move_memory(engines_awake=True)
         node._thread.start()
@@ -122,8 +99,8 @@ class DemoNode:
 
     def _set_states(self, engines_awake: bool) -> None:
         """What a framework records once /release_memory_occupation (or resume) returned."""
-        for tree in self.engines:
-            set_engine_state(tree.name, "active" if engines_awake else "asleep", self.registry)
+        for name, _ in self.engines:
+            set_engine_state(name, "active" if engines_awake else "asleep", self.registry)
         set_engine_state("trainer", "asleep" if engines_awake else "active", self.registry)
 
     def _move_memory(self, engines_awake: bool) -> None:
@@ -131,7 +108,7 @@ class DemoNode:
         trainer_bytes = 3 * GIB if engines_awake else 68 * GIB
         for gpu in self.scenario.gpus:
             gpu.processes = []
-        for engine_index, tree in enumerate(self.engines):
+        for engine_index, (_, tree) in enumerate(self.engines):
             for rank, pid in enumerate(tree.leaves):
                 self.scenario.gpus[engine_index * TP + rank].processes.append((pid, engine_bytes))
         for index, pid in enumerate(self.trainer.leaves):
@@ -157,8 +134,7 @@ class DemoNode:
         for server in self.servers:
             server.stop()
         self.servers.clear()
-        for tree in [*self.engines, *(t for t in (self.trainer, self.orphan) if t)]:
-            with contextlib.suppress(OSError):
-                tree.root.terminate()
-                tree.root.wait(timeout=5)
+        for tree in [*(t for _, t in self.engines), *(t for t in (self.trainer, self.orphan) if t)]:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                tree.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -18,8 +18,37 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 PR_SET_NAME = 15
+
+
+@dataclass
+class Tree:
+    """A started tree: its root process and the PIDs of its leaves (the grandchildren)."""
+
+    root: subprocess.Popen
+    leaves: list[int]
+
+    @property
+    def pid(self) -> int:
+        return self.root.pid
+
+    def stop(self) -> None:
+        self.root.terminate()
+        self.root.wait(timeout=10)
+
+
+def start(leaves: int = 1, depth: int = 2, title: str = "sglang::scheduler", max_seconds: float = 3600.0) -> Tree:
+    """Start a tree (for tests, the demo and benchmarks) and wait for its leaves' PIDs."""
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "fakenvml.tree", "--depth", str(depth), "--leaves", str(leaves),
+               "--title", title, "--max-seconds", str(max_seconds)]  # fmt: skip
+    root = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    return Tree(root, [int(root.stdout.readline()) for _ in range(leaves)])
 
 
 def _set_comm(title: str) -> None:

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import fakenvml
 from fakenvml import Scenario
 from fakenvml.prometheus import PrometheusServer, start_prometheus
+from fakenvml.tree import Tree
+from fakenvml.tree import start as start_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 # CI sets this so that a missing system tool fails the suite instead of skipping.
@@ -49,50 +51,18 @@ def scenario(tmp_path) -> Scenario:
     return s
 
 
-@dataclass
-class Tree:
-    """A real process tree: root -> child -> leaves (the leaves are grandchildren)."""
-
-    root: subprocess.Popen
-    leaves: list[int]
-
-    @property
-    def pid(self) -> int:
-        return self.root.pid
-
-
 @pytest.fixture
 def spawn_tree() -> Iterator:
+    """Real process trees (root -> child -> leaves) stopped after the test."""
     trees: list[Tree] = []
 
     def spawn(leaves: int = 1, depth: int = 2, title: str = "sglang::scheduler") -> Tree:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        root = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fakenvml.tree",
-                "--depth",
-                str(depth),
-                "--leaves",
-                str(leaves),
-                "--title",
-                title,
-                "--max-seconds",
-                "300",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        tree = Tree(root, [int(root.stdout.readline()) for _ in range(leaves)])
-        trees.append(tree)
-        return tree
+        trees.append(start_tree(leaves, depth, title, max_seconds=300))
+        return trees[-1]
 
     yield spawn
     for tree in trees:
-        tree.root.terminate()
-        tree.root.wait(timeout=10)
+        tree.stop()
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
