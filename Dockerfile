@@ -5,6 +5,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
 COPY gate ./gate
+COPY gpu_residency_common ./gpu_residency_common
 COPY fakenvml ./fakenvml
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=utility PYTHONUNBUFFERED=1

@@ -5,9 +5,11 @@ Pure assembly over what the sources returned; nothing here talks to NVML.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from exporter.engines import Engine
+from exporter.errors import ErrorCounter
 from exporter.nvml_source import GpuReading, NvmlReading
 from exporter.proctable import ProcView
 
@@ -36,6 +38,12 @@ class Snapshot:
     processes: tuple[ProcessUsage, ...]
     engine_usage: tuple[EngineUsage, ...]
     unattributed: tuple[tuple[GpuReading, int], ...]  # only GPUs where it is known
+    taken_at: float = 0.0  # wall-clock time of the collection
+
+    @property
+    def complete(self) -> bool:
+        """Every GPU's processes are known: an engine missing from engine_usage really holds nothing."""
+        return self.nvml.complete
 
 
 class Attributor:
@@ -45,7 +53,8 @@ class Attributor:
     while it lives, and the cache is pruned to the processes seen in the last pass.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, errors: ErrorCounter | None = None) -> None:
+        self._errors = errors or ErrorCounter()
         self._labels: dict[tuple[int, int], tuple[str, str]] = {}  # -> (comm, container)
 
     def attribute(self, nvml: NvmlReading, engines: list[Engine], view: ProcView) -> Snapshot:
@@ -72,9 +81,9 @@ class Attributor:
                 if engine:
                     per_engine[engine] = _add(per_engine.get(engine, 0), proc.used_bytes)
             engine_usage.extend(EngineUsage(name, gpu, used) for name, used in per_engine.items())
-            known = [proc.used_bytes for proc in gpu.processes]
-            if gpu.used_bytes is not None and None not in known:
-                unattributed.append((gpu, gpu.used_bytes - sum(known)))
+            rest = self._unattributed(gpu)
+            if rest is not None:
+                unattributed.append((gpu, rest))
         self._labels = labels
         return Snapshot(
             nvml=nvml,
@@ -82,7 +91,24 @@ class Attributor:
             processes=tuple(processes),
             engine_usage=tuple(engine_usage),
             unattributed=tuple(unattributed),
+            taken_at=time.time(),
         )
+
+    def _unattributed(self, gpu: GpuReading) -> int | None:
+        """Used minus every listed process; unknown when any part is unknown.
+
+        With memory info v1 `used` includes the driver-reserved memory, which would show up
+        here as memory nobody holds: unknown. A negative difference (the process list and the
+        used figure come from two NVML calls that can straddle a free) is an inconsistent
+        reading: absent for this collection and counted, never clamped to 0."""
+        known = [proc.used_bytes for proc in gpu.processes or ()]
+        if gpu.processes is None or gpu.used_bytes is None or gpu.v1_memory or None in known:
+            return None
+        rest = gpu.used_bytes - sum(known)
+        if rest < 0:
+            self._errors.inc("attribution", "inconsistent")
+            return None
+        return rest
 
 
 def _add(total: int | None, value: int | None) -> int | None:

@@ -20,11 +20,12 @@ from exporter.engines import ConfigError, EngineCatalog, load_static_config
 from exporter.errors import ErrorCounter
 from exporter.exit_log import ExitLog
 from exporter.gate_records import GateRecords
+from exporter.nvml_source import DEFAULT_TIMEOUT_SECONDS as DEFAULT_NVML_TIMEOUT
 from exporter.nvml_source import NvmlSource
-from exporter.proctable import ProcView
 from exporter.registry import DEFAULT_DIR, REGISTRY_ENV
 from exporter.server import ExporterServer, ListenAddressError, make_responder, parse_listen_address
 from exporter.sglang import SglangPoller
+from exporter.supervisor import SupervisedLoop
 from exporter.transitions import TransitionTracker
 from exporter.url_policy import UrlPolicy
 from exporter.web_config import WebConfig, WebConfigError, load_web_config
@@ -32,6 +33,15 @@ from exporter.web_config import WebConfig, WebConfigError, load_web_config
 log = logging.getLogger("exporter")
 
 DEFAULT_LISTEN = ":9852"
+DEFAULT_STATE_DIR = "/var/lib/gpu-residency"
+COLLECTORS = {
+    "gpu": "whole-GPU used, total and reserved memory",
+    "processes": "per-process, per-engine and unattributed memory, engine_up",
+    "sglang": "SGLang /server_info accounting",
+    "exits": "engine exits",
+    "sleep_wake": "engine state, release and wake timing",
+    "gate": "the gate's last decision per engine",
+}
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 EPILOG = """\
@@ -151,6 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
         "how long a registered engine's root may be gone before an exit nobody reported is counted as "
         'exit_code="unknown" (default 30)',
     )
+    sglang.add_argument(
+        "--exits.first-zero-seconds",
+        dest="exit_first_zero",
+        type=_non_negative_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a new exit series is published at 0 for this long first, so increase() and the exit alerts see "
+        "an engine's first exit; keep it above your scrape interval (default 60)",
+    )
+    _seconds(
+        sglang,
+        "--exits.retention",
+        "exit_retention",
+        3600.0,
+        "exit series of an engine that left the registry are dropped after this (default 3600)",
+    )
+    sglang.add_argument(
+        "--state.dir",
+        dest="state_dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"where the exporter keeps its own state (exit counts, events read so far), so a restart or a "
+        f"rotated events file loses no count (default {DEFAULT_STATE_DIR}; '' keeps it in memory only)",
+    )
     states = parser.add_argument_group("sleep and wake (engines whose framework sets their state)")
     states.add_argument(
         "--engines.release-floor-gb",
@@ -188,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="load libnvidia-ml from this path instead of the loader's search path",
     )
+    _seconds(
+        nvml,
+        "--nvml.timeout",
+        "nvml_timeout",
+        DEFAULT_NVML_TIMEOUT,
+        f"a collection's NVML reads must finish within this, or it reports nvml_up 0 (a hung GPU or driver) "
+        f"(default {DEFAULT_NVML_TIMEOUT:g})",
+    )
+    collectors = parser.add_argument_group(
+        "collectors", "each concern is collected in isolation; a failing one loses only its own series"
+    )
+    for name, help_text in COLLECTORS.items():
+        collectors.add_argument(
+            f"--collector.{name}",
+            dest=f"collector_{name}",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help=f"{help_text} (default on)",
+        )
     parser.add_argument(
         "--node",
         default=os.environ.get("NODE_NAME") or socket.gethostname(),
@@ -236,35 +289,30 @@ class Exporter:
     catalog: EngineCatalog
     poller: SglangPoller
     transitions: TransitionTracker
-    state_interval: float
-    _stop: threading.Event = field(default_factory=threading.Event)
+    watcher: SupervisedLoop | None = None
+    _watched: dict = field(default_factory=dict)
 
     def start(self) -> None:
         self.catalog.start()
         self.poller.start()
-        threading.Thread(target=self._watch_transitions, name="transitions", daemon=True).start()
+        if self.watcher is not None:
+            self.watcher.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        if self.watcher is not None:
+            self.watcher.stop()
         self.poller.stop()
         self.catalog.stop()
 
-    def _watch_transitions(self) -> None:
-        """Time releases and wakes between scrapes: a full collection only while one is under way,
-        else a stat of the registry directory (a state change renames a file into it)."""
-        seen_dir: int | None = None
-        seen: dict[str, float | None] = {}
-        while not self._stop.wait(self.state_interval):
-            directory = self.catalog.registry_mtime()
-            if not self.transitions.pending() and directory == seen_dir:
-                continue
-            seen_dir = directory
-            engines = self.catalog.resolve(ProcView())
-            changed = {e.name: e.state_since for e in engines if e.state is not None}
-            if self.transitions.pending() or changed != seen:
-                snapshot, _ = self.collector.snapshot(max_age=0)
-                self.transitions.observe(snapshot)
-            seen = changed
+    def watch_transitions(self) -> None:
+        """Time releases and wakes between scrapes: a full collection only while one is under way
+        or the registry directory changed (a state change renames a file into it)."""
+        directory = self.catalog.registry_mtime()
+        if not self.transitions.pending() and directory == self._watched.get("dir"):
+            return
+        self._watched["dir"] = directory
+        snapshot, _ = self.collector.snapshot(max_age=0)
+        self.transitions.observe(snapshot)
 
 
 def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
@@ -284,19 +332,36 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         UrlPolicy.default(allowed),
         interval=args.sglang_interval,
         read_timeout=args.sglang_timeout,
-        engines=lambda: catalog.resolve(ProcView(errors)),
+        engines=lambda: catalog.current(max_age=5.0),
     )
-    exits = ExitLog(args.node, registry_dir, errors, grace_seconds=args.exit_grace)
+    exits = ExitLog(
+        args.node,
+        registry_dir,
+        errors,
+        grace_seconds=args.exit_grace,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        first_zero_seconds=args.exit_first_zero,
+        retention_seconds=args.exit_retention,
+    )
     transitions = TransitionTracker(
         args.node, int(args.release_floor_gb * 1024**3), args.release_timeout, args.wake_timeout
     )
     gate_records = GateRecords(args.node, registry_dir, errors)
-    nvml = NvmlSource(errors, library_path=args.nvml_library)
-    sources = [poller.families, exits.families, transitions.families, gate_records.families]
+    nvml = NvmlSource(errors, library_path=args.nvml_library, timeout=args.nvml_timeout)
+    concerns = [
+        ("sglang", poller.families),
+        ("exits", exits.families),
+        ("sleep_wake", transitions.families),
+        ("gate", gate_records.families),
+    ]
+    disabled = [name for name in COLLECTORS if not getattr(args, f"collector_{name}")]
     collector = ResidencyCollector(
-        args.node, nvml, catalog, errors, extra_sources=sources, min_interval=args.min_interval
+        args.node, nvml, catalog, errors, concerns=concerns, min_interval=args.min_interval, disabled=disabled
     )
-    return Exporter(collector, catalog, poller, transitions, args.state_interval)
+    exporter = Exporter(collector, catalog, poller, transitions)
+    if "sleep_wake" not in disabled:
+        exporter.watcher = SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors)
+    return exporter
 
 
 def main(argv: list[str] | None = None) -> int:

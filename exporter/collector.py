@@ -4,6 +4,12 @@ Building the families per scrape (no long-lived labelled Gauges) means a process
 engine that disappears leaves no stale series. Concurrent scrapes share one collection:
 a scrape that waited while another collected reuses that result instead of hitting NVML
 and /proc again.
+
+Each concern (GPU memory, processes, SGLang accounting, exits, sleep/wake, gate records)
+is collected in isolation, as node_exporter does with its collectors: one that raises
+loses its own families for that scrape, counts `errors_total{source=<concern>,
+reason="exception"}` and reports `collector_success{collector=<concern>} 0`; the rest of
+the scrape is served.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from exporter.engines import EngineCatalog
 from exporter.errors import ErrorCounter
 from exporter.nvml_source import GpuReading, NvmlSource
 from exporter.proctable import ProcView
+from exporter.supervisor import run_supervised
 
 PREFIX = "gpu_residency_"
 GPU_LABELS = ["node", "gpu", "uuid", "pci_bus_id", "model"]
 
-# Extra families from other concerns (SGLang accounting, exits) given the snapshot.
+# One concern's families, given the collection's snapshot.
 FamilySource = Callable[[Snapshot], Iterable[Metric]]
+CORE_CONCERNS = ("gpu", "processes")
 
 
 class ResidencyCollector(Collector):
@@ -36,19 +44,24 @@ class ResidencyCollector(Collector):
         nvml: NvmlSource,
         catalog: EngineCatalog,
         errors: ErrorCounter,
-        extra_sources: Iterable[FamilySource] = (),
+        concerns: Iterable[tuple[str, FamilySource]] = (),
         min_interval: float = 0.0,
+        disabled: Iterable[str] = (),
     ) -> None:
-        """`min_interval`: scrapes within this many seconds of the last collection reuse it, so
+        """`concerns`: (name, families) beyond the core GPU and process families; `disabled`:
+        concern names not collected (--no-collector.NAME).
+
+        `min_interval`: scrapes within this many seconds of the last collection reuse it, so
         many scrapers (HA Prometheus pairs, dashboards, gates) cost one NVML and /proc pass."""
         self._node = node
         self._nvml = nvml
         self._catalog = catalog
         self._errors = errors
-        self._extra = list(extra_sources)
+        core = [("gpu", self._gpu_families), ("processes", self._attribution_families)]
+        self._concerns = [(name, source) for name, source in [*core, *concerns] if name not in set(disabled)]
         self._min_interval = min_interval
         self.collections = 0  # how many real collections ran (for tests and benchmarks)
-        self._attributor = Attributor()
+        self._attributor = Attributor(errors)
         self._lock = threading.Lock()
         self._last: tuple[float, Snapshot, float] | None = None  # (finished, snapshot, duration)
 
@@ -72,11 +85,33 @@ class ResidencyCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         snapshot, duration = self.snapshot()
-        yield from self._gpu_families(snapshot)
-        yield from self._attribution_families(snapshot)
-        for source in self._extra:
-            yield from source(snapshot)
+        outcomes = []
+        for name, source in self._concerns:
+            families: list[Metric] = []
+            started = time.perf_counter()
+            ok = run_supervised(name, lambda source=source, out=families: out.extend(source(snapshot)), self._errors)
+            outcomes.append((name, ok, time.perf_counter() - started))
+            if ok:
+                yield from families
+        yield from self._concern_families(outcomes)
         yield from self._self_families(snapshot, duration)
+
+    def _concern_families(self, outcomes: list[tuple[str, bool, float]]) -> Iterable[Metric]:
+        success = GaugeMetricFamily(
+            PREFIX + "collector_success",
+            "1 when the concern's families were collected this scrape; 0: it failed and its families are absent.",
+            labels=["node", "collector"],
+        )
+        duration = GaugeMetricFamily(
+            PREFIX + "collector_duration_seconds",
+            "Time the concern's families took this scrape.",
+            labels=["node", "collector"],
+        )
+        for name, ok, seconds in outcomes:
+            success.add_metric([self._node, name], 1 if ok else 0)
+            duration.add_metric([self._node, name], seconds)
+        yield success
+        yield duration
 
     def _gpu_labels(self, gpu: GpuReading) -> list[str]:
         return [self._node, str(gpu.index), gpu.uuid, gpu.pci_bus_id, gpu.model]

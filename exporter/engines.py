@@ -8,22 +8,26 @@ whether that root is still the same live process.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
-import stat as stat_module
 import threading
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from exporter.errors import ErrorCounter
-from exporter.proctable import ProcView, parse_nspid, pid_namespace, read_proc, scan_pids
-from exporter.registry import ENTRY_SUFFIX, MAX_ENTRY_BYTES, EngineEntry, RegistryError
+from exporter.proctable import ProcView, own_namespace, read_nspid, read_proc, scan_pids
+from exporter.registry import ENTRY_SUFFIX, EngineEntry, RegistryError, read_entry
+from exporter.supervisor import run_supervised
 
 log = logging.getLogger(__name__)
 
 SGLANG_DEFAULT_PORT = 30000
 SGLANG_DEFAULT_HOST = "127.0.0.1"
+MIN_SCAN_SPACING_SECONDS = 1.0  # wake-ups for namespace lookups never scan /proc more often
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Engine:
     registered_at: float = 0.0  # wall-clock time of the registry entry (0 for other sources)
     state: str | None = None  # the framework's word: starting | active | asleep | stopped
     state_since: float | None = None
+    url_problem: str | None = None  # why `url` cannot be polled from here (another pod's loopback)
 
 
 class ConfigError(ValueError):
@@ -173,8 +178,59 @@ def discover_sglang(pids: list[int]) -> list[tuple[EngineEntry, int]]:
 # ---------- the catalog ----------
 
 
+def _is_loopback_or_any(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def reachable_url(entry: EngineEntry, own_net_ns: int | None) -> tuple[str | None, str | None]:
+    """(URL the exporter should use, why it cannot) for an entry's URL.
+
+    A loopback URL written in another network namespace (another pod) names that pod's
+    loopback, which the exporter cannot reach: it is rewritten to the writer's advertised
+    address when the entry has one (the URL policy still decides whether that address may
+    be polled), else refused with the reason."""
+    if entry.url is None or entry.net_ns is None or own_net_ns is None or entry.net_ns == own_net_ns:
+        return entry.url, None
+    try:
+        parts = urlsplit(entry.url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return entry.url, None  # the URL policy explains what is wrong with it
+    if not _is_loopback_or_any(host):
+        return entry.url, None
+    if entry.advertise_host is None:
+        return None, (
+            f"{entry.url} is the loopback of another network namespace (another pod) and the entry has no "
+            "advertise_host ($POD_IP at registration); register a URL the exporter can reach"
+        )
+    shown = f"[{entry.advertise_host}]" if ":" in entry.advertise_host else entry.advertise_host
+    netloc = f"{shown}:{port}" if port else shown
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), None
+
+
+@dataclass
+class _CachedEntry:
+    key: tuple[int, int, int]  # (inode, mtime_ns, size) as lstat saw it
+    entry: EngineEntry | None
+    registered_at: float
+
+
 class EngineCatalog:
-    """Reads every engine source and resolves each engine's host root PID."""
+    """Reads every engine source and resolves each engine's host root PID.
+
+    Registry entries from another PID namespace are found by NSpid (the PID as the
+    writer saw it) and the root's start time, both world-readable in /proc: the
+    exporter as deployed cannot read another process's namespace links. That lookup
+    scans the process table, so it runs on the background thread (woken at once when
+    an entry needs it); a miss is retried on every scan, never cached for good.
+    """
 
     def __init__(
         self,
@@ -189,34 +245,55 @@ class EngineCatalog:
         self._static = list(static)
         self._discover = discover
         self._discovery_interval = discovery_interval
-        self._own_ns = pid_namespace("self")
-        self._entry_cache: dict[str, tuple[tuple, EngineEntry | None]] = {}
-        self._ns_cache: dict[tuple[int, int], int | None] = {}
+        self._own_ns = own_namespace("pid")
+        self._own_net_ns = own_namespace("net")
+        self._entry_cache: dict[str, _CachedEntry] = {}
+        self._translated: dict[tuple[int, int, int], int] = {}  # (pid_ns, inner pid, start) -> host pid
+        self._wanted: set[tuple[int, int, int]] = set()
+        self._refused: set[tuple[str, float]] = set()  # (entry name, registered_at) already counted
         self._discovered: list[tuple[EngineEntry, int]] = []
+        self._latest: tuple[float, list[Engine]] | None = None
         self._lock = threading.Lock()
-        self._resolve_lock = threading.Lock()  # scrapes and the SGLang poller both resolve
+        self._resolve_lock = threading.Lock()  # scrapes and background work both resolve
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # --- discovery runs in the background: it reads every process's command line ---
+    # --- background: discovery and namespace lookups read the whole process table ---
 
     def start(self) -> None:
-        if self._discover and self._thread is None:
-            self.run_discovery()
-            self._thread = threading.Thread(target=self._discovery_loop, name="engine-discovery", daemon=True)
+        if self._thread is None:
+            self.scan()
+            self._thread = threading.Thread(target=self._loop, name="engine-scan", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
-    def _discovery_loop(self) -> None:
-        while not self._stop.wait(self._discovery_interval):
-            self.run_discovery()
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._discovery_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            run_supervised("engine-scan", self.scan, self._errors)
+            self._stop.wait(MIN_SCAN_SPACING_SECONDS)
 
-    def run_discovery(self) -> None:
-        found = discover_sglang(scan_pids())
+    def scan(self) -> None:
+        """One pass over the process table: SGLang discovery and the wanted NSpid translations."""
+        pids = scan_pids()
+        if self._discover:
+            found = discover_sglang(pids)
+            with self._lock:
+                self._discovered = found
         with self._lock:
-            self._discovered = found
+            wanted = set(self._wanted)
+        if wanted:
+            found = translate_nspids(wanted, pids)
+            with self._lock:
+                self._translated.update(found)
+                self._wanted -= set(found)
 
     # --- registry ---
 
@@ -237,88 +314,107 @@ class EngineCatalog:
         except OSError:
             self._errors.inc("registry", "unreadable")
             return []
-        entries, seen = [], set()
+        entries = []
         for name in names:
-            entry = self._registry_entry(self._registry_dir / name)
-            seen.add(name)
-            if entry is not None:
-                entries.append((entry, self._entry_cache[name][0][1] / 1e9))
-        for stale in set(self._entry_cache) - seen:
+            cached = self._registry_entry(self._registry_dir / name)
+            if cached is not None and cached.entry is not None:
+                entries.append((cached.entry, cached.registered_at))
+        for stale in set(self._entry_cache) - set(names):
             del self._entry_cache[stale]
         return entries
 
-    def _registry_entry(self, path: Path) -> EngineEntry | None:
-        """Parse one entry, re-reading only when the file changed; bad files are refused."""
+    def _registry_entry(self, path: Path) -> _CachedEntry | None:
+        """Parse one entry, re-reading only when the file changed; bad files are refused and counted once."""
         try:
-            stat = path.lstat()
+            info = path.lstat()
         except OSError:
             return None
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        key = (info.st_ino, info.st_mtime_ns, info.st_size)
         cached = self._entry_cache.get(path.name)
-        if cached and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached.key == key:
+            return cached
         entry = None
-        if not stat_module.S_ISREG(stat.st_mode):
-            reason = "refused"  # a symlink could point anywhere on the host
-        elif stat.st_size > MAX_ENTRY_BYTES:
-            reason = "too_large"
-        else:
-            try:
-                entry = EngineEntry.from_json(path.read_text(errors="replace"))
-                reason = None
-            except RegistryError as exc:
-                reason = "malformed"
-                log.warning("registry entry %s ignored: %s", path, exc)
-            except OSError:
-                reason = "unreadable"
-        if reason:
-            self._errors.inc("registry", reason)
-        self._entry_cache[path.name] = (key, entry)
-        return entry
+        try:
+            entry = read_entry(path)
+        except FileNotFoundError:
+            return None
+        except RegistryError as exc:
+            self._errors.inc("registry", exc.reason)
+            log.warning("registry entry %s ignored: %s", path, exc)
+        cached = _CachedEntry(key, entry, info.st_mtime_ns / 1e9)
+        self._entry_cache[path.name] = cached
+        return cached
 
     # --- PID namespaces ---
 
-    def _host_pid(self, entry: EngineEntry) -> int | None:
-        """The root's PID as this exporter sees it (hostPID), translating through NSpid."""
+    def _host_pid(self, entry: EngineEntry, view: ProcView, registered_at: float) -> int | None:
+        """The root's PID as this exporter sees it (hostPID), or None when it cannot be proven."""
         if entry.pid_ns is None or entry.pid_ns == self._own_ns:
-            return entry.root_pid
-        key = (entry.pid_ns, entry.root_pid)
-        if key not in self._ns_cache:
-            self._ns_cache[key] = self._find_in_namespace(entry.pid_ns, entry.root_pid)
-        host_pid = self._ns_cache[key]
-        if host_pid is not None and read_proc(host_pid) is None:
-            del self._ns_cache[key]  # gone; look again next time
-        return host_pid
+            pid = entry.root_pid
+        elif entry.start_ticks is None:
+            self._refuse(entry, registered_at, "unprovable", "from another PID namespace without the root's start time")
+            return None
+        else:
+            # Once found, the translation stands: the start time names that process for good, so
+            # when it is gone the engine is down (and its death can be counted), never someone else.
+            key = (entry.pid_ns, entry.root_pid, entry.start_ticks)
+            with self._lock:
+                pid = self._translated.get(key)
+                if pid is None:
+                    self._wanted.add(key)
+            if pid is None:
+                self._wake.set()
+                return None
+        if pid == 1 and (entry.start_ticks is None or not view.is_instance(1, entry.start_ticks)):
+            # Every process descends from PID 1: an entry naming it would claim the whole node.
+            self._refuse(entry, registered_at, "unproven_init", "names PID 1 without the start time that proves it")
+            return None
+        return pid
 
-    @staticmethod
-    def _find_in_namespace(namespace: int, inner_pid: int) -> int | None:
-        for pid in scan_pids():
-            if pid_namespace(pid) != namespace:
-                continue
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            nspids = parse_nspid(status)
-            if nspids and nspids[-1] == inner_pid:
-                return pid
-        return None
+    def _refuse(self, entry: EngineEntry, registered_at: float, reason: str, why: str) -> None:
+        if (entry.name, registered_at) not in self._refused:
+            self._refused.add((entry.name, registered_at))
+            self._errors.inc("registry", reason)
+            log.warning("engine %s: root PID %d not accepted: %s", entry.name, entry.root_pid, why)
 
     # --- resolution ---
 
     def resolve(self, view: ProcView) -> list[Engine]:
         """Every known engine, once per name: registry first, then static, then discovered."""
         with self._resolve_lock:
-            return self._resolve(view)
+            engines = self._resolve(view)
+            self._latest = (time.monotonic(), engines)
+            return engines
+
+    def current(self, max_age: float) -> list[Engine]:
+        """The engines of the last resolution if it is younger than `max_age`, else a new one:
+        background pollers share the collector's resolution instead of doing their own."""
+        latest = self._latest
+        if latest is not None and time.monotonic() - latest[0] <= max_age:
+            return latest[1]
+        return self.resolve(ProcView(self._errors))
 
     def _resolve(self, view: ProcView) -> list[Engine]:
         engines: dict[str, Engine] = {}
-        for entry, registered_at in self._registry_entries():
-            pid = self._host_pid(entry)
-            engine = _engine(view, entry.name, entry.kind, entry.url, "registry", pid, entry.start_ticks)
+        live_refusals = set()
+        entries = self._registry_entries()
+        for entry, registered_at in entries:
+            live_refusals.add((entry.name, registered_at))
+            pid = self._host_pid(entry, view, registered_at)
+            url, url_problem = reachable_url(entry, self._own_net_ns)
+            engine = _engine(view, entry.name, entry.kind, url, "registry", pid, entry.start_ticks)
             engines[entry.name] = dataclasses.replace(
-                engine, registered_at=registered_at, state=entry.state, state_since=entry.state_since
+                engine,
+                registered_at=registered_at,
+                state=entry.state,
+                state_since=entry.state_since,
+                url_problem=url_problem,
             )
+        self._refused &= live_refusals
+        live_keys = {(e.pid_ns, e.root_pid, e.start_ticks) for e, _ in entries}
+        with self._lock:
+            self._translated = {k: v for k, v in self._translated.items() if k in live_keys}
+            self._wanted &= live_keys
         for static in self._static:
             if static.name in engines:
                 self._errors.inc("registry", "duplicate_name")
@@ -339,8 +435,30 @@ class EngineCatalog:
         return list(engines.values())
 
 
+def translate_nspids(wanted: set[tuple[int, int, int]], pids: list[int]) -> dict[tuple[int, int, int], int]:
+    """Host PIDs for (pid_ns, inner pid, start ticks): the process whose NSpid ends with the
+    inner PID and whose start time matches. Two candidates (two containers' PID 57 started in
+    the same tick) prove nothing: neither is taken."""
+    by_start: dict[int, list[tuple[int, int, int]]] = {}
+    for key in wanted:
+        by_start.setdefault(key[2], []).append(key)
+    matches: dict[tuple[int, int, int], list[int]] = {}
+    for pid in pids:
+        info = read_proc(pid)
+        if info is None or info.start_ticks not in by_start or not info.alive:
+            continue
+        nspid = read_nspid(pid)
+        if len(nspid) < 2:
+            continue  # in our own namespace: not a translation
+        for key in by_start[info.start_ticks]:
+            if nspid[-1] == key[1]:
+                matches.setdefault(key, []).append(pid)
+    return {key: found[0] for key, found in matches.items() if len(found) == 1}
+
+
 def _engine(
     view: ProcView, name: str, kind: str, url: str | None, source: str, pid: int | None, start: int | None
 ) -> Engine:
+    """An engine is up when its root is alive and, where a start time is known, the same process."""
     up = pid is not None and view.is_instance(pid, start)
     return Engine(name=name, kind=kind, url=url, source=source, root_pid=pid, start_ticks=start, up=up)

@@ -1,118 +1,189 @@
-"""Engine exits as counters, derived from the durable events file.
+"""Engine exits as counters: every exit counted once, across rotations and exporter restarts.
 
-`gpu_residency_engine_exits_total` is the number of events in the file, by engine,
-exit code and signal: re-reading the file after a restart gives the same value plus
-whatever was written meanwhile, so nothing is lost and nothing is counted twice.
-Events are deduplicated by id; a torn last line waits until it is complete; a file
-that shrank (truncated, rotated) is read again from the start.
+Exits come from the registry's events files (written by the frameworks that launched the
+engines, `exporter.exits.report_exit`) and from the exporter itself: a registered engine
+whose root vanished with no report is recorded once, as exit_code="unknown", after a grace
+period that lets the parent's own report arrive first.
 
-An engine whose root vanished with no report is recorded here once, as an event with
-exitcode null, after a grace period that lets the parent's own report arrive first.
+The counts live in the exporter's state directory (`--state.dir`), with how far each events
+file has been read: a rotated-away file, or a restart, loses no count and counts nothing
+twice. Without a writable state directory the counts start again from the files on restart.
+
+A counter that first appears already at 1 is invisible to `increase()`: a new series is
+published at 0 first (for `--exits.first-zero-seconds`, at least one scrape), then at its
+count, so an alert on the first exit of an engine fires. Series of engines that left the
+catalog more than `--exits.retention` ago are dropped, so churn does not grow the output.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from exporter.attribution import Snapshot
 from exporter.errors import ErrorCounter
-from exporter.exits import EVENTS_FILE, ExitEvent, append_event, exit_labels
+from exporter.event_tail import EventTail, Position
+from exporter.exits import EVENTS_FILE, ROTATED_SUFFIX, ExitEvent, exit_labels
+from gpu_residency_common.files import UntrustedFileError, ensure_dir, read_json, write_atomic
 
 log = logging.getLogger(__name__)
 
-MAX_READ_BYTES = 4 * 1024 * 1024  # per collection: a huge file is caught up over several
+MAX_READ_BYTES = 4 * 1024 * 1024  # per collection: a huge backlog is caught up over several
+STATE_FILE = "exits.json"
+MAX_STATE_BYTES = 16 * 1024 * 1024
+RECENT_IDS = 20_000  # ids remembered against a file read twice (replaced in place, restored)
+RECENT_EVENTS = 256
+
+CountKey = tuple[str, str, str]  # engine, exit_code, signal
+
+
+@dataclass
+class _Count:
+    value: int
+    last_time: float  # wall-clock time of the latest event
+    zero_until: float | None = None  # monotonic: published as 0 until then (None: released)
 
 
 class ExitLog:
-    def __init__(self, node: str, directory: Path | None, errors: ErrorCounter, grace_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        node: str,
+        directory: Path | None,
+        errors: ErrorCounter,
+        grace_seconds: float = 30.0,
+        state_dir: Path | None = None,
+        first_zero_seconds: float = 60.0,
+        retention_seconds: float = 3600.0,
+    ) -> None:
         self._node = node
         self._dir = directory
         self._errors = errors
         self._grace = grace_seconds
-        self._offset = 0
-        self._inode: int | None = None
-        self._pending = b""
-        self._ids: set[str] = set()
-        self._counts: Counter[tuple[str, str, str]] = Counter()
-        self._reported: set[tuple[str, int | None, int | None]] = set()
-        self._reported_names: dict[str, float] = {}  # engine -> latest event time (reports without a root)
+        self._state_dir = state_dir
+        self._first_zero = first_zero_seconds
+        self._retention = retention_seconds
+        self._started = time.time()
+        self._counts: dict[CountKey, _Count] = {}
+        self._ids: deque[str] = deque()
+        self._id_set: set[str] = set()
+        self._recent: deque[ExitEvent] = deque(maxlen=RECENT_EVENTS)
+        self._reported: dict[tuple[str, int | None, int | None], float] = {}  # root identity -> event time
+        self._reported_names: dict[str, float] = {}  # engine -> latest event time
         self._dead_since: dict[tuple[str, int | None, int | None], float] = {}
+        self._absent_since: dict[str, float] = {}
+        self._dirty = False
         self._lock = threading.Lock()  # concurrent scrapes must not read the same bytes twice
+        positions = self._load_state()
+        paths = [directory / (EVENTS_FILE + ROTATED_SUFFIX), directory / EVENTS_FILE] if directory else []
+        self._tail = EventTail(paths, positions)
 
-    @property
-    def path(self) -> Path | None:
-        return self._dir / EVENTS_FILE if self._dir else None
+    # --- state ---
 
-    def _reset(self) -> None:
-        self._offset, self._pending = 0, b""
-        self._ids.clear()
-        self._counts.clear()
-        self._reported.clear()
-        self._reported_names.clear()
+    def _load_state(self) -> list[Position]:
+        if self._state_dir is None:
+            return []
+        try:
+            data = read_json(self._state_dir / STATE_FILE, MAX_STATE_BYTES, max_depth=8)
+        except UntrustedFileError as exc:
+            if exc.reason != "missing":
+                self._errors.inc("exits_state", exc.reason)
+                log.warning("exit state %s ignored (%s): counting again from the events files", self._state_dir, exc)
+            return []
+        try:
+            for engine, code, signal_label, value, last in data["counts"]:
+                self._counts[(str(engine), str(code), str(signal_label))] = _Count(int(value), float(last))
+            for event in data.get("recent", []):
+                self._recent.append(ExitEvent(**event))
+            for event_id in data.get("ids", []):
+                self._remember(str(event_id))
+            return [Position(int(i), int(o), bytes.fromhex(h)) for i, o, h in data["positions"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            self._counts.clear()
+            self._errors.inc("exits_state", "malformed")
+            log.warning("exit state %s ignored (%s): counting again from the events files", self._state_dir, exc)
+            return []
+
+    def _save_state(self) -> None:
+        if self._state_dir is None or not self._dirty:
+            return
+        body = {
+            "version": 1,
+            "counts": [[*key, c.value, c.last_time] for key, c in sorted(self._counts.items())],
+            "positions": [[p.inode, p.offset, p.head.hex()] for p in self._tail.positions],
+            "ids": list(self._ids),
+            "recent": [asdict(event) for event in self._recent],
+        }
+        try:
+            write_atomic(ensure_dir(self._state_dir) / STATE_FILE, json.dumps(body, separators=(",", ":")))
+            self._dirty = False
+        except OSError as exc:
+            self._errors.inc("exits_state", "unwritable")
+            log.warning("cannot save exit state in %s: %s (counts survive no restart)", self._state_dir, exc)
+            self._state_dir = None  # said once; counting goes on in memory
+
+    def _remember(self, event_id: str) -> None:
+        self._ids.append(event_id)
+        self._id_set.add(event_id)
+        while len(self._ids) > RECENT_IDS:
+            self._id_set.discard(self._ids.popleft())
+
+    # --- reading ---
 
     def ingest(self) -> None:
-        """Read whatever was appended since the last call."""
-        path = self.path
-        if path is None:
-            return
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return
-        except OSError:
-            self._errors.inc("events", "unreadable")
-            return
-        if stat.st_ino != self._inode or stat.st_size < self._offset:
-            if self._inode is not None:
-                log.warning("events file %s was replaced or truncated; re-reading it from the start", path)
-            self._inode = stat.st_ino
-            self._reset()
-        if stat.st_size == self._offset:
-            return
-        try:
-            with path.open("rb") as handle:
-                handle.seek(self._offset)
-                chunk = handle.read(MAX_READ_BYTES)
-        except OSError:
-            self._errors.inc("events", "unreadable")
-            return
-        self._offset += len(chunk)
-        data = self._pending + chunk
-        *lines, self._pending = data.split(b"\n")
+        """Read whatever was appended (or rotated) since the last call."""
+        lines, problems = self._tail.read_new(MAX_READ_BYTES)
+        for reason in problems:
+            self._errors.inc("events", reason)
         for line in lines:
             if line.strip():
-                self._add(line)
+                self._add_line(line)
+        if lines:
+            self._dirty = True
 
-    def _add(self, line: bytes) -> None:
+    def _add_line(self, line: bytes) -> None:
         try:
-            event = ExitEvent.from_json(line.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            event = ExitEvent.from_json(line)
+        except (ValueError, TypeError):
             self._errors.inc("events", "malformed")
             return
-        if event.id in self._ids:
+        self._add(event)
+
+    def _add(self, event: ExitEvent) -> None:
+        if event.id in self._id_set:
             return
-        self._ids.add(event.id)
-        self._counts[(event.engine, *exit_labels(event.exitcode))] += 1
-        self._reported.add((event.engine, event.root_pid, event.start_ticks))
+        self._remember(event.id)
+        self._recent.append(event)
+        key = (event.engine, *exit_labels(event.exitcode))
+        count = self._counts.get(key)
+        if count is None:
+            # Published at 0 first, so that increase() sees this first exit; exits from before
+            # this exporter started were published by an earlier one (or are history).
+            recent = event.time >= self._started
+            count = self._counts[key] = _Count(0, event.time, zero_until=0.0 if recent else None)
+        count.value += 1
+        count.last_time = max(count.last_time, event.time)
+        self._reported[(event.engine, event.root_pid, event.start_ticks)] = event.time
         self._reported_names[event.engine] = max(event.time, self._reported_names.get(event.engine, 0.0))
+        self._dirty = True
+
+    # --- deaths nobody reported ---
 
     def record_unreported(self, snapshot: Snapshot) -> None:
         """Count, once, registered engines whose root is gone and that nobody reported."""
-        if self._dir is None:
-            return
         now = time.monotonic()
         dead_now = set()
         for engine in snapshot.engines:
             if engine.up or engine.source != "registry" or engine.root_pid is None:
-                continue  # (no root PID: an entry from a PID namespace we cannot see; not a death)
+                continue  # (no root PID: an entry whose root was never proven; not a death)
             key = (engine.name, engine.root_pid, engine.start_ticks)
             dead_now.add(key)
             if key in self._reported or self._reported_names.get(engine.name, -1.0) >= engine.registered_at:
@@ -120,36 +191,76 @@ class ExitLog:
             first_seen = self._dead_since.setdefault(key, now)
             if now - first_seen < self._grace:
                 continue
-            event = ExitEvent(
-                id=os.urandom(16).hex(),
-                engine=engine.name,
-                exitcode=None,
-                time=time.time(),
-                url=engine.url,
-                root_pid=engine.root_pid,
-                start_ticks=engine.start_ticks,
-            )
-            try:
-                append_event(event, self._dir)
-            except OSError:
-                self._errors.inc("events", "unwritable")
-                continue
             log.warning("engine %s: root process %s vanished with no exit report", engine.name, engine.root_pid)
-            self.ingest()
+            self._add(
+                ExitEvent(
+                    id=os.urandom(16).hex(),
+                    engine=engine.name,
+                    exitcode=None,
+                    time=time.time(),
+                    url=engine.url,
+                    root_pid=engine.root_pid,
+                    start_ticks=engine.start_ticks,
+                )
+            )
         for key in set(self._dead_since) - dead_now:
             del self._dead_since[key]
+
+    def _forget_departed(self, snapshot: Snapshot) -> None:
+        """Drop the counts of engines gone from the catalog for longer than the retention."""
+        now = time.time()
+        known = {engine.name for engine in snapshot.engines}
+        counted = {key[0] for key in self._counts}
+        for name in counted - known:
+            self._absent_since.setdefault(name, now)
+        for name in set(self._absent_since):
+            if name in known or name not in counted:
+                del self._absent_since[name]
+        gone = {
+            name
+            for name, since in self._absent_since.items()
+            if now - max(since, self._reported_names.get(name, 0.0)) > self._retention
+        }
+        if not gone:
+            return
+        self._counts = {key: c for key, c in self._counts.items() if key[0] not in gone}
+        self._reported = {key: t for key, t in self._reported.items() if key[0] not in gone}
+        for name in gone:
+            self._reported_names.pop(name, None)
+            self._absent_since.pop(name, None)
+        self._dirty = True
+
+    # --- output ---
+
+    def recent(self) -> list[ExitEvent]:
+        """The latest exits, newest first."""
+        with self._lock:
+            return list(reversed(self._recent))
 
     def families(self, snapshot: Snapshot) -> Iterable[Metric]:
         with self._lock:
             self.ingest()
             self.record_unreported(snapshot)
-            counts = sorted(self._counts.items())
+            self._forget_departed(snapshot)
+            self._save_state()
+            shown = self._published_values()
         family = CounterMetricFamily(
             "gpu_residency_engine_exits",
             "Engine exits by exit code and signal (signal='' for a plain exit code; exit_code='unknown' when the "
-            "root vanished with no report).",
+            "root vanished with no report). A new series starts at 0.",
             labels=["node", "engine", "exit_code", "signal"],
         )
-        for (engine, code, signal_label), count in counts:
-            family.add_metric([self._node, engine, code, signal_label], count)
+        for (engine, code, signal_label), value in shown:
+            family.add_metric([self._node, engine, code, signal_label], value)
         yield family
+
+    def _published_values(self) -> list[tuple[CountKey, int]]:
+        now = time.monotonic()
+        shown = []
+        for key, count in sorted(self._counts.items()):
+            if count.zero_until == 0.0:
+                count.zero_until = now + self._first_zero  # first time on show: hold 0 from now
+            if count.zero_until is not None and now >= count.zero_until:
+                count.zero_until = None
+            shown.append((key, 0 if count.zero_until is not None else count.value))
+        return shown

@@ -12,11 +12,15 @@ engine reports it::
 
 `report_exit` appends one JSON line to the registry's events file with a single
 O_APPEND write, so concurrent reporters never interleave and the exporter, even after a
-restart, counts each exit exactly once.
+restart, counts each exit exactly once. The file is bounded: the writer that finds it over
+ROTATE_BYTES renames it to `events.jsonl.1` (under a lock, replacing the previous one)
+before appending; the exporter reads both and keeps its counts in its own state, so a
+rotation loses no count.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -27,10 +31,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.registry import ENTRY_SUFFIX, EngineEntry, RegistryError, registry_dir
+from exporter.registry import ENTRY_SUFFIX, RegistryError, read_entry, registry_dir
+from gpu_residency_common.files import append_record, ensure_dir, open_regular, parse_json
 
 EVENTS_FILE = "events.jsonl"
+ROTATED_SUFFIX = ".1"
+LOCK_FILE = ".events.lock"
+ROTATE_BYTES = 1024 * 1024
 MAX_EVENT_BYTES = 4096  # one write of at most PIPE_BUF-ish size stays whole under O_APPEND
+MAX_TEXT_FIELD = 1024  # an event keeps at most this much of a URL: it is for a human to read
 
 _HINTS = {
     signal.SIGKILL: "likely an OOM kill (host OOM killer or a cgroup memory limit); check dmesg and the pod's events",
@@ -103,8 +112,8 @@ class ExitEvent:
         return json.dumps(self.__dict__, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, line: str) -> ExitEvent:
-        data = json.loads(line)
+    def from_json(cls, line: str | bytes) -> ExitEvent:
+        data = parse_json(line)
         if not isinstance(data, dict) or not isinstance(data.get("id"), str) or not isinstance(data.get("engine"), str):
             raise ValueError("an event needs string id and engine")
         code = data.get("exitcode")
@@ -117,26 +126,45 @@ class ExitEvent:
         return cls(**known)
 
 
+class EventTooLarge(ValueError):
+    """An event that would not fit one atomic append."""
+
+
 def append_event(event: ExitEvent, directory: str | os.PathLike | None = None) -> Path:
     """Append one event with a single O_APPEND write and fsync: whole or not at all."""
-    folder = registry_dir(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ensure_dir(registry_dir(directory))
     path = folder / EVENTS_FILE
     line = (event.to_json() + "\n").encode()
     if len(line) > MAX_EVENT_BYTES:
-        raise ValueError(f"event too large ({len(line)} bytes)")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        raise EventTooLarge(f"event too large ({len(line)} bytes)")
+    _rotate_if_full(path)
+    append_record(path, line)
     return path
 
 
-def _registered(engine: str, directory: str | os.PathLike | None) -> EngineEntry | None:
+def _rotate_if_full(path: Path) -> None:
+    """events.jsonl -> events.jsonl.1 once it is over ROTATE_BYTES; one writer at a time decides."""
     try:
-        return EngineEntry.from_json((registry_dir(directory) / f"{engine}{ENTRY_SUFFIX}").read_text())
+        if path.lstat().st_size < ROTATE_BYTES:
+            return
+    except OSError:
+        return
+    try:
+        with open_regular(path.with_name(LOCK_FILE), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) as fd:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if path.lstat().st_size >= ROTATE_BYTES:  # not already rotated by a writer we waited for
+                os.replace(path, path.with_name(EVENTS_FILE + ROTATED_SUFFIX))
+    except (OSError, ValueError):
+        pass  # not ours to rotate (another user's file in a sticky directory): keep appending
+
+
+def _clip(text: str | None) -> str | None:
+    return text if text is None or len(text) <= MAX_TEXT_FIELD else text[: MAX_TEXT_FIELD - 1] + "…"
+
+
+def _registered(engine: str, directory: str | os.PathLike | None):
+    try:
+        return read_entry(registry_dir(directory) / f"{engine}{ENTRY_SUFFIX}")
     except (OSError, RegistryError):
         return None
 
@@ -156,7 +184,7 @@ def report_exit(
         exitcode=exitcode,
         time=time.time(),
         elapsed=None if elapsed is None else round(float(elapsed), 3),
-        url=url or (entry.url if entry else None),
+        url=_clip(url or (entry.url if entry else None)),
         root_pid=entry.root_pid if entry else None,
         start_ticks=entry.start_ticks if entry else None,
     )

@@ -8,7 +8,6 @@ gate's last decision for it was "not clear".
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -18,25 +17,21 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.attribution import Snapshot
 from exporter.errors import ErrorCounter
+from gpu_residency_common.files import UntrustedFileError, read_json
 
 GATE_DIR = "gate"
 MAX_RECORD_BYTES = 64 * 1024
 
 
-def read_record(path: Path) -> tuple[bool, float] | None:
-    """(clear, time) from one record, or None when it is not a valid record."""
-    try:
-        if path.is_symlink() or path.stat().st_size > MAX_RECORD_BYTES:
-            return None
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    clear, when = data.get("clear"), data.get("time")
+def read_record(path: Path) -> tuple[bool, float]:
+    """(clear, time) from one record; UntrustedFileError (with the counter's reason) otherwise."""
+    data = read_json(path, MAX_RECORD_BYTES)
+    clear, when = (data.get("clear"), data.get("time")) if isinstance(data, dict) else (None, None)
     if not isinstance(clear, bool) or isinstance(when, bool) or not isinstance(when, int | float):
-        return None
-    return (clear, float(when)) if math.isfinite(when) else None
+        raise UntrustedFileError("malformed", f"{path}: not a gate record")
+    if not math.isfinite(when):
+        raise UntrustedFileError("malformed", f"{path}: time is not finite")
+    return clear, float(when)
 
 
 class GateRecords:
@@ -62,9 +57,10 @@ class GateRecords:
             present = set()  # no gate has recorded anything yet
         for engine in sorted(e.name for e in snapshot.engines):
             if f"{engine}.json" in present:
-                record = read_record(self._dir / f"{engine}.json")
-                if record is None:
-                    self._errors.inc("gate_records", "malformed")
+                try:
+                    record = read_record(self._dir / f"{engine}.json")
+                except UntrustedFileError as exc:
+                    self._errors.inc("gate_records", exc.reason)
                     continue
                 clear.add_metric([self._node, engine], 1 if record[0] else 0)
                 when.add_metric([self._node, engine], record[1])

@@ -2,7 +2,9 @@
 
 Each value NVML cannot give stays None (absent in the output), never 0: an idle GPU
 and an unreadable one must not look alike. Newer NVML calls are tried first with the
-older versions as fallback, so the exporter runs on old and new drivers alike.
+older versions as fallback, so the exporter runs on old and new drivers alike. A whole
+read has a deadline: real drivers do hang on a GPU in a bad state, and a scrape must
+still answer (with `nvml_up 0`) rather than hang with it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import time
 from dataclasses import dataclass
 
 from exporter.errors import ErrorCounter
+from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
+from gpu_residency_common.nvml_memory import read_memory
 
 log = logging.getLogger(__name__)
 
 # How long to wait before trying nvmlInit again after it failed (driver not loaded yet,
 # library missing): often enough to notice a fixed node, rarely enough to cost nothing.
 INIT_RETRY_SECONDS = 30.0
+DEFAULT_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class GpuReading:
     total_bytes: int | None
     reserved_bytes: int | None
     processes: tuple[GpuProcess, ...] | None  # None: the process lists could not be read
+    v1_memory: bool = False  # memory info v1: `used` includes the driver-reserved part
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,12 @@ class NvmlReading:
     up: bool
     gpus: tuple[GpuReading, ...]
     driver_version: str = ""
+    unreadable_gpus: int = 0  # GPUs NVML counts but could not name (lost, failing): absent from `gpus`
+
+    @property
+    def complete(self) -> bool:
+        """Every GPU and every GPU's process list was read: only then may "holds nothing" be believed."""
+        return self.up and self.unreadable_gpus == 0 and all(gpu.processes is not None for gpu in self.gpus)
 
 
 def _reason(exc: Exception) -> str:
@@ -66,9 +78,13 @@ class _Identity:
 class NvmlSource:
     """Reads every GPU once per call; initialises NVML lazily and retries after failure."""
 
-    def __init__(self, errors: ErrorCounter, library_path: str | None = None) -> None:
+    def __init__(
+        self, errors: ErrorCounter, library_path: str | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS
+    ) -> None:
         self._errors = errors
         self._library_path = library_path
+        self._timeout = timeout
+        self._runner = DeadlineRunner("nvml")
         self._lock = threading.Lock()
         self._nvml = None  # the pynvml module once initialised
         self._next_init = 0.0
@@ -114,6 +130,18 @@ class NvmlSource:
         return False
 
     def read(self) -> NvmlReading:
+        """Every GPU, or nvml_up=0 when NVML is missing, failing or past its deadline."""
+        try:
+            return self._runner.call(self._read, self._timeout)
+        except DeadlineExceeded as exc:
+            self._errors.inc("nvml", "hung" if exc.busy else "timeout")
+            if not exc.busy:
+                log.warning(
+                    "NVML did not answer in %gs (a GPU or the driver hangs); nvml_up=0 until it does", self._timeout
+                )
+            return NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
+
+    def _read(self) -> NvmlReading:
         with self._lock:
             if not self._init():
                 return NvmlReading(up=False, gpus=())
@@ -125,12 +153,10 @@ class NvmlSource:
                 return NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
             if any(index >= count for index in self._identities):
                 self._identities.clear()  # GPUs went away: indices may now name other cards
-            gpus = []
-            for index in range(count):
-                gpu = self._read_gpu(index)
-                if gpu is not None:
-                    gpus.append(gpu)
-            return NvmlReading(up=True, gpus=tuple(gpus), driver_version=self._driver_version)
+            gpus = [gpu for index in range(count) if (gpu := self._read_gpu(index)) is not None]
+            return NvmlReading(
+                up=True, gpus=tuple(gpus), driver_version=self._driver_version, unreadable_gpus=count - len(gpus)
+            )
 
     def _read_gpu(self, index: int) -> GpuReading | None:
         nvml = self._nvml
@@ -141,7 +167,7 @@ class NvmlSource:
             self._errors.inc("nvml", _reason(exc))
             return None
         handle = identity.handle
-        used, total, reserved = self._memory(handle)
+        used, total, reserved, v1 = self._memory(handle)
         return GpuReading(
             index=index,
             uuid=identity.uuid,
@@ -151,6 +177,7 @@ class NvmlSource:
             total_bytes=total,
             reserved_bytes=reserved,
             processes=self._processes(handle),
+            v1_memory=v1,
         )
 
     def _identify(self, index: int) -> _Identity:
@@ -166,23 +193,14 @@ class NvmlSource:
         self._identities[index] = identity
         return identity
 
-    def _memory(self, handle: object) -> tuple[int | None, int | None, int | None]:
-        nvml = self._nvml
+    def _memory(self, handle: object) -> tuple[int | None, int | None, int | None, bool]:
+        """(used, total, reserved, v1): v1 is an older driver whose `used` includes reserved memory."""
         try:
-            info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
-            return info.used, info.total, info.reserved
-        except (nvml.NVMLError_FunctionNotFound, nvml.NVMLError_NotSupported, nvml.NVMLError_ArgumentVersionMismatch):
-            pass  # an older driver: fall back to v1
-        except nvml.NVMLError as exc:
+            info = read_memory(self._nvml, handle)
+        except self._nvml.NVMLError as exc:
             self._errors.inc("nvml", _reason(exc))
-            return None, None, None
-        try:
-            # v1: 'used' includes the driver-reserved memory, which v1 cannot separate.
-            info = nvml.nvmlDeviceGetMemoryInfo(handle)
-            return info.used, info.total, None
-        except nvml.NVMLError as exc:
-            self._errors.inc("nvml", _reason(exc))
-            return None, None, None
+            return None, None, None, False
+        return info.used, info.total, info.reserved, info.reserved is None
 
     def _processes(self, handle: object) -> tuple[GpuProcess, ...] | None:
         """Compute and graphics processes merged by PID (a process in both lists is one holder)."""

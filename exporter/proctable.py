@@ -96,12 +96,20 @@ def parse_nspid(status_text: str) -> tuple[int, ...]:
     return ()
 
 
-def pid_namespace(pid: int | str, proc_root: str = PROC) -> int | None:
-    """Inode of the PID namespace of a process ('self' for this one)."""
+def own_namespace(kind: str) -> int | None:
+    """Inode of this process's namespace of `kind` (pid, net).
+
+    Only one's own: another process's /proc/<pid>/ns/* needs CAP_SYS_PTRACE, which the
+    exporter as deployed does not have, so other processes are matched by NSpid instead."""
     try:
-        return os.stat(f"{proc_root}/{pid}/ns/pid").st_ino
+        return os.stat(f"/proc/self/ns/{kind}").st_ino
     except OSError:
         return None
+
+
+def read_nspid(pid: int, proc_root: str = PROC) -> tuple[int, ...]:
+    text = _read(f"{proc_root}/{pid}/status", 8192)
+    return parse_nspid(text) if text else ()
 
 
 def parse_container(cgroup_text: str) -> str:

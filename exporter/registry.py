@@ -17,28 +17,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exporter.proctable import read_proc
+from exporter.proctable import own_namespace, read_proc
+from gpu_residency_common.files import UntrustedFileError, ensure_dir, parse_json, read_untrusted, write_atomic
 
 DEFAULT_DIR = "/run/gpu-residency/engines"
 REGISTRY_ENV = "GPU_RESIDENCY_REGISTRY"
+ADVERTISE_ENV = "POD_IP"  # Kubernetes' downward API: the address other pods reach this one at
 ENTRY_SUFFIX = ".json"
 MAX_ENTRY_BYTES = 64 * 1024
+MAX_URL_CHARS = 2048
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 KINDS = ("sglang", "vllm", "trainer", "other")
 STATES = ("starting", "active", "asleep", "stopped")
 
 
 class RegistryError(ValueError):
-    """An entry that is invalid, with a message that says which field and why."""
+    """An entry that is invalid, with a message that says which field and why; `reason` is the
+    error counter's label (malformed, too_large, refused, unreadable)."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,8 @@ class EngineEntry:
     url: str | None = None
     pid_ns: int | None = None  # inode of the writer's PID namespace
     start_ticks: int | None = None  # the root's start time, against PID reuse
+    net_ns: int | None = None  # inode of the writer's network namespace (whose loopback `url` may name)
+    advertise_host: str | None = None  # the writer's address for other network namespaces ($POD_IP)
     state: str | None = None  # starting | active | asleep | stopped, as the framework says
     state_since: float | None = None  # wall-clock time of the last state change
 
@@ -59,9 +69,14 @@ class EngineEntry:
             raise RegistryError(f"root_pid {self.root_pid!r} must be a positive integer")
         if self.kind not in KINDS:
             raise RegistryError(f"kind {self.kind!r} must be one of {', '.join(KINDS)}")
-        if self.url is not None and not isinstance(self.url, str):
-            raise RegistryError("url must be a string")
-        for key in ("pid_ns", "start_ticks"):
+        if self.url is not None and (not isinstance(self.url, str) or len(self.url) > MAX_URL_CHARS):
+            raise RegistryError(f"url must be a string of at most {MAX_URL_CHARS} characters")
+        if self.advertise_host is not None:
+            try:
+                ipaddress.ip_address(self.advertise_host)
+            except (TypeError, ValueError):
+                raise RegistryError(f"advertise_host {self.advertise_host!r} must be an IP address") from None
+        for key in ("pid_ns", "start_ticks", "net_ns"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise RegistryError(f"{key} must be an integer")
@@ -73,11 +88,11 @@ class EngineEntry:
         return self
 
     @classmethod
-    def from_json(cls, text: str) -> EngineEntry:
+    def from_json(cls, text: str | bytes) -> EngineEntry:
         try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise RegistryError(f"not JSON: {exc}") from None
+            data = parse_json(text)
+        except UntrustedFileError as exc:
+            raise RegistryError(str(exc)) from None
         if not isinstance(data, dict):
             raise RegistryError("an entry must be a JSON object")
         known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
@@ -91,26 +106,14 @@ def registry_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_DIR)
 
 
-def _own_pid_namespace() -> int | None:
+def read_entry(path: Path) -> EngineEntry:
+    """One entry file, read as untrusted input (no symlinks, regular file, bounded)."""
     try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write by temporary file, fsync and rename: readers see the old or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        return EngineEntry.from_json(read_untrusted(path, MAX_ENTRY_BYTES).data)
+    except UntrustedFileError as exc:
+        if exc.reason == "missing":
+            raise FileNotFoundError(str(exc)) from None
+        raise RegistryError(str(exc), exc.reason) from None
 
 
 def register_engine(
@@ -120,11 +123,14 @@ def register_engine(
     kind: str = "sglang",
     directory: str | os.PathLike | None = None,
     state: str | None = None,
+    advertise_host: str | None = None,
 ) -> Path:
     """Record an engine whose process tree (root and all descendants) the exporter attributes.
 
     `root_pid` is the engine's launch process as this process sees it (default: this one).
     `state` (optional) starts the engine's sleep/wake tracking, e.g. "starting".
+    `advertise_host` (default $POD_IP): where an exporter in another network namespace
+    reaches a `url` written with a loopback host; the engine must listen there too.
     """
     pid = os.getpid() if root_pid is None else root_pid
     entry = EngineEntry(
@@ -132,19 +138,19 @@ def register_engine(
         root_pid=pid,
         kind=kind,
         url=url,
-        pid_ns=_own_pid_namespace(),
+        pid_ns=own_namespace("pid"),
         start_ticks=info.start_ticks if (info := read_proc(pid)) else None,
+        net_ns=own_namespace("net"),
+        advertise_host=advertise_host or os.environ.get(ADVERTISE_ENV) or None,
         state=state,
         state_since=time.time() if state else None,
     ).validate()
-    folder = registry_dir(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    return _write_entry(folder, entry)
+    return _write_entry(ensure_dir(registry_dir(directory)), entry)
 
 
 def _write_entry(folder: Path, entry: EngineEntry) -> Path:
     path = folder / f"{entry.name}{ENTRY_SUFFIX}"
-    atomic_write(path, json.dumps(asdict(entry)))
+    write_atomic(path, json.dumps(asdict(entry)))
     return path
 
 
@@ -158,7 +164,7 @@ def set_engine_state(name: str, state: str, directory: str | os.PathLike | None 
     folder = registry_dir(directory)
     path = folder / f"{name}{ENTRY_SUFFIX}"
     try:
-        entry = EngineEntry.from_json(path.read_text())
+        entry = read_entry(path)
     except FileNotFoundError:
         raise RegistryError(f"engine {name!r} is not registered in {folder}") from None
     updated = dataclasses.replace(entry, state=state, state_since=time.time()).validate()

@@ -54,7 +54,12 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
     def do_GET(self) -> None:
-        status, headers, body = self.server.respond(self.path, self.headers)
+        try:
+            status, headers, body = self.server.respond(self.path, self.headers)
+        except Exception:
+            # Never an empty reply: a scraper must see that this scrape failed, and why is logged.
+            log.exception("internal error answering %s", urlsplit(self.path).path)
+            status, headers, body = 500, [("Content-Type", "text/plain; charset=utf-8")], b"internal error\n"
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)

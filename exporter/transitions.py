@@ -12,7 +12,10 @@ moment:
   what it held then (or, never seen awake, more than `floor` somewhere).
 
 Only transitions that began while this exporter ran are timed: one that began before a
-restart has an unknown start as far as the measurement goes.
+restart has an unknown start as far as the measurement goes. Nothing is decided while the
+exporter is blind (NVML down, a GPU or its process list unreadable): an engine that shows
+no memory then may hold plenty. An engine that leaves the catalog takes its histograms and
+counters with it.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ class TransitionTracker:
             self._observe(snapshot, time.time() if now is None else now)
 
     def _observe(self, snapshot: Snapshot, now: float) -> None:
+        self._forget_gone({engine.name for engine in snapshot.engines})
+        if not snapshot.complete:
+            return  # blind: "holds nothing" cannot be told from "cannot see"
         usage: dict[str, dict[str, int | None]] = {}
         for item in snapshot.engine_usage:
             usage.setdefault(item.engine, {})[item.gpu.uuid] = item.used_bytes
@@ -99,6 +105,11 @@ class TransitionTracker:
             self._check(engine.name, held, now, snapshot)
         for gone in set(self._open) - live:
             del self._open[gone]
+
+    def _forget_gone(self, known: set[str]) -> None:
+        for table in (self._seen, self._open, self._awake_level, *self._histograms.values(), *self._timeouts.values()):
+            for name in set(table) - known:
+                del table[name]
 
     def _begin(self, name: str, state: str, since: float | None) -> None:
         self._seen[name] = since

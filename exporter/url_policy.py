@@ -1,9 +1,10 @@
 """Which engine URLs the exporter may request: it must never become a proxy to arbitrary hosts.
 
 Anyone who can write a registry entry chooses a URL; the exporter runs with hostPID on
-every GPU node. So only http(s) URLs whose host is an IP literal inside the allowed
-networks (loopback and this node's own addresses by default) or a host name listed
-explicitly are polled. Host names are not resolved: a DNS answer cannot widen the set.
+every GPU node. So only http(s) base URLs (scheme://host:port, nothing after) whose host is
+an IP literal inside the allowed networks (loopback and this node's own addresses by
+default) or a host name listed explicitly are polled. Host names are not resolved: a DNS
+answer cannot widen the set.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class UrlPolicy:
             return "no host"
         if parts.username or parts.password:
             return "credentials in the URL are not allowed"
+        if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in url or "#" in url:
+            # The pollers append their own paths: a base URL with a path or query would make them
+            # request something else on the engine (http://host:port/flush_cache?x=).
+            return "an engine URL is scheme://host:port only (no path, query or fragment)"
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

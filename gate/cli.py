@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 if progress:
                     sys.stderr.write("\n")
                 print(f"timed out after {exc.waited:.1f}s", file=sys.stderr)
+                print(_as_json(decision) if args.json else decision.explain())
+                return 1  # not clear for long enough, whatever the last look said
             else:
                 if progress:
                     sys.stderr.write("\n")

@@ -7,6 +7,7 @@ gate never sleeps a grace period and lets the wake-up go ahead on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from gate.readings import GIB, GpuSample, SourceError, normalise
 from gate.sources import NvidiaSmiSource, NvmlSource, PrometheusSource, Source
+from gpu_residency_common.files import ensure_dir, write_atomic
 
 THRESHOLD_ENV = "GPU_RESIDENCY_GATE_THRESHOLD_GB"
 LEGACY_THRESHOLD_ENV = "MILES_MAX_RESIDUAL_GPU_MEM_GB"  # honoured for drop-in use
@@ -66,6 +68,12 @@ class GpuVerdict:
     sample: GpuSample | None
     clear: bool
     reason: str
+    stale: bool = False  # the sample is too old to be believed
+
+    @property
+    def measured_bytes(self) -> int | None:
+        """The GPU's used memory, when the gate believes the sample (present and fresh)."""
+        return None if self.sample is None or self.stale else self.sample.used_bytes
 
     def describe(self, threshold_bytes: int) -> str:
         if self.sample is None:
@@ -100,8 +108,9 @@ class Decision:
 
     @property
     def max_used_gb(self) -> float | None:
-        used = [v.sample.used_bytes for v in self.gpus if v.sample is not None]
-        return max(used) / GIB if used and len(used) == len(self.gpus) else None
+        """Max GiB over the requested GPUs; None unless every one was measured and fresh."""
+        used = [v.measured_bytes for v in self.gpus]
+        return max(used) / GIB if used and None not in used else None
 
     def explain(self) -> str:
         head = "clear" if self.ok else "blocked"
@@ -240,15 +249,11 @@ class ResidualGate:
         return decision
 
     def _record(self, engine: str, decision: Decision) -> None:
-        folder = self.record_dir / "gate"
         body = {"engine": engine, "clear": decision.ok, "time": time.time(), "gpus": list(decision.used_bytes)}
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{engine}.json.{os.getpid()}"
-            tmp.write_text(json.dumps(body))
-            os.replace(tmp, folder / f"{engine}.json")
-        except OSError:
-            pass  # recording is for observability; it never changes the decision
+        # Recording is for observability; it never changes the decision. 0644 in a 0755 directory
+        # whatever the umask: the exporter reads it as another user.
+        with contextlib.suppress(OSError):
+            write_atomic(ensure_dir(self.record_dir / "gate") / f"{engine}.json", json.dumps(body))
 
     def _look(self, gpus: Sequence[int | str], node: str | None, waiting_for: str | None) -> Decision:
         try:
@@ -286,7 +291,11 @@ class ResidualGate:
         sample = found[0]
         if sample.age_seconds is not None and sample.age_seconds > self.max_age_s:
             return GpuVerdict(
-                name, sample, False, f"stale: last sample {sample.age_seconds:.1f}s old > {self.max_age_s:g}s"
+                name,
+                sample,
+                False,
+                f"stale: last sample {sample.age_seconds:.1f}s old > {self.max_age_s:g}s",
+                stale=True,
             )
         if sample.used_bytes >= self.threshold_bytes:
             return GpuVerdict(name, sample, False, "over threshold")

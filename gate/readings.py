@@ -43,7 +43,7 @@ class GpuSample:
         if text.isdigit():
             return self.index == int(text)
         lowered = text.lower()
-        if lowered.startswith(("gpu-", "mig-")):
+        if lowered.startswith("gpu-"):
             return self.uuid.lower() == lowered
         bus = self.pci_bus_id.lower()
         return bool(bus) and (bus == lowered or (bus.endswith(lowered) and ":" in lowered))
@@ -55,4 +55,8 @@ def normalise(gpu: int | str) -> str:
     text = str(gpu).strip()
     if not text or (isinstance(gpu, int) and gpu < 0):
         raise ValueError(f"GPU {gpu!r}: give an index, a UUID or a PCI bus id")
+    if text.lower().startswith("mig-"):
+        # A MIG instance's memory is a slice of its parent's: whole-GPU used memory is what a
+        # wake-up onto the card must wait for, and NVML's per-instance view is not read here.
+        raise ValueError(f"GPU {text}: MIG instances are not supported; name the parent GPU (its GPU-... UUID)")
     return text

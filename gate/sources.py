@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Protocol
 
 from gate.readings import GpuSample, Holder, SourceError
+from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
+from gpu_residency_common.nvml_memory import read_memory
 
 MIB = 1024**2
+DEFAULT_NVML_TIMEOUT_S = 5.0
 
 
 class Source(Protocol):
@@ -35,22 +37,35 @@ def _comm(pid: int) -> str:
 
 
 class NvmlSource:
-    """In-process NVML (nvidia-ml-py), no exporter needed; holders are the GPU processes."""
+    """In-process NVML (nvidia-ml-py), no exporter needed; holders are the GPU processes.
+
+    Every read has a deadline: a hung driver makes the gate block with that reason instead of
+    hanging the scheduler that imported it."""
 
     name = "nvml"
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = DEFAULT_NVML_TIMEOUT_S) -> None:
         try:
             import pynvml
         except ImportError as exc:
             raise SourceError(f"nvml source: nvidia-ml-py is not installed ({exc})") from None
+        self._nvml = pynvml
+        self._timeout = timeout
+        self._runner = DeadlineRunner("gate-nvml")
         try:
-            pynvml.nvmlInit()
+            self._runner.call(pynvml.nvmlInit, timeout)
+        except DeadlineExceeded as exc:
+            raise SourceError(f"nvml source: NVML did not start: {exc}") from None
         except pynvml.NVMLError as exc:
             raise SourceError(f"nvml source: NVML cannot start: {exc}") from None
-        self._nvml = pynvml
 
     def read(self, node: str) -> list[GpuSample]:
+        try:
+            return self._runner.call(self._read, self._timeout)
+        except DeadlineExceeded as exc:
+            raise SourceError(f"nvml source: {exc} (a GPU or the driver hangs)") from None
+
+    def _read(self) -> list[GpuSample]:
         nvml = self._nvml
         try:
             count = nvml.nvmlDeviceGetCount()
@@ -62,10 +77,7 @@ class NvmlSource:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 uuid = str(nvml.nvmlDeviceGetUUID(handle))
                 bus = nvml.nvmlDeviceGetPciInfo(handle).busId
-                try:
-                    used = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2).used
-                except (nvml.NVMLError_FunctionNotFound, nvml.NVMLError_NotSupported):
-                    used = nvml.nvmlDeviceGetMemoryInfo(handle).used
+                used = read_memory(nvml, handle).used
             except nvml.NVMLError:
                 continue  # this GPU cannot be read: a request for it finds no sample and blocks
             samples.append(
@@ -73,7 +85,7 @@ class NvmlSource:
                     index=index,
                     uuid=uuid,
                     pci_bus_id=bus.decode() if isinstance(bus, bytes) else str(bus),
-                    used_bytes=int(used),
+                    used_bytes=used,
                     holders=self._holders(handle),
                 )
             )
@@ -107,11 +119,21 @@ METRICS = (
 )
 
 
-def build_query(node: str, window_seconds: int) -> str:
-    """One query for a poll: the raw recent samples (with their own timestamps) of the node's
-    used, engine, process and unattributed memory."""
+SAMPLE_TIME_LABEL = "gate_field"  # marks the series that carry each GPU's sample time
+
+
+def build_query(node: str) -> str:
+    """One instant query for a poll: the node's used, engine, process and unattributed memory, and
+    the time of each GPU's used sample (timestamp(), tagged so `or` keeps it beside the value).
+
+    An instant query honours Prometheus' own staleness: once the exporter's target is down (or a
+    series vanished), its series are absent rather than their last value."""
     names = "|".join(METRICS)
-    return f'{{__name__=~"{names}",node="{escape_label_value(node)}"}}[{window_seconds}s]'
+    node_literal = escape_label_value(node)
+    return (
+        f'{{__name__=~"{names}",node="{node_literal}"}} or label_replace(timestamp('
+        f'gpu_residency_memory_used_bytes{{node="{node_literal}"}}), "{SAMPLE_TIME_LABEL}", "sample_time", "", "")'
+    )
 
 
 class PrometheusSource:
@@ -119,7 +141,7 @@ class PrometheusSource:
 
     name = "prometheus"
 
-    def __init__(self, url: str, timeout: float = 5.0, window_seconds: int = 300) -> None:
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
         import urllib.parse  # here, not at the top: `import gate` stays fast where this source is unused
 
         parts = urllib.parse.urlsplit(url)
@@ -127,15 +149,13 @@ class PrometheusSource:
             raise SourceError(f"prometheus source: {url!r} is not an http(s) URL")
         self._endpoint = url.rstrip("/") + "/api/v1/query"
         self._timeout = timeout
-        self._window = window_seconds
 
     def read(self, node: str) -> list[GpuSample]:
         import urllib.error
         import urllib.parse
         import urllib.request
 
-        query = build_query(node, self._window)
-        body = urllib.parse.urlencode({"query": query}).encode()
+        body = urllib.parse.urlencode({"query": build_query(node)}).encode()
         request = urllib.request.Request(self._endpoint, data=body, method="POST")
         request.add_header("Content-Type", "application/x-www-form-urlencoded")
         try:
@@ -146,44 +166,51 @@ class PrometheusSource:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise SourceError(f"prometheus source: cannot reach {self._endpoint}: {reason}") from None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise SourceError(f"prometheus source: {self._endpoint} did not answer JSON") from None
-        if payload.get("status") != "success" or payload.get("data", {}).get("resultType") != "matrix":
-            raise SourceError(f"prometheus source: query failed: {payload.get('error', 'unexpected answer')}")
-        return self._samples(payload["data"]["result"], time.time())
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if payload.get("status") != "success" or not isinstance(data, dict) or data.get("resultType") != "vector":
+            error = payload.get("error", "unexpected answer") if isinstance(payload, dict) else "unexpected answer"
+            raise SourceError(f"prometheus source: query failed: {error}")
+        try:
+            return self._samples(data["result"])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SourceError(f"prometheus source: unexpected answer: {exc!r}") from None
 
     @staticmethod
-    def _samples(result: list, now: float) -> list[GpuSample]:
-        used: dict[str, tuple[dict, float, float]] = {}
-        holders: dict[str, list[tuple[float, Holder]]] = {}
+    def _samples(result: list) -> list[GpuSample]:
+        used: dict[str, tuple[dict, float]] = {}
+        sampled_at: dict[str, float] = {}
+        evaluated_at = 0.0
+        holders: dict[str, list[Holder]] = {}
         for series in result:
-            labels, values = series.get("metric", {}), series.get("values") or []
-            if not values:
-                continue
-            stamp, value = float(values[-1][0]), float(values[-1][1])
+            labels = series["metric"]
+            stamp, value = float(series["value"][0]), float(series["value"][1])
+            evaluated_at = max(evaluated_at, stamp)
             if not math.isfinite(value):
                 continue
             name, uuid = labels.get("__name__"), labels.get("uuid", "")
-            if name == "gpu_residency_memory_used_bytes":
-                if uuid not in used or used[uuid][1] < stamp:
-                    used[uuid] = (labels, stamp, value)
+            if labels.get(SAMPLE_TIME_LABEL) == "sample_time":
+                sampled_at[uuid] = value
+            elif name == "gpu_residency_memory_used_bytes":
+                used[uuid] = (labels, value)
             else:
                 holder = _holder(name, labels, int(value))
                 if holder is not None:
-                    holders.setdefault(uuid, []).append((stamp, holder))
+                    holders.setdefault(uuid, []).append(holder)
         samples = []
-        for uuid, (labels, stamp, value) in used.items():
+        for uuid, (labels, value) in used.items():
             gpu = labels.get("gpu", "")
-            # Holders from the same scrape as the used value: a vanished engine is not named.
-            live = [holder for when, holder in holders.get(uuid, []) if abs(when - stamp) < 0.5]
+            # Age against Prometheus' own evaluation time: no clock skew between this host and it.
+            age = evaluated_at - sampled_at[uuid] if uuid in sampled_at else math.inf
             samples.append(
                 GpuSample(
                     index=int(gpu) if gpu.isdigit() else None,
                     uuid=uuid,
                     pci_bus_id=labels.get("pci_bus_id", ""),
                     used_bytes=int(value),
-                    age_seconds=max(0.0, now - stamp),
-                    holders=tuple(sorted(live, key=lambda h: -h.used_bytes)),
+                    age_seconds=max(0.0, age),
+                    holders=tuple(sorted(holders.get(uuid, []), key=lambda h: -h.used_bytes)),
                 )
             )
         return samples

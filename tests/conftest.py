@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -118,9 +119,17 @@ def start_exporter(
     tmp_path: Path, args: list[str], env: dict[str, str], timeout: float = 30.0, wrapper: list[str] = ()
 ) -> ExporterProcess:
     """Run `python -m exporter` on a free loopback port and wait until it serves."""
-    log_path = tmp_path / f"exporter-{time.monotonic_ns()}.log"
+    stamp = time.monotonic_ns()
+    log_path = tmp_path / f"exporter-{stamp}.log"
     handle = log_path.open("w")
     log_path.chmod(0o666)  # an exporter run as another user (wrapper) writes it too
+    defaults = {
+        "--state.dir": str(tmp_path / f"state-{stamp}"),  # never the machine's /var/lib/gpu-residency
+        "--exits.first-zero-seconds": "0",  # tests read exit counts at once; the hold has its own test
+    }
+    for flag, value in defaults.items():
+        if flag not in args:
+            args = [*args, flag, value]
     full = [
         *wrapper,
         sys.executable,
@@ -145,14 +154,87 @@ def start_exporter(
     raise AssertionError(f"exporter did not start:\n{log_path.read_text()}")
 
 
+def require_root_tools() -> tuple[str, str]:
+    """(unshare, setpriv), or skip (fail in CI) where namespaces and capability dropping are not possible."""
+    if os.geteuid() != 0:
+        message = "needs root to create namespaces and drop capabilities"
+        if REQUIRE_TOOLS:
+            pytest.fail(message)
+        pytest.skip(message)
+    return require_tool("unshare"), require_tool("setpriv")
+
+
+def as_deployed(writable: list[Path]) -> list[str]:
+    """A command prefix that runs the exporter as the chart does: root with every capability
+    dropped and no new privileges, the root filesystem read-only except `writable` (the chart's
+    volumes), in the host's PID namespace (hostPID)."""
+    unshare, setpriv = require_root_tools()
+    binds = "".join(f"mount --bind {shlex.quote(str(p))} {shlex.quote(str(p))} && " for p in writable)
+    script = (
+        f'{binds}mount -o remount,bind,ro / && exec {setpriv} --bounding-set=-all --inh-caps=-all --no-new-privs "$@"'
+    )
+    return [unshare, "--mount", "sh", "-c", script, "as-deployed"]
+
+
+def in_container(uid: int = 1000, umask: str = "077", own_network: bool = False) -> list[str]:
+    """A command prefix that runs a framework as in a pod without hostPID: its own PID namespace
+    with its own /proc (and, with `own_network`, its own network namespace: the pod network), as
+    a non-root user, with a strict umask."""
+    unshare, setpriv = require_root_tools()
+    network = ["--net"] if own_network else []
+    return [unshare, "--pid", "--fork", "--mount-proc", *network, setpriv, f"--reuid={uid}", f"--regid={uid}",
+            "--clear-groups", "sh", "-c", f'umask {umask} && exec "$@"', "in-container"]  # fmt: skip
+
+
+def python_for_others() -> str:
+    """An interpreter a non-root user can run: this one if every directory up to it is
+    world-searchable, else the system's python3 (the framework helpers need only the standard
+    library, which is what a framework's own interpreter brings)."""
+    path = Path(sys.executable).resolve()
+    if all(parent.stat().st_mode & 0o001 for parent in path.parents):
+        return sys.executable
+    return require_tool("python3") if Path("/usr/bin/python3").exists() is False else "/usr/bin/python3"
+
+
+def host_pid_of(inner_pid: int, under: int) -> int:
+    """The host PID of the process that is `inner_pid` in the PID namespace started by process `under`."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{name}/status").read_text()
+        except OSError:
+            continue
+        nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+        if len(nspid) >= 2 and int(nspid[-1]) == inner_pid and _descends_from(int(name), under):
+            return int(name)
+    raise LookupError(f"no process {inner_pid} under {under}")
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        if pid <= 1:
+            return False
+    return False
+
+
 @pytest.fixture
 def exporter_factory(tmp_path, fake_nvml_dir) -> Iterator:
     started: list[ExporterProcess] = []
 
-    def factory(scenario: Scenario | None, *args: str, env: dict[str, str] | None = None) -> ExporterProcess:
+    def factory(
+        scenario: Scenario | None, *args: str, env: dict[str, str] | None = None, wrapper: list[str] = ()
+    ) -> ExporterProcess:
         environ = scenario.environ(fake_nvml_dir) if scenario else dict(os.environ)
         environ.update(env or {})
-        exporter = start_exporter(tmp_path, list(args), environ)
+        exporter = start_exporter(tmp_path, list(args), environ, wrapper=wrapper)
         started.append(exporter)
         return exporter
 
@@ -187,7 +269,7 @@ def local_exporter(tmp_path, fake_nvml_dir, scenario, monkeypatch) -> LocalExpor
     registry_dir = tmp_path / "engines"
     args = build_parser().parse_args(
         ["--node", "test-node", "--registry.dir", str(registry_dir), "--no-engines.discover",
-         "--collection.min-interval", "0",
+         "--collection.min-interval", "0", "--state.dir", str(tmp_path / "state"), "--exits.first-zero-seconds", "0",
          "--nvml.library", str(fake_nvml_dir / fakenvml.SONAME)]
     )  # fmt: skip
     errors = ErrorCounter()

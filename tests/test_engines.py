@@ -110,7 +110,7 @@ def test_discovers_an_sglang_launch_and_its_tree(fake_nvml_dir, scenario, monkey
         scenario.write()
         errors = ErrorCounter()
         catalog = EngineCatalog(errors, registry_dir=tmp_path / "none", discover=True)
-        catalog.run_discovery()
+        catalog.scan()
         collector = ResidencyCollector("n", NvmlSource(errors, str(fake_nvml_dir / SONAME)), catalog, errors)
         snapshot, _ = collector.snapshot()
         engine = next(e for e in snapshot.engines if e.name == "sglang-31234")
@@ -120,7 +120,7 @@ def test_discovers_an_sglang_launch_and_its_tree(fake_nvml_dir, scenario, monkey
         # Registered under its own name, the same process is not discovered a second time.
         register_engine("rollout-x", root_pid=launch.pid, directory=tmp_path / "reg")
         catalog = EngineCatalog(errors, registry_dir=tmp_path / "reg", discover=True)
-        catalog.run_discovery()
+        catalog.scan()
         names = [e.name for e in catalog.resolve(ProcView())]
         assert "rollout-x" in names and "sglang-31234" not in names
     finally:
@@ -201,7 +201,10 @@ def test_entry_from_another_pid_namespace_is_resolved_through_nspid(tmp_path):
         assert entry.root_pid == 1 and entry.pid_ns != os.stat("/proc/self/ns/pid").st_ino
         catalog = EngineCatalog(ErrorCounter(), registry_dir=registry, discover=False)
         (engine,) = catalog.resolve(ProcView())
-        assert engine.up and engine.root_pid not in (1, proc.pid)
+        assert not engine.up, "the first look misses: the NSpid lookup is a process-table scan, left to the scanner"
+        catalog.scan()
+        (engine,) = catalog.resolve(ProcView())
+        assert engine.up and engine.root_pid not in (1, proc.pid), "the container's own PID 1, proven by NSpid"
         assert parse_nspid(Path(f"/proc/{engine.root_pid}/status").read_text())[-1] == 1
     finally:
         proc.kill()

@@ -24,6 +24,8 @@ CONTRACT = {
     "gpu_residency_errors_total": {"node", "source", "reason"},
     "gpu_residency_build_info": {"node", "version"},
     "gpu_residency_collections_total": {"node"},
+    "gpu_residency_collector_success": {"node", "collector"},
+    "gpu_residency_collector_duration_seconds": {"node", "collector"},
 }
 
 
