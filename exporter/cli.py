@@ -145,13 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
         3.0,
         "read timeout of one poll; connecting has 1 s (default 3)",
     )
-    sglang.add_argument(
+    engines.add_argument(
+        "--engines.allowed-hosts",
         "--sglang.allowed-hosts",
-        dest="sglang_allowed",
+        dest="engines_allowed",
         default="",
         metavar="LIST",
-        help="comma-separated CIDRs, IPs or host names engine URLs may point to, besides loopback and this node's "
-        "own addresses (default: none); other URLs are never requested",
+        help="comma-separated CIDRs, IPs or host names engine URLs may point to, besides loopback and this "
+        "node's own addresses (default: none); other URLs are never requested. In a pod without hostNetwork, "
+        "add the node's IP ($HOST_IP) for engines on the host network, and the pod CIDR for engines in pods",
     )
     _seconds(
         sglang,
@@ -325,7 +327,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         discover=args.discover,
         discovery_interval=args.discovery_interval,
     )
-    allowed = [item.strip() for item in args.sglang_allowed.split(",") if item.strip()]
+    allowed = [item.strip() for item in args.engines_allowed.split(",") if item.strip()]
     poller = SglangPoller(
         args.node,
         errors,
