@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter.collector)
     try:
-        server = ExporterServer(make_responder(registry, args.telemetry_path, web), host, port, tls=web.tls)
+        server = ExporterServer(make_responder(registry, args.telemetry_path, web), host, port, web=web)
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         return 1

@@ -6,7 +6,6 @@ import gzip
 import html
 import logging
 import socket
-import ssl
 import threading
 from collections.abc import Callable
 from email.message import Message
@@ -39,10 +38,11 @@ def parse_listen_address(value: str) -> tuple[str, int]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], respond: Responder) -> None:
+    def __init__(self, address: tuple[str, int], respond: Responder, web: WebConfig) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.respond = respond
+        self.web = web
         super().__init__(address, _Handler)
 
 
@@ -54,6 +54,11 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
     def do_GET(self) -> None:
+        web: WebConfig = self.server.web
+        if web.allowed_sans and not web.client_allowed(self.connection.getpeercert()):
+            # client_allowed_sans: a verified certificate that names none of them is refused.
+            self.send_error(403, "client certificate not allowed")
+            return
         try:
             status, headers, body = self.server.respond(self.path, self.headers)
         except Exception:
@@ -61,7 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("internal error answering %s", urlsplit(self.path).path)
             status, headers, body = 500, [("Content-Type", "text/plain; charset=utf-8")], b"internal error\n"
         self.send_response(status)
-        for name, value in headers:
+        for name, value in [*headers, *web.headers]:
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -112,11 +117,14 @@ def make_responder(registry: CollectorRegistry, telemetry_path: str, web: WebCon
 class ExporterServer:
     """A threaded HTTP server on its own thread; `address` is the bound (host, port)."""
 
-    def __init__(self, respond: Responder, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
-        self._httpd = _Server((host, port), respond)
-        if tls is not None:
+    def __init__(self, respond: Responder, host: str, port: int, web: WebConfig | None = None) -> None:
+        web = web or WebConfig()
+        self._httpd = _Server((host, port), respond, web)
+        if web.tls is not None:
             # The handshake happens in the connection's own thread, so a slow client cannot stall accept().
-            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True, do_handshake_on_connect=False)
+            self._httpd.socket = web.tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.address = self._httpd.server_address[:2]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
 

@@ -67,6 +67,8 @@ class FakeGpu:
     processes: list[tuple[int, int]] = field(default_factory=list)
     graphics_processes: list[tuple[int, int]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    delays_ms: dict[str, int] = field(default_factory=dict)  # call -> how long it takes
+    hangs: set[str] = field(default_factory=set)  # calls that do not return while listed
 
     @property
     def uuid(self) -> str:
@@ -87,6 +89,8 @@ class FakeGpu:
             "processes": [{"pid": pid, "used": used} for pid, used in self.processes],
             "graphics_processes": [{"pid": pid, "used": used} for pid, used in self.graphics_processes],
             "errors": self.errors,
+            "delays_ms": self.delays_ms,
+            "hangs": {call: 1 for call in sorted(self.hangs)},
         }
 
 

@@ -23,6 +23,10 @@
  *                "processes_v3": 0, "graphics_processes": 0}
  *       a call name fails every version of that call; a "_v2"/"_v3"
  *       name fails only that version, as an older driver would
+ *     "delays_ms": {"memory": 50}   the call takes this long
+ *     "hangs": {"memory": 1}        the call does not return while this is set
+ *       (a GPU in a bad state: real drivers hang inside NVML, holding its
+ *       lock, so every other call waits too); capped at 10 minutes
  *   }]
  * }
  */
@@ -32,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 typedef int nvmlReturn_t;
 typedef void *nvmlDevice_t;
@@ -216,6 +221,30 @@ static const jval *gpus(void) {
     return (g && g->type == J_ARR) ? g : NULL;
 }
 
+static const jval *gpu_at(long idx) {
+    const jval *g = gpus();
+    return (g && idx >= 0 && idx < g->len) ? &g->items[idx] : NULL;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Injected slowness: "delays_ms" sleeps, "hangs" blocks until the scenario
+ * drops it (re-read every 20 ms, the lock held all along, as a hung driver). */
+static void stall(long idx, const char *call) {
+    const jval *gpu = gpu_at(idx);
+    long delay = (long)jnum(jget(gpu, "delays_ms"), call, 0);
+    if (delay > 0) sleep_ms(delay);
+    for (int waited = 0; waited < 30000; waited++) {
+        gpu = gpu_at(idx);
+        if (!gpu || !jnum(jget(gpu, "hangs"), call, 0)) return;
+        sleep_ms(20);
+        refresh();
+    }
+}
+
 /* Look up the GPU behind a handle (index + 1) and its injected error for
  * the named call; returns NVML_SUCCESS with *out set, or an error code. */
 static nvmlReturn_t gpu_for2(nvmlDevice_t dev, const char *call, const char *variant,
@@ -223,6 +252,7 @@ static nvmlReturn_t gpu_for2(nvmlDevice_t dev, const char *call, const char *var
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     refresh();
     long idx = (long)(size_t)dev - 1;
+    stall(idx, call);
     const jval *g = gpus();
     if (!g || idx < 0 || idx >= g->len) return NVML_ERROR_GPU_IS_LOST;
     *out = &g->items[idx];

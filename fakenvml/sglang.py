@@ -6,7 +6,8 @@ Modes (the field names follow SGLang's history):
 - "mid":     /server_info; {weight, kvcache, token_capacity, cuda_graph}
 - "new":     /server_info; {weight, kvcache, token_capacity, graph: {phase: GB}, startup_available}
 - "ancient": /get_server_info; internal_states without memory_usage
-- hostile:   "hang", "slow", "status500", "garbage", "huge", "trickle", "shape"
+- hostile:   "hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape",
+             "deep" (JSON nested 5,000 levels)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-HOSTILE = ("hang", "slow", "status500", "garbage", "huge", "trickle", "shape")
+HOSTILE = ("hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape", "deep")
 
 
 def server_info(mode: str, dp_size: int) -> dict:
@@ -105,6 +106,15 @@ class FakeSglang:
             return self._send(handler, 200, b"<html>not json\x00\xff")
         if mode == "shape":
             return self._send(handler, 200, b'{"internal_states": "yes"}')
+        if mode == "deep":
+            return self._send(handler, 200, b'{"internal_states": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+        if mode == "trickle_headers":
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"x" * 200:
+                if self._stop.wait(0.2):
+                    return None
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+            return None
         if mode == "huge":
             return self._send(handler, 200, b'{"pad":"' + b"x" * (8 * 1024 * 1024) + b'"}')
         body = json.dumps(server_info("new" if mode in HOSTILE else mode, self.dp_size)).encode()

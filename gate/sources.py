@@ -168,17 +168,11 @@ class PrometheusSource:
             raise SourceError(f"prometheus source: cannot reach {self._endpoint}: {reason}") from None
         except (ValueError, RecursionError):
             raise SourceError(f"prometheus source: {self._endpoint} did not answer JSON") from None
-        data = payload.get("data") if isinstance(payload, dict) else None
-        if payload.get("status") != "success" or not isinstance(data, dict) or data.get("resultType") != "vector":
-            error = payload.get("error", "unexpected answer") if isinstance(payload, dict) else "unexpected answer"
-            raise SourceError(f"prometheus source: query failed: {error}")
-        try:
-            return self._samples(data["result"])
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise SourceError(f"prometheus source: unexpected answer: {exc!r}") from None
+        return samples_from_answer(payload)
 
     @staticmethod
     def _samples(result: list) -> list[GpuSample]:
+        """Samples from an instant query's result; KeyError/TypeError/ValueError/IndexError on a bad shape."""
         used: dict[str, tuple[dict, float]] = {}
         sampled_at: dict[str, float] = {}
         evaluated_at = 0.0
@@ -214,6 +208,19 @@ class PrometheusSource:
                 )
             )
         return samples
+
+
+def samples_from_answer(payload: object) -> list[GpuSample]:
+    """The samples in a Prometheus /api/v1/query answer; SourceError for anything else."""
+    if not isinstance(payload, dict):
+        raise SourceError("prometheus source: query failed: unexpected answer")
+    data = payload.get("data")
+    if payload.get("status") != "success" or not isinstance(data, dict) or data.get("resultType") != "vector":
+        raise SourceError(f"prometheus source: query failed: {payload.get('error', 'unexpected answer')}")
+    try:
+        return PrometheusSource._samples(data["result"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
+        raise SourceError(f"prometheus source: unexpected answer: {exc!r}") from None
 
 
 def _holder(name: str, labels: dict, value: int) -> Holder | None:

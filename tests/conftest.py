@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import fakenvml
 from fakenvml import Scenario
 from fakenvml.prometheus import PrometheusServer, start_prometheus
+from fakenvml.sglang import FakeSglang
 from fakenvml.tree import Tree
 from fakenvml.tree import start as start_tree
 
@@ -274,6 +275,20 @@ def local_exporter(tmp_path, fake_nvml_dir, scenario, monkeypatch) -> LocalExpor
     )  # fmt: skip
     errors = ErrorCounter()
     return LocalExporter(build_exporter(args, errors).collector, registry_dir, errors)
+
+
+@pytest.fixture
+def fake_sglang() -> Iterator:
+    """Fake SGLang servers on loopback (fakenvml.sglang), stopped after the test."""
+    servers: list[FakeSglang] = []
+
+    def start(mode: str = "new", dp_size: int = 1) -> FakeSglang:
+        servers.append(FakeSglang(mode, dp_size, lifetime=60))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import random
 import statistics
@@ -182,6 +183,17 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
     max_leaves=20,
 )
+# Deep nesting (up to 20,000 levels, far past the interpreter's recursion limit) and large
+# bodies (up to 2 MiB), as raw text: the shapes json_values cannot reach.
+deep_json = st.builds(
+    lambda depth, opener, inner: opener * depth + inner + {"[": "]", '{"a":': "}"}[opener] * depth,
+    st.integers(1, 20_000),
+    st.sampled_from(["[", '{"a":']),
+    st.sampled_from(["1", '"x"', "[]", "{}", "null"]),
+)
+large_json = st.builds(lambda size, key: json.dumps({key: "x" * size}), st.integers(0, 2 * 1024 * 1024),
+                       st.sampled_from(["url", "name", "internal_states", "pad"]))  # fmt: skip
+hostile_text = st.one_of(json_values.map(json.dumps), deep_json, large_json, st.text(max_size=200))
 memory_usage = st.dictionaries(
     st.sampled_from(["weight", "kvcache", "graph", "cuda_graph", "token_capacity", "startup_available", "x"]),
     json_values,
@@ -207,13 +219,65 @@ def test_server_info_parser_never_crashes_and_never_invents(body):
         assert rank.token_capacity is None or (isinstance(rank.token_capacity, int) and rank.token_capacity >= 0)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(max_size=200), json_values.map(lambda v: __import__("json").dumps(v))))
-def test_registry_and_event_parsers_only_raise_their_own_errors(text):
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(hostile_text)
+def test_server_info_parser_takes_deep_and_large_bodies(text):
+    with contextlib.suppress(ValueError):  # ShapeError is a ValueError; so is "not JSON" and "nested too deep"
+        parse_server_info(text.encode())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(hostile_text)
+def test_registry_event_and_gate_record_parsers_only_raise_their_own_errors(text):
     with contextlib.suppress(RegistryError):
         EngineEntry.from_json(text)
     with contextlib.suppress(ValueError):
         ExitEvent.from_json(text)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+@given(hostile_text)
+def test_gate_record_files_of_any_shape_are_read_or_refused(tmp_path, text):
+    from exporter.gate_records import read_record
+    from gpu_residency_common.files import UntrustedFileError
+
+    path = tmp_path / "record.json"
+    path.write_text(text)
+    try:
+        clear, when = read_record(path)
+    except UntrustedFileError as exc:
+        assert exc.reason in ("malformed", "too_large")
+    else:
+        assert isinstance(clear, bool) and when == when
+
+
+prometheus_results = st.lists(
+    st.fixed_dictionaries({
+        "metric": st.dictionaries(st.sampled_from(["__name__", "uuid", "gpu", "gate_field", "engine", "pid"]),
+                                  st.sampled_from(["gpu_residency_memory_used_bytes", "sample_time", "0", "x", ""]),
+                                  max_size=6),
+        "value": st.tuples(st.floats(allow_nan=True) | st.text(max_size=5), st.text(max_size=12) | st.floats()),
+    }) | json_values,
+    max_size=6,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({"status": st.sampled_from(["success", "error"]), "data": st.fixed_dictionaries(
+    {"resultType": st.sampled_from(["vector", "matrix"]), "result": prometheus_results})}) | json_values)  # fmt: skip
+def test_gate_prometheus_answers_of_any_shape_are_samples_or_a_source_error(payload):
+    from gate.sources import SourceError, samples_from_answer
+
+    try:
+        samples = samples_from_answer(payload)
+    except SourceError:
+        return
+    for sample in samples:
+        assert sample.age_seconds >= 0 and isinstance(sample.used_bytes, int)
 
 
 def _unescape(value: str) -> str:
@@ -319,7 +383,7 @@ def test_tls_and_basic_auth(exporter_factory, scenario, tls_files, tmp_path):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("tls_server_config:\n  cert_file: /nope\n", "needs cert_file and key_file"),
+        ("tls_server_config:\n  cert_file: /nope\n", "missing key_file"),
         ("tls_server_config:\n  cert_file: /nope.crt\n  key_file: /nope.key\n", "tls_server_config"),
         ("basic_auth_users:\n  u: plaintext\n", "not a bcrypt hash"),
         ("surprise: 1\n", "unknown keys"),

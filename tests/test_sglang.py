@@ -13,21 +13,7 @@ from exporter.errors import ErrorCounter
 from exporter.nvml_source import NvmlReading
 from exporter.sglang import GIB, SglangPoller, ShapeError, parse_server_info
 from exporter.url_policy import UrlPolicy
-from fakenvml.sglang import FakeSglang, server_info
-
-
-@pytest.fixture
-def fake_sglang():
-    servers = []
-
-    def start(mode: str = "new", dp_size: int = 1) -> FakeSglang:
-        server = FakeSglang(mode, dp_size, lifetime=60)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+from fakenvml.sglang import server_info
 
 
 def engine(name: str, url: str, up: bool = True) -> Engine:
