@@ -60,13 +60,12 @@ panel(
     "Who holds the memory (stacked)",
     "timeseries",
     [
-        (f'sum by (engine) (gpu_residency_engine_memory_bytes{{{sel_gpu}, engine=~"$engine"}})', "engine {{engine}}"),
-        (f'sum(gpu_residency_process_memory_bytes{{{sel_gpu}, engine=""}})', "other processes"),
+        (f"sum by (kind, holder) (gpu_residency_holder_memory_bytes{{{sel_gpu}}})", "{{kind}} {{holder}}"),
         (f"sum(gpu_residency_unattributed_memory_bytes{{{sel_gpu}}})", "unattributed"),
     ],
     {"h": 9, "w": 12, "x": 12, "y": 0},
     stack=True,
-    desc="Engines (their whole process trees), processes in no engine, and memory no listed process accounts for (high: usually a missing hostPID).",
+    desc="Every holder, registered or not: engines (their whole process trees), Ray actors by class, torchrun/Megatron launchers, vLLM/SGLang workers by title, other processes by comm; and memory no listed process accounts for (high: usually a missing hostPID).",
 )
 panel(
     "SGLang accounting vs measured residency, per engine",
@@ -137,13 +136,34 @@ panel(
     desc="From the framework marking an engine asleep (active) until its memory was really gone (back).",
 )
 panel(
+    "Memory per holder kind",
+    "timeseries",
+    [(f"sum by (kind) (gpu_residency_holder_memory_bytes{{{sel_gpu}}})", "{{kind}}")],
+    {"h": 9, "w": 12, "x": 0, "y": 27},
+    stack=True,
+    desc="trainer (Ray actors named *Train*, torchrun, Megatron), sglang, vllm, ray (other Ray workers), process (anything else), and registered engines by their kind.",
+)
+panel(
+    "Memory per Kubernetes pod",
+    "timeseries",
+    [
+        (
+            f'sum by (namespace, pod) (sum by (pod_uid) (gpu_residency_holder_memory_bytes{{{sel_gpu}, pod_uid!=""}}) * on (pod_uid) group_left (namespace, pod) label_replace(kube_pod_info, "pod_uid", "$1", "uid", "(.+)"))',
+            "{{namespace}}/{{pod}}",
+        )
+    ],
+    {"h": 9, "w": 12, "x": 12, "y": 27},
+    stack=True,
+    desc="GPU memory per pod, from each process's cgroup path (pod UID) joined with kube-state-metrics' kube_pod_info; empty without kube-state-metrics in the same Prometheus.",
+)
+panel(
     "Engines up",
     "stat",
     [
         ('gpu_residency_engine_up{node=~"$node", engine=~"$engine"}', "{{engine}}"),
         ('gpu_residency_sglang_up{node=~"$node", engine=~"$engine"}', "{{engine}} /server_info"),
     ],
-    {"h": 5, "w": 12, "x": 0, "y": 27},
+    {"h": 5, "w": 12, "x": 0, "y": 36},
     unit="bool_on_off",
 )
 panel(
@@ -157,7 +177,7 @@ panel(
             "{{node}} errors/s {{source}} {{reason}}",
         ),
     ],
-    {"h": 5, "w": 12, "x": 12, "y": 27},
+    {"h": 5, "w": 12, "x": 12, "y": 36},
     unit="short",
 )
 dash = {

@@ -1,4 +1,5 @@
-"""Who holds each GPU's memory: processes, the engines whose trees they belong to, the rest.
+"""Who holds each GPU's memory: processes, the engines whose trees they belong to, the other
+holders (Ray actors, trainer ranks, titled workers) named from what the node shows, the rest.
 
 Pure assembly over what the sources returned; nothing here talks to NVML.
 """
@@ -10,8 +11,11 @@ from dataclasses import dataclass
 
 from exporter.engines import Engine
 from exporter.errors import ErrorCounter
-from exporter.nvml_source import GpuReading, NvmlReading
-from exporter.proctable import ProcView
+from exporter.nvml_source import GpuProcess, GpuReading, NvmlReading
+from exporter.proctable import ProcInfo, ProcView
+from gpu_residency_common.holders import HolderId, holder_of
+
+UNKNOWN = HolderId("unknown", "")  # a process that left /proc before we looked
 
 
 @dataclass(frozen=True)
@@ -19,9 +23,11 @@ class ProcessUsage:
     gpu: GpuReading
     pid: int
     used_bytes: int | None
-    comm: str  # "" when the process left /proc before we looked (or is outside our PID view)
+    comm: str  # the process's own title, else its comm; "" when it left /proc before we looked
     container: str
     engine: str  # "" when the process belongs to no known engine
+    holder: HolderId = UNKNOWN  # its engine, or who it is without one
+    pod_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,14 @@ class EngineUsage:
 
 
 @dataclass(frozen=True)
+class HolderUsage:
+    holder: HolderId
+    pod_uid: str
+    gpu: GpuReading
+    used_bytes: int | None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     nvml: NvmlReading
     engines: tuple[Engine, ...]
@@ -39,6 +53,7 @@ class Snapshot:
     engine_usage: tuple[EngineUsage, ...]
     unattributed: tuple[tuple[GpuReading, int], ...]  # only GPUs where it is known
     taken_at: float = 0.0  # wall-clock time of the collection
+    holder_usage: tuple[HolderUsage, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -46,45 +61,57 @@ class Snapshot:
         return self.nvml.complete
 
 
-class Attributor:
-    """Maps GPU processes to engines by walking up from each process to an engine root.
+@dataclass(frozen=True)
+class _Identity:
+    """What does not change while a process lives: read once per (pid, start time)."""
 
-    A process's title and container are cached by (pid, start time): they do not change
-    while it lives, and the cache is pruned to the processes seen in the last pass.
+    container: str
+    pod_uid: str
+    launchers: tuple[tuple[int, str], ...]  # torchrun / Megatron processes among it and its ancestors
+
+
+class Attributor:
+    """Maps GPU processes to engines by walking up from each process to an engine root, and names
+    every other holder from what the node shows (titles, launchers), with its pod.
+
+    Container, pod and launcher chain are cached by (pid, start time) and pruned to the processes
+    of the last pass; titles are read every pass (Ray retitles a worker that becomes an actor).
     """
 
     def __init__(self, errors: ErrorCounter | None = None) -> None:
         self._errors = errors or ErrorCounter()
-        self._labels: dict[tuple[int, int], tuple[str, str]] = {}  # -> (comm, container)
+        self._identities: dict[tuple[int, int], _Identity] = {}
+
+    def _identity(self, info: ProcInfo, view: ProcView) -> _Identity:
+        container, pod_uid = view.cgroup(info.pid)
+        return _Identity(container, pod_uid, view.launchers(info.pid))
 
     def attribute(self, nvml: NvmlReading, engines: list[Engine], view: ProcView) -> Snapshot:
         # An engine is up only if its root PID is, in this same view, the registered process.
-        roots = {e.root_pid: e.name for e in engines if e.up and e.root_pid}
-        labels: dict[tuple[int, int], tuple[str, str]] = {}
+        roots = {e.root_pid: e for e in engines if e.up and e.root_pid}
+        identities: dict[tuple[int, int], _Identity] = {}
         processes: list[ProcessUsage] = []
         engine_usage: list[EngineUsage] = []
+        holder_usage: list[HolderUsage] = []
         unattributed: list[tuple[GpuReading, int]] = []
         for gpu in nvml.gpus:
             if gpu.processes is None:
                 continue
             per_engine: dict[str, int | None] = {}
+            per_holder: dict[tuple[HolderId, str], int | None] = {}
             for proc in gpu.processes:
-                info = view.info(proc.pid)
-                engine = comm = container = ""
-                if info is not None:
-                    key = (info.pid, info.start_ticks)
-                    known = self._labels.get(key) or (view.title(info), view.container(info.pid))
-                    labels[key] = known
-                    comm, container = known
-                    engine = next((roots[a.pid] for a in view.ancestry(proc.pid) if a.pid in roots), "")
-                processes.append(ProcessUsage(gpu, proc.pid, proc.used_bytes, comm, container, engine))
-                if engine:
-                    per_engine[engine] = _add(per_engine.get(engine, 0), proc.used_bytes)
+                usage = self._process(gpu, proc, roots, view, identities)
+                processes.append(usage)
+                if usage.engine:
+                    per_engine[usage.engine] = _add(per_engine.get(usage.engine, 0), proc.used_bytes)
+                key = (usage.holder, usage.pod_uid)
+                per_holder[key] = _add(per_holder.get(key, 0), proc.used_bytes)
             engine_usage.extend(EngineUsage(name, gpu, used) for name, used in per_engine.items())
+            holder_usage.extend(HolderUsage(h, pod, gpu, used) for (h, pod), used in per_holder.items())
             rest = self._unattributed(gpu)
             if rest is not None:
                 unattributed.append((gpu, rest))
-        self._labels = labels
+        self._identities = identities
         return Snapshot(
             nvml=nvml,
             engines=tuple(engines),
@@ -92,6 +119,37 @@ class Attributor:
             engine_usage=tuple(engine_usage),
             unattributed=tuple(unattributed),
             taken_at=time.time(),
+            holder_usage=tuple(holder_usage),
+        )
+
+    def _process(
+        self,
+        gpu: GpuReading,
+        proc: GpuProcess,
+        roots: dict[int, Engine],
+        view: ProcView,
+        identities: dict[tuple[int, int], _Identity],
+    ) -> ProcessUsage:
+        info = view.info(proc.pid)
+        if info is None:  # gone before we looked, or outside our PID namespace (no hostPID)
+            return ProcessUsage(gpu, proc.pid, proc.used_bytes, "", "", "")
+        key = (info.pid, info.start_ticks)
+        identity = identities[key] = self._identities.get(key) or self._identity(info, view)
+        title = view.title(info.pid)
+        engine = next((roots[a.pid] for a in view.ancestry(proc.pid) if a.pid in roots), None)
+        if engine is not None:
+            holder = HolderId(engine.kind, engine.name)
+        else:
+            holder = holder_of(title, info.comm, list(identity.launchers))
+        return ProcessUsage(
+            gpu,
+            proc.pid,
+            proc.used_bytes,
+            title or info.comm,
+            identity.container,
+            engine.name if engine else "",
+            holder,
+            identity.pod_uid,
         )
 
     def _unattributed(self, gpu: GpuReading) -> int | None:

@@ -134,16 +134,31 @@ class ResidencyCollector(Collector):
         node = self._node
         processes = GaugeMetricFamily(
             PREFIX + "process_memory_bytes",
-            "GPU memory used by one process (NVML); engine is '' for a process in no known engine.",
-            labels=["node", "gpu", "uuid", "pid", "comm", "engine", "container"],
+            "GPU memory used by one process (NVML); engine is '' for a process in no known engine, holder names it "
+            "anyway (its engine, Ray actor class, launcher or title; else its comm).",
+            labels=["node", "gpu", "uuid", "pid", "comm", "engine", "container", "pod_uid", "holder", "holder_kind"],
         )
         for proc in snapshot.processes:
             if proc.used_bytes is not None:
                 processes.add_metric(
-                    [node, str(proc.gpu.index), proc.gpu.uuid, str(proc.pid), proc.comm, proc.engine, proc.container],
+                    [node, str(proc.gpu.index), proc.gpu.uuid, str(proc.pid), proc.comm, proc.engine, proc.container,
+                     proc.pod_uid, proc.holder.name, proc.holder.kind],
                     proc.used_bytes,
-                )
+                )  # fmt: skip
         yield processes
+        holders = GaugeMetricFamily(
+            PREFIX + "holder_memory_bytes",
+            "GPU memory per holder on one GPU: engines, and unregistered holders named from the node (Ray actor "
+            "classes, torchrun/Megatron launchers, vLLM/SGLang titles, else the comm); kind says which.",
+            labels=["node", "gpu", "uuid", "holder", "kind", "pod_uid"],
+        )
+        for usage in snapshot.holder_usage:
+            if usage.used_bytes is not None:
+                holders.add_metric(
+                    [node, str(usage.gpu.index), usage.gpu.uuid, usage.holder.name, usage.holder.kind, usage.pod_uid],
+                    usage.used_bytes,
+                )
+        yield holders
         engine_memory = GaugeMetricFamily(
             PREFIX + "engine_memory_bytes",
             "GPU memory held by an engine's whole process tree on one GPU.",

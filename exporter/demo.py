@@ -1,11 +1,14 @@
 """`--demo`: a simulated colocated-RL node, so the exporter shows real output without a GPU.
 
 Eight fake GPUs (the fake NVML), four SGLang-like engines at TP=2 (each with a fake
-SGLang /server_info) and a trainer, each a real process tree whose leaves "hold"
-memory, registered in a private registry; one more engine is killed by SIGKILL at
-start, so the exit counters have something to show. The
-engines and the trainer take turns every PHASE_SECONDS, as in colocated RL training:
-engines awake and the trainer offloaded, then engines asleep and the trainer awake.
+SGLang /server_info), registered in a private registry, and a trainer that nobody
+registers: Ray actor processes titled `ray::MegatronTrainRayActor.train` (with the real
+setproctitle, as Ray does), which the exporter names from their titles, as on a miles
+node. Each is a real process whose memory the fake NVML reports; one more engine is killed
+by SIGKILL at start, so the exit counters have something to show, and a leftover process
+holds memory in no engine. The engines and the trainer take turns every PHASE_SECONDS, as
+in colocated RL training: engines awake and the trainer offloaded, then engines asleep and
+the trainer awake.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ RELEASE_SECONDS = 1.5  # between a state change and the memory actually moving
 GPUS = 8
 TP = 2
 CONTEXT_BYTES = int(0.3 * GIB)  # driver/context memory no process is charged for
+TRAINER_TITLE = "ray::MegatronTrainRayActor.train"
 
 
 class DemoNode:
@@ -76,8 +80,7 @@ class DemoNode:
             )
             node.engines.append((name, tree))
         node.orphan = start_tree(1, title="python")  # a leftover process in no engine
-        node.trainer = start_tree(GPUS, title="megatron::rank")
-        register_engine("trainer", root_pid=node.trainer.pid, kind="trainer", directory=node.registry, state="asleep")
+        node.trainer = start_tree(GPUS, depth=1, title=TRAINER_TITLE)  # Ray actors: named, never registered
         node._crash_one_engine()
         node._move_memory(engines_awake=True)
         node._thread.start()
@@ -101,7 +104,6 @@ class DemoNode:
         """What a framework records once /release_memory_occupation (or resume) returned."""
         for name, _ in self.engines:
             set_engine_state(name, "active" if engines_awake else "asleep", self.registry)
-        set_engine_state("trainer", "asleep" if engines_awake else "active", self.registry)
 
     def _move_memory(self, engines_awake: bool) -> None:
         engine_bytes = 62 * GIB if engines_awake else int(1.7 * GIB)

@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from exporter.errors import ErrorCounter
-from exporter.proctable import ProcView, own_namespace, read_nspid, read_proc, scan_pids
+from exporter.proctable import ProcView, own_namespace, read_argv, read_nspid, read_proc, scan_pids
 from exporter.registry import ENTRY_SUFFIX, EngineEntry, RegistryError, read_entry
 from exporter.supervisor import run_supervised
 
@@ -148,15 +148,6 @@ def parse_sglang_launch(argv: list[str]) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _read_argv(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            raw = handle.read(16384)
-    except OSError:
-        return []
-    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
-
-
 def _format_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -165,7 +156,7 @@ def discover_sglang(pids: list[int]) -> list[tuple[EngineEntry, int]]:
     """SGLang launch processes among `pids`, as (entry, start_ticks)."""
     found = []
     for pid in pids:
-        launch = parse_sglang_launch(_read_argv(pid))
+        launch = parse_sglang_launch(read_argv(pid))
         info = read_proc(pid) if launch else None
         if info is None or not info.alive:
             continue

@@ -14,15 +14,19 @@ import re
 from dataclasses import dataclass
 
 from exporter.errors import ErrorCounter
+from gpu_residency_common.holders import launcher_of, title_from_cmdline
 
 PROC = "/proc"
 
-# Process titles SGLang sets on the processes that hold GPU memory.
-_TITLE = re.compile(r"^sglang::[A-Za-z0-9_:.\-]{1,64}$")
-
-# Container ids in cgroup paths: docker-<id>.scope, cri-containerd-<id>.scope,
-# crio-<id>.scope, /docker/<id>, /kubepods/.../<id>.
-_CONTAINER = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+# Container ids in cgroup paths: docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope
+# (not crio-conmon-<id>.scope: that is the runtime's monitor), libpod-<id>.scope, /docker/<id>,
+# /kubepods/.../<id>, and runc's unexpanded "<slice>:cri-containerd:<id>".
+_CONTAINER = re.compile(r"(?:^|[/:-])([0-9a-f]{64})(?:\.scope)?$")
+# Pod UIDs: the systemd driver writes kubepods[-qos]-pod<uid with _ for ->.slice, cgroupfs /pod<uid>/.
+_POD_SYSTEMD = re.compile(
+    r"kubepods(?:-[a-z]+)?-pod([0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})\.slice"
+)
+_POD_CGROUPFS = re.compile(r"/pod([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?=/|$)")
 
 
 @dataclass(frozen=True)
@@ -59,22 +63,33 @@ def parse_stat(pid: int, text: str) -> ProcInfo | None:
         return None
 
 
-def _read(path: str, limit: int = 65536) -> str | None:
+def _read_bytes(path: str, limit: int = 65536) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        return os.read(fd, limit).decode("utf-8", "replace")
+        return os.read(fd, limit)
     except OSError:
         return None
     finally:
         os.close(fd)
 
 
+def _read(path: str, limit: int = 65536) -> str | None:
+    raw = _read_bytes(path, limit)
+    return None if raw is None else raw.decode("utf-8", "replace")
+
+
 def read_proc(pid: int, proc_root: str = PROC) -> ProcInfo | None:
     text = _read(f"{proc_root}/{pid}/stat", 4096)
     return parse_stat(pid, text) if text else None
+
+
+def read_argv(pid: int, limit: int = 16384, proc_root: str = PROC) -> list[str]:
+    """The command line's first `limit` bytes as arguments, to recognise launches; never published."""
+    raw = _read_bytes(f"{proc_root}/{pid}/cmdline", limit) or b""
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
 def scan_pids(proc_root: str = PROC) -> list[int]:
@@ -112,14 +127,39 @@ def read_nspid(pid: int, proc_root: str = PROC) -> tuple[int, ...]:
     return parse_nspid(text) if text else ()
 
 
+def _cgroup_paths(cgroup_text: str) -> list[str]:
+    """The path of each /proc/<pid>/cgroup line, the cgroup v2 line first. A path may hold colons
+    (runc's "slice:prefix:id" form on some cgroup v1 hosts): split at the first two only."""
+    paths = []
+    for line in cgroup_text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths.insert(0, parts[2]) if parts[0] == "0" else paths.append(parts[2])
+    return paths
+
+
 def parse_container(cgroup_text: str) -> str:
     """Container id from /proc/<pid>/cgroup ('' when the process is not in a container)."""
-    for line in cgroup_text.splitlines():
-        path = line.rsplit(":", 1)[-1].rstrip("/")
-        for part in reversed(path.split("/")):
+    for path in _cgroup_paths(cgroup_text):
+        for part in reversed(path.rstrip("/").split("/")):
+            if part.startswith("crio-conmon-") or part == "container":
+                continue  # the runtime's monitor; podman's inner leaf below libpod-<id>.scope
             match = _CONTAINER.search(part)
             if match:
                 return match.group(1)
+    return ""
+
+
+def parse_pod_uid(cgroup_text: str) -> str:
+    """Kubernetes pod UID from /proc/<pid>/cgroup, as kube_pod_info{uid} spells it ('' outside a pod).
+
+    Found anywhere in the path (kubelet's --cgroup-root, kind, nested runtimes and paths relative
+    to another cgroup namespace all prefix it); the innermost pod wins."""
+    for path in _cgroup_paths(cgroup_text):
+        found = [m.group(1).replace("_", "-") for m in _POD_SYSTEMD.finditer(path)]
+        found += [m.group(1) for m in _POD_CGROUPFS.finditer(path)]
+        if found:
+            return max(found, key=path.rfind)
     return ""
 
 
@@ -156,20 +196,26 @@ class ProcView:
             pid = info.ppid
             seen += 1
 
-    def title(self, info: ProcInfo) -> str:
-        """The comm, or SGLang's fuller process title (e.g. sglang::scheduler_DP1_TP3),
-        which the kernel truncates to 15 characters in comm. Nothing else of the command
-        line is ever read into a label."""
-        if not info.comm.startswith("sglang::"):
-            return info.comm
-        cmdline = _read(f"{self._root}/{info.pid}/cmdline", 256) or ""
-        first = cmdline.split("\0", 1)[0].strip()
-        return first if _TITLE.match(first) else info.comm
+    def title(self, pid: int) -> str | None:
+        """The title the process set for itself (ray::…, sglang::…, VLLM::…), read from its
+        cmdline: comm keeps only 15 bytes of it, and only for the thread that set it. None for an
+        ordinary command line, which never reaches a label."""
+        raw = _read_bytes(f"{self._root}/{pid}/cmdline", 512)
+        return title_from_cmdline(raw) if raw else None
 
-    def container(self, pid: int) -> str:
+    def argv(self, pid: int) -> list[str]:
+        return read_argv(pid, 4096, self._root)
+
+    def launchers(self, pid: int) -> tuple[tuple[int, str], ...]:
+        """(pid, 'torchrun' | 'megatron') for the process and its ancestors that are launchers, nearest first."""
+        chain = [(ancestor.pid, launcher_of(self.argv(ancestor.pid))) for ancestor in self.ancestry(pid)]
+        return tuple((found, kind) for found, kind in chain if kind)
+
+    def cgroup(self, pid: int) -> tuple[str, str]:
+        """(container id, pod UID) from the process's cgroup path ('' where not in one)."""
         text = _read(f"{self._root}/{pid}/cgroup")
         if text is None:
             if self._errors is not None and self.info(pid) is not None:
                 self._errors.inc("proc", "unreadable")
-            return ""
-        return parse_container(text)
+            return "", ""
+        return parse_container(text), parse_pod_uid(text)

@@ -1,10 +1,12 @@
 """A real process tree standing in for an engine: root -> ... -> leaves that "hold" GPU memory.
 
-    python -m fakenvml.tree --depth 2 --leaves 2 --title sglang::scheduler
+    python -m fakenvml.tree --depth 2 --leaves 2 --title 'sglang::scheduler_TP{rank}'
 
-starts a chain `depth` levels deep whose last level has `leaves` processes, each
-titled like SGLang's schedulers (title_TP0, title_TP1, ...), and prints one line per
-leaf: its PID. Every process exits when its parent goes away, on SIGTERM, or after
+starts a chain `depth` levels deep whose last level has `leaves` processes, each titled
+with the real setproctitle package as SGLang, vLLM and Ray title theirs (`{rank}` in the
+title becomes the leaf's index: sglang::scheduler_TP0, sglang::scheduler_TP1, ...), and
+prints one line per leaf: its PID. Without setproctitle (an interpreter that lacks it) only
+the 15-byte comm is set. Every process exits when its parent goes away, on SIGTERM, or after
 --max-seconds, so nothing outlives the test or demo that started it.
 """
 
@@ -40,7 +42,10 @@ class Tree:
         self.root.wait(timeout=10)
 
 
-def start(leaves: int = 1, depth: int = 2, title: str = "sglang::scheduler", max_seconds: float = 3600.0) -> Tree:
+SGLANG_SCHEDULER = "sglang::scheduler_TP{rank}"
+
+
+def start(leaves: int = 1, depth: int = 2, title: str = SGLANG_SCHEDULER, max_seconds: float = 3600.0) -> Tree:
     """Start a tree (for tests, the demo and benchmarks) and wait for its leaves' PIDs."""
     env = dict(os.environ)
     package_parent = str(Path(__file__).resolve().parent.parent)
@@ -51,9 +56,14 @@ def start(leaves: int = 1, depth: int = 2, title: str = "sglang::scheduler", max
     return Tree(root, [int(root.stdout.readline()) for _ in range(leaves)])
 
 
-def _set_comm(title: str) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_NAME, title.encode()[:15], 0, 0, 0)
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle
+    except ImportError:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(PR_SET_NAME, title.encode()[:15], 0, 0, 0)
+        return
+    setproctitle.setproctitle(title)  # cmdline becomes the title; comm its first 15 bytes
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=2, help="levels below this process (0: this is a leaf)")
     parser.add_argument("--leaves", type=int, default=1, help="processes at the last level")
-    parser.add_argument("--title", default="sglang::scheduler")
+    parser.add_argument("--title", default=SGLANG_SCHEDULER, help="leaf title; {rank} becomes the leaf's index")
     parser.add_argument("--leaf-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--max-seconds", type=float, default=3600.0)
     args = parser.parse_args(argv)
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.leaves):
             children.append(_spawn(["--depth", "0", "--leaf-index", str(index), *common]))
     else:
-        _set_comm(f"{args.title}_TP{args.leaf_index}")
+        _set_title(args.title.replace("{rank}", str(args.leaf_index)))
         os.write(sys.stdout.fileno(), f"{os.getpid()}\n".encode())  # one write: lines never interleave
 
     # A plain flag: Event.set() from a signal handler can deadlock against Event.wait().

@@ -136,7 +136,7 @@ class Decision:
             if total is None and mine:
                 total = sum(h.used_bytes for h in mine)
             if total:
-                who = ", ".join(h.name for h in mine[:3])
+                who = ", ".join(f"pid {h.pid} {h.name}" if h.pid is not None else h.name for h in mine[:3])
                 held.append(f"{total / GIB:.1f} GiB on GPU {verdict.requested}" + (f" ({who})" if who else ""))
         if not held:
             return f"waiting for engine {engine}'s release: it holds nothing measured on these GPUs"

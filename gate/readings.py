@@ -13,19 +13,21 @@ class SourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds memory on a GPU: an engine, a process outside engines, or 'unattributed'."""
+    """Who holds memory on a GPU: an engine, a process, or 'unattributed'."""
 
     kind: str  # engine | process | unattributed
-    name: str
+    name: str  # an engine's name; a process's holder (ray::MegatronTrainRayActor, torchrun-4120, its comm)
     used_bytes: int
     engine: str = ""  # for a process: the engine it belongs to ("" for none)
+    pid: int | None = None
+    role: str = ""  # for a process: its holder's kind (trainer, ray, vllm, sglang, process)
 
     def __str__(self) -> str:
-        return (
-            f"{self.kind} {self.name}: {self.used_bytes / GIB:.1f} GiB"
-            if self.name
-            else (f"{self.kind}: {self.used_bytes / GIB:.1f} GiB")
-        )
+        used = f"{self.used_bytes / GIB:.1f} GiB"
+        if self.kind == "process":
+            pid = f" pid {self.pid}" if self.pid is not None else ""
+            return f"{self.role or 'process'} {self.name}{pid}: {used}"
+        return f"{self.kind} {self.name}: {used}" if self.name else f"{self.kind}: {used}"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Protocol
 
 from gate.readings import GpuSample, Holder, SourceError
@@ -27,13 +26,6 @@ class Source(Protocol):
 
 
 # ---------- local NVML ----------
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 class NvmlSource:
@@ -92,15 +84,25 @@ class NvmlSource:
         return samples
 
     def _holders(self, handle: object) -> tuple[Holder, ...]:
+        """The GPU's processes, named as the exporter names them (title, launcher, else comm)."""
+        from exporter.proctable import ProcView  # standard library only; here so `import gate` stays light
+        from gpu_residency_common.holders import holder_of
+
         try:
             processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
         except self._nvml.NVMLError:
             return ()
-        return tuple(
-            Holder("process", f"pid {p.pid} {_comm(p.pid)}".strip(), int(p.usedGpuMemory))
-            for p in processes
-            if p.usedGpuMemory is not None
-        )
+        view, holders = ProcView(), []
+        for process in processes:
+            if process.usedGpuMemory is None:
+                continue
+            info = view.info(process.pid)
+            who = holder_of(view.title(process.pid), info.comm, list(view.launchers(process.pid))) if info else None
+            holders.append(
+                Holder("process", who.name if who else "", int(process.usedGpuMemory), pid=process.pid,
+                       role=who.kind if who else "")
+            )  # fmt: skip
+        return tuple(sorted(holders, key=lambda h: -h.used_bytes))
 
 
 # ---------- Prometheus ----------
@@ -227,8 +229,16 @@ def _holder(name: str, labels: dict, value: int) -> Holder | None:
     if name == "gpu_residency_engine_memory_bytes":
         return Holder("engine", labels.get("engine", ""), value)
     if name == "gpu_residency_process_memory_bytes":
-        name = f"pid {labels.get('pid', '?')} {labels.get('comm', '')}".strip()
-        return Holder("process", name, value, engine=labels.get("engine", ""))
+        pid, engine = labels.get("pid", ""), labels.get("engine", "")
+        # An engine's process is named by its title (its holder is the engine); any other by its holder.
+        return Holder(
+            "process",
+            labels.get("comm", "") if engine else labels.get("holder") or labels.get("comm", ""),
+            value,
+            engine=engine,
+            pid=int(pid) if pid.isdigit() else None,
+            role=labels.get("holder_kind", ""),
+        )
     if name == "gpu_residency_unattributed_memory_bytes":
         return Holder("unattributed", "", value)
     return None

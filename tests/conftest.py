@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -58,7 +60,7 @@ def spawn_tree() -> Iterator:
     """Real process trees (root -> child -> leaves) stopped after the test."""
     trees: list[Tree] = []
 
-    def spawn(leaves: int = 1, depth: int = 2, title: str = "sglang::scheduler") -> Tree:
+    def spawn(leaves: int = 1, depth: int = 2, title: str = "sglang::scheduler_TP{rank}") -> Tree:
         trees.append(start_tree(leaves, depth, title, max_seconds=300))
         return trees[-1]
 
@@ -275,6 +277,59 @@ def local_exporter(tmp_path, fake_nvml_dir, scenario, monkeypatch) -> LocalExpor
     )  # fmt: skip
     errors = ErrorCounter()
     return LocalExporter(build_exporter(args, errors).collector, registry_dir, errors)
+
+
+MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def own_memory_cgroup() -> Path:
+    """This process's cgroup v1 memory cgroup directory (the `memory` line of /proc/self/cgroup)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return MEMORY_CGROUP_ROOT / path.lstrip("/")
+    raise LookupError("no cgroup v1 memory controller")
+
+
+@pytest.fixture
+def child_cgroup() -> Iterator:
+    """make(relative, limit_bytes=None) -> a child memory cgroup under this process's own (cgroup v1, as
+    on this machine); processes join by writing to its cgroup.procs. Killed, emptied and removed after."""
+    try:
+        base = own_memory_cgroup()
+        writable = os.access(base, os.W_OK) and (base / "cgroup.procs").exists()
+    except (LookupError, OSError):
+        writable = False
+    if not writable:
+        message = "needs a writable cgroup v1 memory controller (root, /sys/fs/cgroup/memory)"
+        if REQUIRE_TOOLS:
+            pytest.fail(message)
+        pytest.skip(message)
+    created: list[Path] = []
+
+    def make(relative: str, limit_bytes: int | None = None) -> Path:
+        path = base / relative
+        for parent in [*reversed(path.relative_to(base).parents[:-1]), path.relative_to(base)]:
+            directory = base / parent
+            if not directory.exists():
+                directory.mkdir()
+                created.append(directory)
+        if limit_bytes is not None:
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        return path
+
+    yield make
+    for directory in reversed(created):
+        for _ in range(50):
+            pids = [int(p) for p in (directory / "cgroup.procs").read_text().split()]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                directory.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ class Idle:
         return [GpuSample(0, "GPU-0", "00000000:18:00.0", 0)]
 
 registry = sys.argv[1]
-tree = start(2, title="sglang::scheduler", max_seconds=120)
+tree = start(2, title="sglang::scheduler_TP{rank}", max_seconds=120)
 register_engine("in-pod", root_pid=tree.pid, url="http://127.0.0.1:30000", directory=registry)
 report_exit("in-pod-warmup", -9, directory=registry)
 ResidualGate(2, source=Idle(), record_dir=registry).check([0], wake="in-pod")

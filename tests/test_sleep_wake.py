@@ -66,7 +66,7 @@ def test_a_release_that_never_happens_times_out_and_names_its_processes(
     exporter_factory, scenario, spawn_tree, tmp_path
 ):
     registry = tmp_path / "reg"
-    tree = spawn_tree(title="sglang::scheduler")
+    tree = spawn_tree(title="sglang::scheduler_TP{rank}")
     register_engine("stuck", root_pid=tree.pid, directory=registry, state="active")
     _hold(scenario, tree.leaves[0], 30)
     exporter = _start(exporter_factory, scenario, registry, "--engines.release-timeout", "1")
@@ -77,7 +77,7 @@ def test_a_release_that_never_happens_times_out_and_names_its_processes(
         assert values(m, "gpu_residency_engine_release_seconds_count", engine="stuck") == []
     log = exporter.log()
     assert "engine stuck: release not complete" in log
-    assert f"pid {tree.leaves[0]} sglang::schedul" in log and "30.0 GiB on GPU 0" in log
+    assert f"pid {tree.leaves[0]} sglang::scheduler_TP0" in log and "30.0 GiB on GPU 0" in log
     _until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine="stuck", state="active") == [1])
 
 
@@ -113,7 +113,7 @@ def test_set_state_errors_are_clear(tmp_path):
 def test_gate_names_the_engine_it_waits_for():
     holders = (
         Holder("engine", "rollout-3", int(9.4 * GIB)),
-        Holder("process", "pid 4121 sglang::scheduler", int(9.4 * GIB), engine="rollout-3"),
+        Holder("process", "sglang::scheduler_TP0", int(9.4 * GIB), engine="rollout-3", pid=4121, role="sglang"),
         Holder("unattributed", "", GIB // 10),
     )
     sample = GpuSample(3, "GPU-3", "00000000:48:00.0", int(9.6 * GIB), None, holders)
@@ -127,8 +127,8 @@ def test_gate_names_the_engine_it_waits_for():
     decision = ResidualGate(2, source=Source()).check([3], waiting_for="rollout-3")
     text = decision.explain()
     assert (
-        "waiting for engine rollout-3's release: rollout-3 still holds 9.4 GiB on GPU 3 (pid 4121 sglang::scheduler)"
-        in text
+        "waiting for engine rollout-3's release: rollout-3 still holds 9.4 GiB on GPU 3 "
+        "(pid 4121 sglang::scheduler_TP0)" in text
     )
     assert "top holders: engine rollout-3: 9.4 GiB, unattributed: 0.1 GiB" in text
 
