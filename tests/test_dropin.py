@@ -11,20 +11,28 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
+from conftest import ROOT
 
 import fakenvml
+import fakenvml.sglang
 from fakenvml import NOT_SUPPORTED
+from fakenvml.sglang import FakeSglang
 from gate import GateConfigError, GateTimeout, ResidualGate
 from gate.compat import parse_env_positive_float, probe_max_used_gpu_mem_gb, wait_for_residual_or_proceed
 
 GIB = 1024**3
+SPAWN = multiprocessing.get_context("spawn")  # as miles' launch_server_process starts SGLang
 
 # ---------- a fake nvidia-smi, first on PATH ----------
 
@@ -277,3 +285,144 @@ def test_rlix_wait_fail_closed_blocks_and_raises_instead(smi, caplog):
     smi.set(["512", "0"])
     assert wait_for_residual_or_proceed([0, 1], fail_closed=True) is None
     assert any("max 0.50 GiB used < 10.00 GiB" in m for m in messages(caplog, logging.INFO))
+
+
+# ---------- miles: wait_server_healthy ----------
+
+
+def spawn_engine(**options) -> tuple[multiprocessing.Process, str]:
+    """An engine process as miles starts one (multiprocessing, spawn) serving a fake SGLang."""
+    urls = SPAWN.Queue()
+    process = SPAWN.Process(target=fakenvml.sglang.serve, args=(urls,), kwargs={"lifetime": 60, **options})
+    process.start()
+    return process, urls.get(timeout=60)
+
+
+def popen_engine(*args: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "fakenvml.sglang", "--lifetime", "60", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    return process, process.stdout.readline().strip()
+
+
+@pytest.fixture
+def engines():
+    started: list = []
+    yield started
+    for process in started:
+        if isinstance(process, subprocess.Popen):
+            process.kill()
+            process.wait()
+        else:
+            process.kill()
+            process.join()
+
+
+def seen(url: str) -> list[list]:
+    return requests.get(url + "/_fake/requests", timeout=10).json()
+
+
+def test_waits_for_health_generate_then_flush_cache_with_the_api_key(engines):
+    from exporter.exits import wait_server_healthy
+
+    process, url = spawn_engine(health_after=2.0, api_key="secret")
+    engines.append(process)
+    took = wait_server_healthy(base_url=url, api_key="secret", process=process)  # miles PR #572's call
+    assert took >= 2.0, "no overall timeout: it waited for the model to load"
+    paths = [path for path, _ in seen(url)]
+    assert "/health" not in paths and paths[0] == "/health_generate" and paths[-1] == "/flush_cache"
+    assert paths.count("/health_generate") >= 2 and paths.index("/flush_cache") == len(paths) - 1
+    assert {auth for _, auth in seen(url)} == {"Bearer secret"}
+
+
+def test_miles_main_call_with_is_process_alive(engines):
+    from exporter.exits import wait_server_healthy
+
+    process, url = spawn_engine()
+    engines.append(process)
+    wait_server_healthy(base_url=url, api_key=None, is_process_alive=lambda: process.is_alive())
+    assert [path for path, _ in seen(url)] == ["/health_generate", "/flush_cache"]
+    assert {auth for _, auth in seen(url)} == {None}, "no key: no Authorization header (miles sends 'Bearer None')"
+
+
+def test_external_engine_without_a_process():
+    from exporter.exits import wait_server_healthy
+
+    server = FakeSglang(health_after=1.0, lifetime=30)
+    try:
+        wait_server_healthy(base_url=server.url, api_key=None, is_process_alive=lambda: True)  # miles' external path
+        wait_server_healthy(server.url)  # no process at all
+    finally:
+        server.stop()
+
+
+def _assert_killed_during(text: str, phase: str, url: str) -> None:
+    assert text.startswith(f"Server process terminated unexpectedly during {phase}. exitcode=-9, elapsed=")
+    assert f"url={url} (killed by SIGKILL); killed by SIGKILL: the kernel OOM killer" in text
+    assert "SGLang's launcher killing its tree" in text and "likely an OOM" not in text
+
+
+def test_an_engine_dying_during_flush_cache_is_an_error_not_healthy(engines):
+    from exporter.exits import wait_server_healthy
+
+    process, url = spawn_engine(flush="die")
+    engines.append(process)
+    with pytest.raises(RuntimeError) as caught:
+        wait_server_healthy(base_url=url, api_key=None, process=process)
+    assert process.exitcode == -signal.SIGKILL
+    _assert_killed_during(str(caught.value), "flush_cache", url)
+
+
+def test_an_engine_killed_while_flush_cache_hangs_is_noticed_at_once(engines):
+    from exporter.exits import EngineExitedError, wait_server_healthy
+
+    process, url = popen_engine("--flush", "hang")
+    engines.append(process)
+    threading.Timer(1.5, process.kill).start()  # SIGKILL from outside, the request still open
+    started = time.monotonic()
+    with pytest.raises(EngineExitedError) as caught:
+        wait_server_healthy(url, process)
+    assert time.monotonic() - started < 1.5 + 2
+    assert caught.value.exitcode == -9
+    _assert_killed_during(str(caught.value), "flush_cache", url)
+
+
+def test_a_hanging_flush_cache_times_out_only_when_asked():
+    from exporter.exits import wait_server_healthy
+
+    server = FakeSglang(flush="hang", lifetime=30)
+    try:
+        with pytest.raises(TimeoutError, match="flush_cache"):
+            wait_server_healthy(base_url=server.url, timeout=1.5)
+    finally:
+        server.stop()
+
+
+def test_death_during_health_generate_check_as_miles_main_and_pr_572_call(engines):
+    from exporter.exits import wait_server_healthy
+
+    for style in ("main", "pr572"):
+        process, url = spawn_engine(health_after=3600)
+        engines.append(process)
+        threading.Timer(1.0, process.kill).start()
+        with pytest.raises(RuntimeError) as caught:
+            if style == "main":  # only a callable: no exit code to report, as in PR #572
+                wait_server_healthy(base_url=url, api_key="k", is_process_alive=lambda p=process: p.is_alive())
+            else:
+                wait_server_healthy(base_url=url, api_key="k", process=process)
+        text = str(caught.value)
+        if style == "main":
+            assert text.startswith("Server process terminated unexpectedly during health_generate check. exitcode=None")
+        else:
+            _assert_killed_during(text, "health_generate check", url)
+
+
+def test_an_unwritable_registry_never_replaces_the_real_error(tmp_path, caplog):
+    from exporter.exits import EngineExitedError, wait_server_healthy
+
+    not_a_directory = tmp_path / "registry"
+    not_a_directory.write_text("")
+    process = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    with pytest.raises(EngineExitedError, match="terminated unexpectedly during health_generate check"):
+        wait_server_healthy("http://127.0.0.1:9", process, engine="e", directory=not_a_directory)
+    assert any("could not record the exit of engine e" in r.getMessage() for r in caplog.records)
