@@ -31,6 +31,7 @@ from fakenvml.sglang import FakeSglang
 from gate import GateConfigError, GateTimeout, ResidualGate
 from gate.compat import parse_env_positive_float, probe_max_used_gpu_mem_gb, wait_for_residual_or_proceed
 
+MIB = 1024**2
 GIB = 1024**3
 SPAWN = multiprocessing.get_context("spawn")  # as miles' launch_server_process starts SGLang
 
@@ -426,3 +427,66 @@ def test_an_unwritable_registry_never_replaces_the_real_error(tmp_path, caplog):
     with pytest.raises(EngineExitedError, match="terminated unexpectedly during health_generate check"):
         wait_server_healthy("http://127.0.0.1:9", process, engine="e", directory=not_a_directory)
     assert any("could not record the exit of engine e" in r.getMessage() for r in caplog.records)
+
+
+# ---------- rlops/miles: query_process_tree_gpu_used_gb ----------
+
+
+@pytest.fixture
+def tree_probe(nvml, spawn_tree, monkeypatch):
+    """query_process_tree_gpu_used_gb on the fake NVML, and a real tree: root -> child -> leaves 100, 200."""
+    import exporter.gpu_probe
+
+    monkeypatch.setattr(exporter.gpu_probe, "_sources", {})  # a source started before the fake NVML was loaded
+    tree = spawn_tree(leaves=2)
+    pids = {100: tree.leaves[0], 200: tree.leaves[1], "root": tree.pid, 999: os.getpid()}  # 999: not in the tree
+
+    def measure(gpu0=(), gpu1=()):
+        """Each GPU's processes as (pid, MiB), MiB None when NVML cannot say, as miles' rows."""
+        for gpu, rows in zip(nvml.gpus, (gpu0, gpu1), strict=True):
+            gpu.processes = [(pids[pid], -1 if mib is None else mib * MIB) for pid, mib in rows]
+        nvml.write()
+        return exporter.gpu_probe.query_process_tree_gpu_used_gb(tree.pid)
+
+    return measure
+
+
+@pytest.mark.parametrize(
+    "gpu0, gpu1, expected",
+    [
+        ([(100, 500), (200, 1024)], [(100, 2000)], 2000 / 1024),  # max over GPUs of the per-GPU sum
+        ([(100, 500), (200, 256)], [], 756 / 1024),  # summed on one GPU
+        ([(100, 500)], [(999, 9000)], 500 / 1024),  # a process outside the tree is not counted
+        ([], [(999, 9000)], None),  # nothing of the tree on any GPU: cannot measure, not 0
+        ([], [], None),
+        ([(100, None)], [], None),  # usage unknown: skipped, as miles skips "[N/A]"
+        ([(100, None), (200, 512)], [], 0.5),
+        ([(100, 0)], [], 0.0),  # a tree process holding nothing is 0.0, not None
+        ([("root", 1024)], [(200, 3072)], 3.0),  # the root itself counts
+    ],
+)
+def test_process_tree_probe_agrees_with_miles(tree_probe, gpu0, gpu1, expected):
+    assert tree_probe(gpu0, gpu1) == expected
+
+
+def test_process_tree_probe_without_nvml_or_a_root_is_none(tree_probe, monkeypatch):
+    import exporter.gpu_probe
+
+    assert exporter.gpu_probe.query_process_tree_gpu_used_gb(None) is None
+    monkeypatch.setattr(exporter.gpu_probe, "_sources", {})
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
+    assert tree_probe([(100, 500)]) is None
+
+
+def test_process_tree_probe_imports_nothing_heavy(fake_nvml_dir, scenario, spawn_tree):
+    tree = spawn_tree()
+    scenario.gpus[1].processes = [(tree.leaves[0], 1536 * MIB)]
+    scenario.write()
+    code = (
+        "import sys; from exporter.gpu_probe import query_process_tree_gpu_used_gb as q; "
+        f"print(q({tree.pid}, timeout_s=5.0), sorted({{m.split('.')[0] for m in sys.modules}} & "
+        "{'prometheus_client', 'requests', 'psutil', 'yaml'}))"
+    )
+    env = dict(scenario.environ(fake_nvml_dir), PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert out.stdout.split() == ["1.5", "[]"], out.stderr
