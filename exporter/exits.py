@@ -310,7 +310,9 @@ def wait_server_healthy(
             if not alive():
                 _engine_died(phase, process, time.monotonic() - started, base_url, engine, directory)
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"{url} not healthy after {timeout:g}s, during {phase} (process still running)")
+                message = f"{url} not healthy after {timeout:g}s, during {phase} (process still running)"
+                log.warning("%s", message)
+                raise TimeoutError(message)
             time.sleep(poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic())))
     took = time.monotonic() - started
     log.info("%s healthy (health_generate, flush_cache) after %.1fs", base_url, took)

@@ -388,15 +388,16 @@ def test_an_engine_killed_while_flush_cache_hangs_is_noticed_at_once(engines):
     _assert_killed_during(str(caught.value), "flush_cache", url)
 
 
-def test_a_hanging_flush_cache_times_out_only_when_asked():
+def test_a_hanging_flush_cache_times_out_only_when_asked(caplog):
     from exporter.exits import wait_server_healthy
 
     server = FakeSglang(flush="hang", lifetime=30)
     try:
-        with pytest.raises(TimeoutError, match="flush_cache"):
+        with pytest.raises(TimeoutError, match=r"not healthy after 1\.5s, during flush_cache"):
             wait_server_healthy(base_url=server.url, timeout=1.5)
     finally:
         server.stop()
+    assert [r.levelname for r in caplog.records if r.name == "exporter.exits"] == ["WARNING"]
 
 
 def test_death_during_health_generate_check_as_miles_main_and_pr_572_call(engines):
