@@ -8,8 +8,8 @@
 The first three keep the contract of the RLix code they replace (docs/GATE.md lists the
 few deliberate differences); `wait_for_residual_or_proceed(..., fail_closed=True)` and
 `wait_for_residual` are the gate's own behaviour: a source that cannot measure is never a
-reason to go ahead. Every helper reads the source chosen by the environment (see
-ResidualGate.from_env) and logs on the `gate.compat` logger.
+reason to go ahead. The GPU helpers read the source chosen by the environment (see
+ResidualGate.from_env) and log on the `gate.compat` logger.
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ def wait_for_residual(
     with the per-GPU explanation when time runs out. Returns NaN only when fail-open was
     configured ($GPU_RESIDENCY_GATE_FAIL_OPEN) and the source could not measure.
     """
+    ids = list(gpu_ids)
     gate = ResidualGate.from_env(threshold_gb=threshold_gb, poll_s=poll_s)
     warned: list[bool] = []
 
@@ -153,18 +154,18 @@ def wait_for_residual(
         reason = _blind(decision)
         if reason and not decision.fail_open and not warned:
             warned.append(True)
-            log.warning("residual wait on GPUs %s cannot measure (%s); blocking until it can", list(gpu_ids), reason)
+            log.warning("residual wait on GPUs %s cannot measure (%s); blocking until it can", ids, reason)
 
     try:
-        decision = gate.wait(gpu_ids, node, timeout=timeout_s, on_poll=on_poll)
+        decision = gate.wait(ids, node, timeout=timeout_s, on_poll=on_poll)
     except GateTimeout as exc:
-        log.warning("residual wait on GPUs %s timed out: %s", list(gpu_ids), str(exc).replace("\n", "; "))
+        log.warning("residual wait on GPUs %s timed out: %s", ids, str(exc).replace("\n", "; "))
         raise
     used = decision.max_used_gb
     if used is None:
-        log.warning("residual wait on GPUs %s: clear by fail-open, unmeasured (%s)", list(gpu_ids), _blind(decision))
+        log.warning("residual wait on GPUs %s: clear by fail-open, unmeasured (%s)", ids, _blind(decision))
         return float("nan")
-    log.info("residual clear on GPUs %s: max %.2f GiB used < %.2f GiB", list(gpu_ids), used, threshold_gb)
+    log.info("residual clear on GPUs %s: max %.2f GiB used < %.2f GiB", ids, used, threshold_gb)
     return used
 
 
@@ -190,12 +191,12 @@ def wait_for_residual_or_proceed(
     with the per-GPU explanation (this is wait_for_residual: clear is strictly below).
     """
     ids = list(gpu_ids)
+    if not ids:
+        return None  # nothing allocated, nothing to wait for (RLix returns before reading its threshold)
     if threshold_gb is None:
         threshold = parse_env_positive_float(RLIX_THRESHOLD_ENV, RLIX_DEFAULT_THRESHOLD_GB)
     else:
         threshold = parse_threshold(threshold_gb, "threshold_gb")
-    if not ids:
-        return None  # nothing allocated, nothing to wait for
     if fail_closed:
         wait_for_residual(ids, threshold, timeout_s=timeout_s, poll_s=poll_s, node=node)
         return None

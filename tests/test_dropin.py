@@ -271,6 +271,7 @@ def test_rlix_wait_reads_its_threshold_as_rlix_does(smi, monkeypatch):
         monkeypatch.setenv(NAME, raw)
         with pytest.raises(RuntimeError, match=message):
             wait_for_residual_or_proceed([0], timeout_s=5)
+        assert wait_for_residual_or_proceed([], timeout_s=5) is None, "nothing allocated: RLix returns first"
 
 
 def test_rlix_wait_fail_closed_blocks_and_raises_instead(smi, caplog):
