@@ -5,10 +5,10 @@ engine reports it::
 
     from exporter.exits import describe_exit, report_exit, wait_server_healthy
 
-    try:
-        wait_server_healthy(url, proc, timeout=600, engine="rollout-0")
-    except EngineExitedError as exc:
-        raise RuntimeError(str(exc))   # "... exitcode=-9 (killed by SIGKILL) ...; likely an OOM kill"
+    wait_server_healthy(url, process=proc, api_key=key, engine="rollout-0")
+    # an engine that dies first raises EngineExitedError (a RuntimeError):
+    # "Server process terminated unexpectedly during flush_cache. exitcode=-9, elapsed=41.2s,
+    #  url=http://127.0.0.1:30000 (killed by SIGKILL); killed by SIGKILL: the kernel OOM killer ..."
 
 `report_exit` appends one JSON line to the registry's events file with a single
 O_APPEND write, so concurrent reporters never interleave and the exporter, even after a
@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import queue
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +45,13 @@ ROTATE_BYTES = 1024 * 1024
 MAX_EVENT_BYTES = 4096  # one write of at most PIPE_BUF-ish size stays whole under O_APPEND
 MAX_TEXT_FIELD = 1024  # an event keeps at most this much of a URL: it is for a human to read
 
+log = logging.getLogger(__name__)
+
 _HINTS = {
-    signal.SIGKILL: "likely an OOM kill (host OOM killer or a cgroup memory limit); check dmesg and the pod's events",
+    # Not "an OOM kill": SGLang's launcher SIGKILLs its own tree when a scheduler child fails.
+    signal.SIGKILL: "killed by SIGKILL: the kernel OOM killer (host or cgroup memory), SGLang's launcher killing "
+    "its tree after a scheduler failed, or an outside kill (operator, Ray); when the exporter runs, its crash "
+    "forensics (`gpu-residency-exporter exits`, /api/v1/exits) can tell which",
     signal.SIGSEGV: "a crash in native code (CUDA, NCCL or a kernel extension)",
     signal.SIGABRT: "an abort, often a failed CUDA/NCCL assertion",
     signal.SIGBUS: "a bus error, often exhausted shared memory (/dev/shm)",
@@ -66,25 +75,40 @@ def describe_exit(
     Negative codes are signals (multiprocessing / subprocess convention); 128+N is a
     signal as a shell reports it.
     """
-    hint = ""
-    if exitcode is None:
-        status = "exitcode=None (no exit status: still running, or not its parent)"
-    elif exitcode < 0:
-        status, hint = f"exitcode={exitcode} (killed by {signal_name(-exitcode)})", _HINTS.get(-exitcode, "")
-    elif 128 < exitcode < 128 + 65:
-        signum = exitcode - 128
-        status = f"exitcode={exitcode} (128+{signum}: killed by {signal_name(signum)}, as a shell reports it)"
-        hint = _HINTS.get(signum, "")
-    elif exitcode == 0:
-        status, hint = "exitcode=0 (exited normally)", "it stopped on its own before it was expected to"
-    else:
-        status, hint = f"exitcode={exitcode} (exited with status {exitcode})", "see the engine's own log for the error"
-    parts = [f"terminated {phase}: {status}"]
+    detail, hint = _explain(exitcode)
+    detail = detail or "no exit status: still running, or not its parent"
+    parts = [f"terminated {phase}: exitcode={exitcode} ({detail})"]
     if elapsed is not None:
         parts.append(f"elapsed={elapsed:.1f}s")
     if url:
         parts.append(f"url={url}")
     text = ", ".join(parts)
+    return f"{text}; {hint}" if hint else text
+
+
+def _explain(exitcode: int | None) -> tuple[str, str]:
+    """(what the code means, the likely cause): ("killed by SIGKILL", "killed by SIGKILL: the kernel ...")."""
+    if exitcode is None:
+        return "", ""
+    if exitcode < 0:
+        return f"killed by {signal_name(-exitcode)}", _HINTS.get(-exitcode, "")
+    if 128 < exitcode < 128 + 65:
+        signum = exitcode - 128
+        return f"128+{signum}: killed by {signal_name(signum)}, as a shell reports it", _HINTS.get(signum, "")
+    if exitcode == 0:
+        return "exited normally", "it stopped on its own before it was expected to"
+    return f"exited with status {exitcode}", "see the engine's own log for the error"
+
+
+def terminated_message(phase: str, exitcode: int | None, elapsed: float, url: str) -> str:
+    """miles' wording (its PR #572), so searches of existing logs keep matching, with our cause:
+    "Server process terminated unexpectedly during flush_cache. exitcode=-9, elapsed=3.2s,
+    url=http://h:30000 (killed by SIGKILL); killed by SIGKILL: the kernel OOM killer ..."."""
+    detail, hint = _explain(exitcode)
+    text = f"Server process terminated unexpectedly during {phase}. "
+    text += f"exitcode={exitcode}, elapsed={elapsed:.1f}s, url={url}"
+    if detail:
+        text += f" ({detail})"
     return f"{text}; {hint}" if hint else text
 
 
@@ -193,11 +217,17 @@ def report_exit(
 
 
 class EngineExitedError(RuntimeError):
-    """The engine died before it became healthy; str() is describe_exit's message."""
+    """The engine died before it became healthy; str() is terminated_message's text."""
 
     def __init__(self, message: str, exitcode: int | None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
+
+
+# miles' two waits, in its order and with its phase names: the model answers a generation,
+# then the queue is empty (so an offload right after is safe).
+HEALTH_PHASES = (("health_generate check", "/health_generate"), ("flush_cache", "/flush_cache"))
+REQUEST_TIMEOUT_S = 30.0  # one request; a liveness check runs every poll while it is out
 
 
 def _exitcode(process) -> int | None:
@@ -207,35 +237,95 @@ def _exitcode(process) -> int | None:
     return None if process.is_alive() else process.exitcode
 
 
+def _status(url: str, headers: dict[str, str]) -> int | None:
+    """The HTTP status of GET `url`, or None when there is no answer (refused, reset, garbage, too slow)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=REQUEST_TIMEOUT_S) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+    except Exception:  # URLError, OSError, http.client.HTTPException, ValueError: not healthy (yet)
+        return None
+
+
+def _ask(url: str, headers: dict[str, str], alive: Callable[[], bool], deadline: float | None, poll: float):
+    """_status on a daemon thread, checking `alive` every `poll` seconds meanwhile: an engine that
+    dies while its server holds the request is noticed at once. None when it died or time ran out."""
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=lambda: answers.put(_status(url, headers)), name="wait-server-healthy", daemon=True).start()
+    while True:
+        wait = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+        try:
+            return answers.get(timeout=wait)
+        except queue.Empty:
+            if not alive() or (deadline is not None and time.monotonic() >= deadline):
+                return None
+
+
 def wait_server_healthy(
-    url: str,
-    process,
-    timeout: float,
+    base_url: str,
+    process=None,
+    *,
+    api_key: str | None = None,
+    is_process_alive: Callable[[], bool] | None = None,
+    timeout: float | None = None,
     engine: str | None = None,
     directory: str | os.PathLike | None = None,
     poll_interval: float = 0.5,
 ) -> float:
-    """Poll `url`/health until 200; return the seconds it took.
+    """Wait until the SGLang server at `base_url` answers 200 on /health_generate, then on
+    /flush_cache, as miles does before using an engine; return the seconds it took.
 
-    If `process` dies first, record the exit (when `engine` is given) and raise
-    EngineExitedError with describe_exit's message at once instead of waiting out the
-    timeout. Raises TimeoutError when the server is not healthy in time.
+    Takes what miles passes: `process` (a multiprocessing.Process, a subprocess.Popen, or
+    None for an external engine), `is_process_alive` (a callable; it wins over `process`,
+    whose exit code is still reported), `api_key` (sent as a Bearer token). No overall
+    timeout unless `timeout` is given (model loads are slow); then TimeoutError.
+
+    If the process dies first, raise EngineExitedError (a RuntimeError) at once: "Server
+    process terminated unexpectedly during <phase>. exitcode=..., elapsed=..., url=..." with
+    the likely cause. With `engine`, the exit is also recorded for the exporter; a failure to
+    record is logged and never replaces that error.
     """
+    if isinstance(process, str):
+        raise TypeError("process must be a multiprocessing.Process, a subprocess.Popen or None; pass api_key= by name")
+    if is_process_alive is not None:
+        alive = is_process_alive
+    elif process is not None:
+
+        def alive() -> bool:
+            return _exitcode(process) is None
+
+    else:
+
+        def alive() -> bool:
+            return True  # an external engine: nothing to watch
+
+    headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
     started = time.monotonic()
-    health = url.rstrip("/") + "/health"
-    while True:
-        elapsed = time.monotonic() - started
-        code = _exitcode(process)
-        if code is not None:
-            if engine:
-                report_exit(engine, code, elapsed=elapsed, url=url, directory=directory)
-            raise EngineExitedError(describe_exit(code, elapsed, url), code)
+    deadline = None if timeout is None else started + timeout
+    for phase, path in HEALTH_PHASES:
+        url = base_url.rstrip("/") + path
+        while _ask(url, headers, alive, deadline, poll_interval) != 200:
+            if not alive():
+                _engine_died(phase, process, time.monotonic() - started, base_url, engine, directory)
+            if deadline is not None and time.monotonic() >= deadline:
+                message = f"{url} not healthy after {timeout:g}s, during {phase} (process still running)"
+                log.warning("%s", message)
+                raise TimeoutError(message)
+            time.sleep(poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic())))
+    took = time.monotonic() - started
+    log.info("%s healthy (health_generate, flush_cache) after %.1fs", base_url, took)
+    return took
+
+
+def _engine_died(phase: str, process, elapsed: float, url: str, engine: str | None, directory) -> None:
+    code = _exitcode(process) if process is not None else None
+    message = terminated_message(phase, code, elapsed, url)
+    if engine:
         try:
-            with urllib.request.urlopen(health, timeout=min(5.0, max(0.1, timeout - elapsed))) as response:
-                if response.status == 200:
-                    return time.monotonic() - started
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        if time.monotonic() - started >= timeout:
-            raise TimeoutError(f"{health} not healthy after {timeout:.0f}s (process still running)")
-        time.sleep(poll_interval)
+            report_exit(engine, code, elapsed=elapsed, url=url, directory=directory)
+        except (OSError, ValueError) as exc:  # an unwritable registry: the engine's death is the error
+            log.warning("could not record the exit of engine %s: %s", engine, exc)
+    log.error("%s", message)
+    raise EngineExitedError(message, code)

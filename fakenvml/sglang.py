@@ -1,5 +1,6 @@
-"""A fake SGLang HTTP server: /server_info, /get_server_info and /health as real releases answer,
-plus hostile behaviours, for tests and the demo. Binds loopback only and stops by itself.
+"""A fake SGLang HTTP server: /server_info, /get_server_info, /health, /health_generate and
+/flush_cache as real releases answer, plus hostile behaviours, for tests and the demo. Binds
+loopback only and stops by itself.
 
 Modes (the field names follow SGLang's history):
 - "old":     only /get_server_info; memory_usage = {kvcache, token_capacity}
@@ -8,16 +9,29 @@ Modes (the field names follow SGLang's history):
 - "ancient": /get_server_info; internal_states without memory_usage
 - hostile:   "hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape",
              "deep" (JSON nested 5,000 levels)
+
+Start-up, as a framework waiting for the engine sees it: /health answers 200 at once (the
+HTTP server is up), /health_generate answers 503 until `health_after` seconds have passed
+(the model is loading), then 200. /flush_cache (`flush`): "ok" answers 200; "die" kills the
+process serving it with SIGKILL mid-request, as an engine dying there does (run the server
+in its own process: `serve`, or `python -m fakenvml.sglang`); "hang" never answers. With
+`api_key`, every route but /health answers 401 to a request without `Bearer <api_key>`.
+GET /_fake/requests lists the requests so far as [path, Authorization header] pairs.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import signal
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HOSTILE = ("hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape", "deep")
+FLUSH_MODES = ("ok", "die", "hang")
 
 
 def server_info(mode: str, dp_size: int) -> dict:
@@ -50,11 +64,26 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class FakeSglang:
-    def __init__(self, mode: str = "new", dp_size: int = 1, lifetime: float | None = 300.0) -> None:
+    def __init__(
+        self,
+        mode: str = "new",
+        dp_size: int = 1,
+        lifetime: float | None = 300.0,
+        health_after: float = 0.0,
+        flush: str = "ok",
+        api_key: str | None = None,
+    ) -> None:
         """`lifetime`: seconds until the server stops by itself (None: until stop(), for the demo)."""
+        if flush not in FLUSH_MODES:
+            raise ValueError(f"flush {flush!r} must be one of {FLUSH_MODES}")
         self.mode = mode
         self.dp_size = dp_size
+        self.health_after = health_after
+        self.flush = flush
+        self.api_key = api_key
         self.requests: list[str] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of each request
+        self._started = time.monotonic()
         self._stop = threading.Event()
         fake = self
 
@@ -63,8 +92,13 @@ class FakeSglang:
                 pass
 
             def do_GET(self) -> None:
+                if self.path == "/_fake/requests":
+                    body = json.dumps(list(zip(fake.requests, fake.authorizations, strict=True))).encode()
+                    return fake._send(self, 200, body)
                 fake.requests.append(self.path)
+                fake.authorizations.append(self.headers.get("Authorization"))
                 fake._respond(self)
+                return None
 
         self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -91,6 +125,13 @@ class FakeSglang:
         mode, path = self.mode, handler.path
         if path == "/health":
             return self._send(handler, 200, b"")
+        if self.api_key is not None and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self._send(handler, 401, b'{"error":"Unauthorized"}')
+        if path == "/health_generate":
+            loading = time.monotonic() - self._started < self.health_after
+            return self._send(handler, 503 if loading else 200, b"")
+        if path == "/flush_cache":
+            return self._flush(handler)
         if path not in ("/server_info", "/get_server_info"):
             return self._send(handler, 404, b'{"detail":"Not Found"}')
         if mode in ("old", "ancient") and path == "/server_info":
@@ -129,3 +170,43 @@ class FakeSglang:
                 handler.wfile.flush()
             return None
         return self._send(handler, 200, body)
+
+    def _flush(self, handler: BaseHTTPRequestHandler) -> None:
+        if self.flush == "die":
+            os.kill(os.getpid(), signal.SIGKILL)  # the whole engine process, mid-request
+        if self.flush == "hang":
+            self._stop.wait(3600)
+            return None
+        return self._send(handler, 200, b"Cache flushed.\nPlease check backend logs for more details.\n")
+
+
+def serve(urls, lifetime: float = 120.0, **options) -> None:
+    """Run a FakeSglang in this process (a multiprocessing target): put its URL on `urls`, then
+    serve until `lifetime` has passed. `options` as FakeSglang's."""
+    server = FakeSglang(lifetime=None, **options)
+    urls.put(server.url)
+    time.sleep(lifetime)
+    server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fakenvml.sglang [--flush die]`: an engine process; prints its URL, serves until --lifetime."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="new")
+    parser.add_argument("--health-after", type=float, default=0.0)
+    parser.add_argument("--flush", choices=FLUSH_MODES, default="ok")
+    parser.add_argument("--api-key")
+    parser.add_argument("--lifetime", type=float, default=120.0)
+    args = parser.parse_args(argv)
+
+    class Printer:
+        def put(self, url: str) -> None:
+            print(url, flush=True)
+
+    serve(Printer(), args.lifetime, mode=args.mode, health_after=args.health_after, flush=args.flush,
+          api_key=args.api_key)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,12 @@ Importing this package needs only the standard library; a source's own dependenc
 (nvidia-ml-py for the NVML source) is imported when that source is built.
 """
 
-from gate.compat import probe_max_used_gpu_mem_gb, wait_for_residual
+from gate.compat import (
+    parse_env_positive_float,
+    probe_max_used_gpu_mem_gb,
+    wait_for_residual,
+    wait_for_residual_or_proceed,
+)
 from gate.core import Decision, GateConfigError, GateTimeout, GpuVerdict, ResidualGate
 from gate.readings import GpuSample, Holder, SourceError
 
@@ -21,6 +26,8 @@ __all__ = [
     "Holder",
     "ResidualGate",
     "SourceError",
+    "parse_env_positive_float",
     "probe_max_used_gpu_mem_gb",
     "wait_for_residual",
+    "wait_for_residual_or_proceed",
 ]

@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _progress(decision: Decision, elapsed: float) -> None:
-    worst = max((v.sample.used_bytes for v in decision.gpus if v.sample), default=None)
+    shown_bytes = [v.sample.used_bytes for v in decision.gpus if v.sample and v.sample.used_bytes is not None]
+    worst = max(shown_bytes, default=None)
     shown = "no data" if worst is None else f"max {worst / 1024**3:.2f} GiB"
     state = "clear" if decision.ok else "blocked"
     sys.stderr.write(f"\r{elapsed:6.1f}s  {state}: {shown} (threshold {decision.threshold_bytes / 1024**3:.2f} GiB)  ")

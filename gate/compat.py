@@ -1,27 +1,136 @@
-"""Drop-in shapes for today's call sites in RLix/miles (synchronous: they run in Ray actor methods).
+"""Drop-in shapes for today's call sites in RLix and miles (synchronous: they run in Ray actor methods).
 
-    probe_max_used_gpu_mem_gb(gpu_ids)                  -> float | None   (None: cannot measure)
-    wait_for_residual(gpu_ids, threshold_gb, timeout_s)  -> float          (raises GateTimeout)
+    parse_env_positive_float(name, default)        -> float           (RuntimeError on a bad value)
+    probe_max_used_gpu_mem_gb(gpu_ids)             -> float | None    (None: cannot measure)
+    wait_for_residual_or_proceed(gpu_ids, 60.0)    -> None            (RLix's soft wait: warns and goes on)
+    wait_for_residual(gpu_ids, threshold_gb, 60.0) -> float           (the gate: raises GateTimeout)
 
-Unlike the nvidia-smi loop they replace, a missing tool is not a reason to go ahead:
-both read the source chosen by the environment (see ResidualGate.from_env) and block
-when it cannot measure.
+The first three keep the contract of the RLix code they replace (docs/GATE.md lists the
+few deliberate differences); `wait_for_residual_or_proceed(..., fail_closed=True)` and
+`wait_for_residual` are the gate's own behaviour: a source that cannot measure is never a
+reason to go ahead. The GPU helpers read the source chosen by the environment (see
+ResidualGate.from_env) and log on the `gate.compat` logger.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
 from collections.abc import Sequence
 
-from gate.core import GateConfigError, ResidualGate
+from gate.core import (
+    DEFAULT_THRESHOLD_GB,
+    PROMETHEUS_ENV,
+    SOURCE_ENV,
+    Decision,
+    GateConfigError,
+    GateTimeout,
+    ResidualGate,
+    build_source,
+    parse_threshold,
+)
+from gate.readings import GIB, SourceError
+
+log = logging.getLogger(__name__)
+
+RLIX_THRESHOLD_ENV = "MILES_MAX_RESIDUAL_GPU_MEM_GB"
+RLIX_DEFAULT_THRESHOLD_GB = 10.0  # RLix PR #11's default for its residual wait
+RLIX_GRACE_S = 3.0  # how long RLix sleeps before going ahead when it cannot measure
+PROBE_TIMEOUT_S = 5.0  # RLix's nvidia-smi timeout
 
 
-def probe_max_used_gpu_mem_gb(gpu_ids: Sequence[int | str], node: str | None = None) -> float | None:
-    """Max whole-GPU used memory over `gpu_ids` in GiB, or None if any of them cannot be measured."""
+class EnvValueError(GateConfigError, RuntimeError):
+    """A bad number in the environment: a RuntimeError, as RLix's parser raises, and a GateConfigError."""
+
+
+def parse_env_positive_float(name: str, default: float) -> float:
+    """The number > 0 in $`name`, or float(`default`) when it is unset, with RLix's messages.
+
+    "" or "abc" -> EnvValueError("NAME must be a number, got: 'abc'"); "0" or "-1" ->
+    EnvValueError("NAME must be > 0, got: 0.0"). Unlike RLix's parser, "nan" and "inf" are
+    refused too ("NAME must be a finite number, got: 'nan'"): neither is a threshold.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return float(default)
     try:
-        gate = ResidualGate.from_env(fail_open=False)
-    except GateConfigError:
-        return None
-    return gate.check(gpu_ids, node).max_used_gb
+        value = float(raw)
+    except ValueError as exc:
+        raise EnvValueError(f"{name} must be a number, got: {raw!r}") from exc
+    if not math.isfinite(value):
+        raise EnvValueError(f"{name} must be a finite number, got: {raw!r}")
+    if value <= 0.0:
+        raise EnvValueError(f"{name} must be > 0, got: {value!r}")
+    return value
+
+
+def _measure(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -> tuple[float | None, str]:
+    """(max GiB over the GPUs, "") or (None, why it cannot measure). Reads the environment's
+    source, never its threshold variables: a probe has no threshold."""
+    ids = list(gpu_ids)
+    if not ids:
+        return None, "no GPUs given"
+    try:
+        source = build_source(os.environ.get(SOURCE_ENV) or "auto", os.environ.get(PROMETHEUS_ENV) or None, timeout_s)
+    except GateConfigError as exc:
+        # A source that could not start (no NVML, no nvidia-smi) is a fact of this host: the
+        # SourceError it raised is the context. Anything else is a setting that cannot work.
+        if not isinstance(exc.__context__, SourceError):
+            log.warning("GPU memory probe: %s", exc)
+        return None, str(exc)
+    try:
+        gate = ResidualGate.from_env(threshold_gb=DEFAULT_THRESHOLD_GB, source=source, fail_open=False)
+    except GateConfigError as exc:
+        log.warning("GPU memory probe: %s", exc)
+        return None, str(exc)
+    try:
+        decision = gate.check(ids, node)
+    except GateConfigError as exc:  # an id that names no GPU at all ("", -1, a MIG instance)
+        return None, str(exc)
+    if decision.reasons:
+        return None, "; ".join(decision.reasons)
+    used = []
+    for verdict in decision.gpus:
+        sample = verdict.sample
+        if sample is None or verdict.stale:
+            return None, f"GPU {verdict.requested}: {verdict.reason}"
+        if sample.used_bytes is None:
+            log.warning(
+                "GPU memory probe: GPU %s (%s) answers [N/A] for its used memory; left out of the max",
+                verdict.requested,
+                sample.uuid or sample.pci_bus_id or "no uuid",
+            )
+            continue
+        used.append(sample.used_bytes)
+    if not used:
+        return None, "every GPU answers [N/A]"
+    return max(used) / GIB, ""
+
+
+def probe_max_used_gpu_mem_gb(
+    gpu_ids: Sequence[int | str], node: str | None = None, *, timeout_s: float = PROBE_TIMEOUT_S
+) -> float | None:
+    """Max whole-GPU used memory over `gpu_ids` in GiB, or None when it cannot be measured.
+
+    None for `[]`, for an id no GPU answers to, and for every runtime failure of the source
+    (no nvidia-smi, one that cannot run, exits non-zero, outlives `timeout_s` or prints what
+    does not parse; NVML or Prometheus down): logged at DEBUG, never raised. A GPU that
+    answers "[N/A]" is left out of the max with a WARNING naming it (None if all do).
+    """
+    used, why = _measure(gpu_ids, node, timeout_s)
+    if used is None:
+        log.debug("GPU memory probe: cannot measure: %s", why)
+    return used
+
+
+def _blind(decision: Decision) -> str | None:
+    """Why the decision could not measure every GPU, or None when it did."""
+    if decision.reasons:
+        return "; ".join(decision.reasons)
+    missing = [f"GPU {v.requested}: {v.reason}" for v in decision.gpus if v.measured_bytes is None]
+    return "; ".join(missing) or None
 
 
 def wait_for_residual(
@@ -33,9 +142,88 @@ def wait_for_residual(
 ) -> float:
     """Block until every GPU in `gpu_ids` is under `threshold_gb`; return the last max (GiB).
 
-    Raises GateTimeout (a TimeoutError) with the per-GPU explanation when time runs out.
-    Returns NaN only when fail-open was configured and the source could not measure.
+    Fail-closed: a GPU that cannot be measured blocks. Raises GateTimeout (a TimeoutError)
+    with the per-GPU explanation when time runs out. Returns NaN only when fail-open was
+    configured ($GPU_RESIDENCY_GATE_FAIL_OPEN) and the source could not measure.
     """
+    ids = list(gpu_ids)
     gate = ResidualGate.from_env(threshold_gb=threshold_gb, poll_s=poll_s)
-    used = gate.wait(gpu_ids, node, timeout=timeout_s).max_used_gb
-    return float("nan") if used is None else used
+    warned: list[bool] = []
+
+    def on_poll(decision: Decision, elapsed: float) -> None:
+        reason = _blind(decision)
+        if reason and not decision.fail_open and not warned:
+            warned.append(True)
+            log.warning("residual wait on GPUs %s cannot measure (%s); blocking until it can", ids, reason)
+
+    try:
+        decision = gate.wait(ids, node, timeout=timeout_s, on_poll=on_poll)
+    except GateTimeout as exc:
+        log.warning("residual wait on GPUs %s timed out: %s", ids, str(exc).replace("\n", "; "))
+        raise
+    used = decision.max_used_gb
+    if used is None:
+        log.warning("residual wait on GPUs %s: clear by fail-open, unmeasured (%s)", ids, _blind(decision))
+        return float("nan")
+    log.info("residual clear on GPUs %s: max %.2f GiB used < %.2f GiB", ids, used, threshold_gb)
+    return used
+
+
+def wait_for_residual_or_proceed(
+    gpu_ids: Sequence[int | str],
+    timeout_s: float = 60.0,
+    *,
+    fail_closed: bool = False,
+    threshold_gb: float | None = None,
+    poll_s: float = 0.5,
+    grace_s: float = RLIX_GRACE_S,
+    node: str | None = None,
+) -> None:
+    """RLix's residual wait (PR #11), as one call: poll until max used <= the threshold.
+
+    The threshold is `threshold_gb`, else $MILES_MAX_RESIDUAL_GPU_MEM_GB read by
+    parse_env_positive_float (default 10 GiB; a bad value raises its RuntimeError). Clear:
+    INFO with the figure, return. Cannot measure: WARNING, sleep `grace_s` (3 s), return.
+    Timeout: WARNING with the last figure, return. Returns None; never raises on timeout.
+
+    `fail_closed=True` switches to the gate's behaviour: the same threshold, but a GPU that
+    cannot be measured blocks instead of being waited out, and a timeout raises GateTimeout
+    with the per-GPU explanation (this is wait_for_residual: clear is strictly below).
+    """
+    ids = list(gpu_ids)
+    if not ids:
+        return None  # nothing allocated, nothing to wait for (RLix returns before reading its threshold)
+    if threshold_gb is None:
+        threshold = parse_env_positive_float(RLIX_THRESHOLD_ENV, RLIX_DEFAULT_THRESHOLD_GB)
+    else:
+        threshold = parse_threshold(threshold_gb, "threshold_gb")
+    if fail_closed:
+        wait_for_residual(ids, threshold, timeout_s=timeout_s, poll_s=poll_s, node=node)
+        return None
+    started = time.monotonic()
+    last: float | None = None
+    while time.monotonic() - started < timeout_s:
+        used, why = _measure(ids, node, PROBE_TIMEOUT_S)
+        if used is None:
+            log.warning(
+                "residual wait on GPUs %s cannot measure GPU memory (%s); going ahead after a %gs grace sleep "
+                "(fail_closed=True blocks instead)",
+                ids,
+                why,
+                grace_s,
+            )
+            time.sleep(grace_s)
+            return None
+        last = used
+        if used <= threshold:
+            log.info("residual clear on GPUs %s: max %.2f GiB used <= %.1f GiB", ids, used, threshold)
+            return None
+        time.sleep(poll_s)
+    log.warning(
+        "residual wait on GPUs %s timed out after %.1fs: max %s GiB used > %.1f GiB; going ahead, the wake-up may OOM",
+        ids,
+        timeout_s,
+        "n/a" if last is None else f"{last:.2f}",
+        threshold,
+    )
+    return None

@@ -76,7 +76,7 @@ class GpuVerdict:
         return None if self.sample is None or self.stale else self.sample.used_bytes
 
     def describe(self, threshold_bytes: int) -> str:
-        if self.sample is None:
+        if self.sample is None or self.sample.used_bytes is None:
             return f"GPU {self.requested}: {self.reason}"
         used = self.sample.used_bytes / GIB
         line = f"GPU {self.requested}: {used:.2f} GiB used vs threshold {threshold_bytes / GIB:.2f} GiB"
@@ -156,29 +156,32 @@ def default_node() -> str:
     return os.environ.get("NODE_NAME") or os.uname().nodename  # = gethostname(), without importing socket
 
 
-def build_source(kind: str, prometheus_url: str | None) -> Source:
-    """The named source; 'auto' is Prometheus if a URL is set, else NVML, else nvidia-smi."""
+def build_source(kind: str, prometheus_url: str | None, timeout: float = 5.0) -> Source:
+    """The named source; 'auto' is Prometheus if a URL is set, else NVML, else nvidia-smi.
+
+    `timeout`: seconds one read may take (the query, the NVML calls, the nvidia-smi run).
+    The NVML source is the process's shared one (NvmlSource.shared)."""
     if kind not in SOURCES:
         raise GateConfigError(f"source {kind!r} must be one of {', '.join(SOURCES)}")
     if kind == "prometheus" or (kind == "auto" and prometheus_url):
         if not prometheus_url:
             raise GateConfigError(f"the prometheus source needs a URL (--prometheus-url or ${PROMETHEUS_ENV})")
         try:
-            return PrometheusSource(prometheus_url)
+            return PrometheusSource(prometheus_url, timeout=timeout)
         except SourceError as exc:
             raise GateConfigError(str(exc)) from None
     if kind == "nvidia-smi":
         try:
-            return NvidiaSmiSource()
+            return NvidiaSmiSource(timeout=timeout)
         except SourceError as exc:
             raise GateConfigError(str(exc)) from None
     try:
-        return NvmlSource()
+        return NvmlSource.shared(timeout)
     except SourceError as exc:
         if kind == "nvml":
             raise GateConfigError(str(exc)) from None
         try:
-            return NvidiaSmiSource()
+            return NvidiaSmiSource(timeout=timeout)
         except SourceError:
             raise GateConfigError(
                 f"no source available: {exc}; no nvidia-smi either; set a Prometheus URL (${PROMETHEUS_ENV})"
@@ -297,6 +300,8 @@ class ResidualGate:
                 f"stale: last sample {sample.age_seconds:.1f}s old > {self.max_age_s:g}s",
                 stale=True,
             )
+        if sample.used_bytes is None:
+            return GpuVerdict(name, sample, False, "used memory not available ([N/A])")
         if sample.used_bytes >= self.threshold_bytes:
             return GpuVerdict(name, sample, False, "over threshold")
         return GpuVerdict(name, sample, True, "under threshold")

@@ -35,7 +35,7 @@ class GpuSample:
     index: int | None
     uuid: str
     pci_bus_id: str
-    used_bytes: int
+    used_bytes: int | None  # None: the GPU answered but cannot say (nvidia-smi's "[N/A]", NVML's NOT_SUPPORTED)
     age_seconds: float | None = None  # None: read just now (local sources)
     holders: tuple[Holder, ...] = field(default=())
 

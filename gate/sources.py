@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Protocol
+import threading
+from typing import ClassVar, Protocol
 
 from gate.readings import GpuSample, Holder, SourceError
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
@@ -35,6 +36,20 @@ class NvmlSource:
     hanging the scheduler that imported it."""
 
     name = "nvml"
+
+    _shared: ClassVar[dict[float, NvmlSource]] = {}
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, timeout: float = DEFAULT_NVML_TIMEOUT_S) -> NvmlSource:
+        """One started source per timeout for the whole process. Each source owns a worker
+        thread for its deadline, so callers that build a gate per call (the drop-in helpers,
+        polled every half second) reuse this one instead of starting a thread each time."""
+        with cls._shared_lock:
+            source = cls._shared.get(timeout)
+            if source is None:
+                source = cls._shared[timeout] = cls(timeout)  # SourceError: nothing is kept, the next call retries
+            return source
 
     def __init__(self, timeout: float = DEFAULT_NVML_TIMEOUT_S) -> None:
         try:
@@ -69,9 +84,14 @@ class NvmlSource:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 uuid = str(nvml.nvmlDeviceGetUUID(handle))
                 bus = nvml.nvmlDeviceGetPciInfo(handle).busId
-                used = read_memory(nvml, handle).used
             except nvml.NVMLError:
                 continue  # this GPU cannot be read: a request for it finds no sample and blocks
+            try:
+                used = read_memory(nvml, handle).used
+            except nvml.NVMLError_NotSupported:
+                used = None  # the GPU answers but has no figure: nvidia-smi shows "[N/A]"
+            except nvml.NVMLError:
+                continue
             samples.append(
                 GpuSample(
                     index=index,
@@ -247,15 +267,39 @@ def _holder(name: str, labels: dict, value: int) -> Holder | None:
 # ---------- nvidia-smi ----------
 
 
+# What nvidia-smi prints in a field the GPU answers but has no figure for.
+NOT_AVAILABLE = ("[N/A]", "N/A", "[Not Supported]", "Not Supported")
+
+
+def parse_smi_line(line: str) -> GpuSample | None:
+    """One line of `--query-gpu=index,uuid,pci.bus_id,memory.used --format=csv,noheader,nounits`.
+
+    Memory is MiB, possibly fractional; "[N/A]" gives a sample without a figure. Anything
+    else that is not a finite, non-negative number gives no sample: that GPU cannot be read."""
+    fields = [field.strip() for field in line.split(",")]
+    if len(fields) != 4 or not fields[0].isdigit():
+        return None
+    index, uuid, bus, used = int(fields[0]), fields[1], fields[2], fields[3]
+    if used in NOT_AVAILABLE:
+        return GpuSample(index, uuid, bus, None)
+    try:
+        mib = float(used)
+    except ValueError:
+        return None
+    if not math.isfinite(mib) or mib < 0:
+        return None
+    return GpuSample(index, uuid, bus, round(mib * MIB))
+
+
 class NvidiaSmiSource:
-    """For hosts with neither an NVML binding nor Prometheus: the same query RLix runs today."""
+    """For hosts with neither an NVML binding nor Prometheus: whole-GPU memory.used, as RLix reads it today."""
 
     name = "nvidia-smi"
 
     def __init__(self, binary: str = "nvidia-smi", timeout: float = 5.0) -> None:
         import shutil
 
-        path = shutil.which(binary)
+        path = shutil.which(binary)  # only an executable file counts
         if path is None:
             raise SourceError(f"nvidia-smi source: {binary} not found on PATH")
         self._binary, self._timeout = path, timeout
@@ -265,15 +309,14 @@ class NvidiaSmiSource:
 
         command = [self._binary, "--query-gpu=index,uuid,pci.bus_id,memory.used", "--format=csv,noheader,nounits"]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=self._timeout, check=False)
+            result = subprocess.run(command, capture_output=True, timeout=self._timeout, check=False)
         except subprocess.TimeoutExpired:
-            raise SourceError(f"nvidia-smi source: no answer in {self._timeout:.0f}s") from None
+            raise SourceError(f"nvidia-smi source: no answer in {self._timeout:g}s") from None
+        except OSError as exc:  # vanished, not executable after all, not a program (ENOEXEC)
+            raise SourceError(f"nvidia-smi source: cannot run {self._binary}: {exc.strerror or exc}") from None
+        # Bytes that are not UTF-8 become U+FFFD: such a field does not parse, that GPU has no sample.
+        stdout, stderr = (stream.decode("utf-8", "replace") for stream in (result.stdout, result.stderr))
         if result.returncode != 0:
-            raise SourceError(f"nvidia-smi source: exit {result.returncode}: {result.stderr.strip()[:200]}")
-        samples = []
-        for line in result.stdout.splitlines():
-            fields = [field.strip() for field in line.split(",")]
-            if len(fields) != 4 or not fields[0].isdigit() or not fields[3].isdigit():
-                continue  # "[N/A]" and the like: no sample, so a request for that GPU blocks
-            samples.append(GpuSample(int(fields[0]), fields[1], fields[2], int(fields[3]) * MIB))
-        return samples
+            detail = (stderr.strip() or stdout.strip())[:200]
+            raise SourceError(f"nvidia-smi source: exit {result.returncode}" + (f": {detail}" if detail else ""))
+        return [sample for line in stdout.splitlines() if (sample := parse_smi_line(line)) is not None]
