@@ -67,9 +67,17 @@ def test_defaults_render_a_hardened_daemonset_without_operator_objects():
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["limits"]["memory"]
-    registry = next(v for v in pod["volumes"] if v["name"] == "registry")
-    assert registry["hostPath"] == {"path": "/run/gpu-residency/engines", "type": "DirectoryOrCreate"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert volumes["registry"]["hostPath"] == {"path": "/run/gpu-residency/engines", "type": "DirectoryOrCreate"}
+    assert mounts["registry"] == {"name": "registry", "mountPath": "/run/gpu-residency/engines", "readOnly": True}
     assert "--registry.dir=/run/gpu-residency/engines" in container["args"]
+    # The exporter's own state: the one host directory it writes, next to a read-only root filesystem.
+    assert volumes["state"]["hostPath"] == {"path": "/var/lib/gpu-residency", "type": "DirectoryOrCreate"}
+    assert mounts["state"] == {"name": "state", "mountPath": "/var/lib/gpu-residency"}
+    assert "--state.dir=/var/lib/gpu-residency" in container["args"]
+    writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
+    assert sorted(writable) == ["/tmp", "/var/lib/gpu-residency"]
 
 
 def test_values_explain_why_host_pid():
