@@ -23,10 +23,25 @@ EVERYTHING_ON = {
     "imagePullSecrets": [{"name": "regcred"}],
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "nvidia.com/gpu.count", "operator": "Exists"}]}]}}},
-    "exporter": {"engineDiscovery": False, "sglangAllowedHosts": ["10.0.0.0/8"], "extraArgs": ["--log.level=debug"]},
+    "exporter": {"engineDiscovery": False, "engineAllowedHosts": ["10.0.0.0/8"], "extraArgs": ["--log.level=debug"]},
+    "hostNetwork": True,
     "podAnnotations": {"a": "b"},
     "service": {"annotations": {"x": "y"}},
 }  # fmt: skip
+
+
+def exporter_container(objects: dict[str, list[dict]]) -> dict:
+    (daemonset,) = objects["DaemonSet"]
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def kubelet_args(container: dict, field_values: dict[str, str]) -> list[str]:
+    """The container's args as the kubelet passes them: $(VAR) expanded from the container's env,
+    whose fieldRefs take their value from `field_values` (the downward API)."""
+    env = {e["name"]: e.get("value", field_values.get(e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")))
+           for e in container["env"]}  # fmt: skip
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], arg) for arg in container["args"]]
 
 
 def render(values: dict | None = None) -> dict[str, list[dict]]:
@@ -114,7 +129,7 @@ def test_everything_on_renders_operator_objects_and_options():
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["runtimeClassName"] == "nvidia" and pod["priorityClassName"] == "system-node-critical"
     args = pod["containers"][0]["args"]
-    assert "--no-engines.discover" in args and "--sglang.allowed-hosts=10.0.0.0/8" in args
+    assert "--no-engines.discover" in args and "--engines.allowed-hosts=$(HOST_IP),10.0.0.0/8" in args
 
 
 def test_prometheus_rule_is_the_promtool_tested_file():
@@ -138,6 +153,62 @@ def test_notes_warn_without_host_pid():
     assert re.search(r"port-forward ds/gpu-gpu-residency 9852", notes)
 
 
+def test_notes_tell_frameworks_about_pod_ip_and_the_deprecated_name():
+    chart = helm.Chart.load(CHART)
+    notes = chart.render({}, name="gpu", namespace="monitoring")["gpu-residency/templates/NOTES.txt"]
+    assert "POD_IP from the downward API (status.podIP)" in notes
+    assert "pod CIDR in exporter.engineAllowedHosts" in notes and "DEPRECATED" not in notes
+    values = {"exporter": {"sglangAllowedHosts": [POD_CIDR]}, "hostNetwork": True}
+    notes = chart.render(values, name="gpu", namespace="monitoring")["gpu-residency/templates/NOTES.txt"]
+    assert f"in hostNetwork pods), {POD_CIDR}." in notes and "port\n9852 is open on every node interface" in notes
+    assert "DEPRECATED: exporter.sglangAllowedHosts is now exporter.engineAllowedHosts" in notes
+
+
 def test_dockerfile_runs_the_exporter():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["gpu-residency-exporter"]' in dockerfile and "COPY exporter" in dockerfile
+
+
+NODE_IP = "203.0.113.7"  # TEST-NET-3: not an address of the machine running the tests
+POD_CIDR = "198.51.100.0/24"
+
+
+@pytest.mark.parametrize(
+    "exporter_values, flag",
+    [
+        ({}, "--engines.allowed-hosts=$(HOST_IP)"),
+        ({"engineAllowedHosts": [POD_CIDR]}, f"--engines.allowed-hosts=$(HOST_IP),{POD_CIDR}"),
+        ({"sglangAllowedHosts": [POD_CIDR]}, f"--engines.allowed-hosts=$(HOST_IP),{POD_CIDR}"),
+    ],
+    ids=["defaults", "pod-cidr", "deprecated-name"],
+)
+def test_engines_on_the_node_ip_are_allowed_by_default_and_the_pod_network_on_request(exporter_values, flag):
+    from exporter.cli import build_parser
+    from exporter.url_policy import UrlPolicy
+
+    container = exporter_container(render({"exporter": exporter_values}))
+    host_ip = next(e for e in container["env"] if e["name"] == "HOST_IP")
+    assert host_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    assert [a for a in container["args"] if a.startswith("--engines.allowed-hosts")] == [flag]
+    pod_network_allowed = POD_CIDR in flag
+    # The exporter's own parser and URL policy, on the args as the kubelet expands them.
+    args = build_parser().parse_args(kubelet_args(container, {"status.hostIP": NODE_IP, "spec.nodeName": "n1"}))
+    policy = UrlPolicy.default([h for h in args.engines_allowed.split(",") if h])
+    assert policy.check(f"http://{NODE_IP}:30000") is None, "an engine in a hostNetwork pod (POD_IP = node IP)"
+    assert (policy.check("http://198.51.100.23:30000") is None) is pod_network_allowed, "an engine in a pod"
+    assert policy.check("http://192.0.2.200:30000") is not None, "anything else stays refused"
+
+
+@pytest.mark.parametrize("host_network", [False, True])
+def test_host_network_is_opt_in_and_keeps_cluster_dns(host_network):
+    (daemonset,) = render({"hostNetwork": host_network})["DaemonSet"]
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod.get("hostNetwork", False) is host_network
+    assert pod.get("dnsPolicy") == ("ClusterFirstWithHostNet" if host_network else None)
+
+
+def test_allowed_hosts_are_single_items():
+    chart = helm.Chart.load(CHART)
+    for bad in (["10.0.0.0/8,10.1.0.0/16"], ["10.0.0.0/8 "], [""]):
+        with pytest.raises(helm.HelmValuesError, match="engineAllowedHosts"):
+            chart.validate_schema({"exporter": {"engineAllowedHosts": bad}})

@@ -35,3 +35,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* --engines.allowed-hosts: the node's IP (expanded by the kubelet from HOST_IP), then the user's
+     list, then the deprecated exporter.sglangAllowedHosts. */}}
+{{- define "gpu-residency.engineAllowedHosts" -}}
+{{- concat (list "$(HOST_IP)") .Values.exporter.engineAllowedHosts .Values.exporter.sglangAllowedHosts | uniq | join "," }}
+{{- end }}
