@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import shutil
 import ssl
 import subprocess
+import tempfile
+from pathlib import Path
 
 import bcrypt
 import cloudcoil.models.prometheus_operator.v1 as operator
@@ -15,7 +19,7 @@ import kubernetes_validate
 import pytest
 import urllib3
 import yaml
-from conftest import ROOT, as_deployed, require_tool
+from conftest import ROOT, as_deployed, in_container, python_for_others, require_tool
 
 CHART = ROOT / "helm" / "gpu-residency"
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
@@ -64,6 +68,7 @@ EVERYTHING_ON = merged(TLS, BASIC_AUTH, {
         {"matchExpressions": [{"key": "nvidia.com/gpu.count", "operator": "Exists"}]}]}}},
     "exporter": {"engineDiscovery": False, "engineAllowedHosts": ["10.0.0.0/8"], "extraArgs": ["--log.level=debug"]},
     "hostNetwork": True,
+    "registry": {"mode": "1777"},
     "podAnnotations": {"a": "b"},
     "service": {"annotations": {"x": "y"}},
 })  # fmt: skip
@@ -418,3 +423,47 @@ def test_the_documented_web_config_serves_the_scrape_the_service_monitor_describ
         kubelet.request("GET", probe["path"])
         assert kubelet.getresponse().status == 200
         kubelet.close()
+
+
+def test_registry_mode_is_set_by_a_capability_less_init_container_so_other_users_can_register():
+    objects = render({"registry": {"mode": "1777"}})
+    pod = objects["DaemonSet"][0]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == exporter_container(objects)["image"]
+    assert (
+        init["securityContext"]["capabilities"]["drop"] == ["ALL"] and init["securityContext"]["readOnlyRootFilesystem"]
+    )
+    assert init["volumeMounts"] == [{"name": "registry", "mountPath": "/run/gpu-residency/engines"}]
+    assert {"name": "registry", "mountPath": "/run/gpu-residency/engines", "readOnly": True} in (
+        exporter_container(objects)["volumeMounts"]
+    ), "the exporter itself still only reads it"
+    assert "initContainers" not in render()["DaemonSet"][0]["spec"]["template"]["spec"]
+    notes = helm.Chart.load(CHART).render({}, name="gpu", namespace="monitoring")["gpu-residency/templates/NOTES.txt"]
+    assert "frameworks running as non-root users need\nregistry.mode=1777" in notes
+
+    # The command, run as the chart runs it (root without capabilities) on a directory the kubelet
+    # made (root, 0755): afterwards a framework running as uid 1000 registers an engine there.
+    base = Path(tempfile.mkdtemp(prefix="gpu-residency-chart-"))
+    try:
+        base.chmod(0o755)
+        registry = base / "engines"
+        registry.mkdir(mode=0o755)
+        mount = init["volumeMounts"][0]["mountPath"]
+        command = [arg.replace(mount, str(registry)) for arg in init["command"]]
+        subprocess.run([*as_deployed(writable=[registry]), *command], check=True, capture_output=True, timeout=30)
+        assert registry.stat().st_mode & 0o7777 == 0o1777
+        register = "import sys; from exporter.registry import register_engine as r; r('e', 1, directory=sys.argv[1])"
+        subprocess.run(
+            [*in_container(uid=1000), python_for_others(), "-c", register, str(registry)],
+            check=True, capture_output=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )  # fmt: skip
+        assert (registry / "e.json").stat().st_uid == 1000
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_registry_mode_is_an_octal_mode():
+    chart = helm.Chart.load(CHART)
+    for bad in ("777 ", "rwx", "99999", "u+w"):
+        with pytest.raises(helm.HelmValuesError, match="/registry/mode"):
+            chart.validate_schema({"registry": {"mode": bad}})

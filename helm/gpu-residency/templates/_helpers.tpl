@@ -28,6 +28,10 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{- define "gpu-residency.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
 {{- define "gpu-residency.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "gpu-residency.fullname" .) .Values.serviceAccount.name }}
