@@ -340,14 +340,17 @@ def test_required_client_certificates_make_the_probes_tcp_and_prometheus_present
 )  # fmt: skip
 def test_schema_allows_exactly_the_web_settings_and_requires_what_they_need(values, message):
     chart = helm.Chart.load(CHART)
+    errors = helm.lint(str(CHART), values, strict=True)["errors"]
     if message is None:
         chart.validate_schema(values)
         render(values)
+        assert errors == []
         return
     with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
         chart.validate_schema(values)
     with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
         render(values)
+    assert any(message in error for error in errors), errors
 
 
 def documented(marker: str) -> str:
