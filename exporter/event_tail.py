@@ -9,6 +9,7 @@ read again, whole, next time. Positions are plain data, so the caller can persis
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,8 @@ class Position:
 
 
 class EventTail:
-    def __init__(self, paths: list[Path], positions: list[Position] = ()) -> None:
-        """`paths`: oldest first (name.1, then name)."""
+    def __init__(self, paths: Callable[[], list[Path]], positions: list[Position] = ()) -> None:
+        """`paths`: the files to read now, each rotated file before the file it was rotated from."""
         self._paths = paths
         self._positions = {p.inode: p for p in positions}
 
@@ -40,7 +41,7 @@ class EventTail:
         problems: list[str] = []
         seen: set[int] = set()
         budget = max_bytes
-        for path in self._paths:
+        for path in self._paths():
             try:
                 with open_regular(path) as fd:
                     inode = os.fstat(fd).st_ino

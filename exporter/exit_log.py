@@ -83,8 +83,20 @@ class ExitLog:
         self._dirty = False
         self._lock = threading.Lock()  # concurrent scrapes must not read the same bytes twice
         positions = self._load_state()
-        paths = [directory / (EVENTS_FILE + ROTATED_SUFFIX), directory / EVENTS_FILE] if directory else []
-        self._tail = EventTail(paths, positions)
+        self._tail = EventTail(self._event_paths, positions)
+
+    def _event_paths(self) -> list[Path]:
+        """events.jsonl and any per-user events.<uid>.jsonl, each after its rotated .1."""
+        if self._dir is None:
+            return []
+        try:
+            names = os.listdir(self._dir)
+        except OSError:
+            return []
+        bases = sorted(n for n in names if n.startswith("events") and n.endswith(".jsonl"))
+        if EVENTS_FILE not in bases:
+            bases.insert(0, EVENTS_FILE)  # a rotated .1 alone is still read
+        return [self._dir / name for base in bases for name in (base + ROTATED_SUFFIX, base)]
 
     # --- state ---
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.registry import ENTRY_SUFFIX, RegistryError, read_entry, registry_dir
-from gpu_residency_common.files import append_record, ensure_dir, open_regular, parse_json
+from gpu_residency_common.files import UntrustedFileError, append_record, ensure_dir, open_regular, parse_json
 
 EVENTS_FILE = "events.jsonl"
 ROTATED_SUFFIX = ".1"
@@ -157,17 +157,31 @@ class EventTooLarge(ValueError):
 def append_event(event: ExitEvent, directory: str | os.PathLike | None = None) -> Path:
     """Append one event with a single O_APPEND write and fsync: whole or not at all."""
     folder = ensure_dir(registry_dir(directory))
-    path = folder / EVENTS_FILE
     line = (event.to_json() + "\n").encode()
     if len(line) > MAX_EVENT_BYTES:
         raise EventTooLarge(f"event too large ({len(line)} bytes)")
-    _rotate_if_full(path)
-    append_record(path, line)
+    path = folder / EVENTS_FILE
+    try:
+        _rotate_if_full(path)
+        append_record(path, line)
+    except UntrustedFileError as exc:
+        if exc.reason != "unreadable":
+            raise
+        # Another user's file in a shared (1777) registry: this user appends to its own, which
+        # the exporter reads too.
+        path = folder / own_events_file()
+        _rotate_if_full(path)
+        append_record(path, line)
     return path
 
 
+def own_events_file() -> str:
+    """events.<uid>.jsonl: where a writer goes when events.jsonl belongs to another user."""
+    return f"events.{os.geteuid()}.jsonl"
+
+
 def _rotate_if_full(path: Path) -> None:
-    """events.jsonl -> events.jsonl.1 once it is over ROTATE_BYTES; one writer at a time decides."""
+    """events*.jsonl -> events*.jsonl.1 once it is over ROTATE_BYTES; one writer at a time decides."""
     try:
         if path.lstat().st_size < ROTATE_BYTES:
             return
@@ -177,7 +191,7 @@ def _rotate_if_full(path: Path) -> None:
         with open_regular(path.with_name(LOCK_FILE), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) as fd:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if path.lstat().st_size >= ROTATE_BYTES:  # not already rotated by a writer we waited for
-                os.replace(path, path.with_name(EVENTS_FILE + ROTATED_SUFFIX))
+                os.replace(path, path.with_name(path.name + ROTATED_SUFFIX))
     except (OSError, ValueError):
         pass  # not ours to rotate (another user's file in a sticky directory): keep appending
 

@@ -45,6 +45,11 @@ class _Server(ThreadingHTTPServer):
         self.web = web
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        """A client that fails its TLS handshake or drops the connection is not the exporter's
+        error: one debug line, not socketserver's traceback on stderr."""
+        log.debug("connection from %s ended in error", client_address[0], exc_info=True)
+
 
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keep-alive: Prometheus reuses its connection, so a scrape costs no new

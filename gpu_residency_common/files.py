@@ -125,7 +125,8 @@ def ensure_dir(path: str | os.PathLike, mode: int = DIR_MODE) -> Path:
     """Create `path` and missing parents with `mode` exactly (the umask does not narrow it).
 
     Directories that already exist keep their mode: an operator may have made a shared
-    registry 1777 on purpose."""
+    registry 1777 on purpose, and a directory made inside such a shared one is shared the same
+    way (1777), so a framework running as another user can write there too."""
     path = Path(path)
     missing = []
     probe = path
@@ -135,11 +136,13 @@ def ensure_dir(path: str | os.PathLike, mode: int = DIR_MODE) -> Path:
             break
         probe = probe.parent
     for directory in reversed(missing):
+        parent = os.stat(directory.parent).st_mode
+        shared = parent & stat.S_ISVTX and parent & stat.S_IWOTH
         try:
             directory.mkdir(mode)
         except FileExistsError:
             continue  # another writer made it first
-        os.chmod(directory, mode)
+        os.chmod(directory, 0o1777 if shared else mode)
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is not a directory")
     return path

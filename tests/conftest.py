@@ -265,15 +265,19 @@ class LocalExporter:
 @pytest.fixture
 def local_exporter(tmp_path, fake_nvml_dir, scenario, monkeypatch) -> LocalExporter:
     """The CLI's own assembly (build_exporter), in-process; background workers are not started."""
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    return build_local(tmp_path / "engines", tmp_path / "state", fake_nvml_dir)
+
+
+def build_local(registry_dir: Path, state_dir: Path | None, fake_nvml_dir: Path, *extra: str) -> LocalExporter:
+    """Another in-process assembly: on the same registry and state directory, it is a restart."""
     from exporter.cli import build_exporter, build_parser
     from exporter.errors import ErrorCounter
 
-    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
-    registry_dir = tmp_path / "engines"
     args = build_parser().parse_args(
         ["--node", "test-node", "--registry.dir", str(registry_dir), "--no-engines.discover",
-         "--collection.min-interval", "0", "--state.dir", str(tmp_path / "state"), "--exits.first-zero-seconds", "0",
-         "--nvml.library", str(fake_nvml_dir / fakenvml.SONAME)]
+         "--collection.min-interval", "0", "--state.dir", str(state_dir or ""), "--exits.first-zero-seconds", "0",
+         "--nvml.library", str(fake_nvml_dir / fakenvml.SONAME), *extra]
     )  # fmt: skip
     errors = ErrorCounter()
     return LocalExporter(build_exporter(args, errors).collector, registry_dir, errors)

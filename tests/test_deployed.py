@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, as_deployed, host_pid_of, in_container, one, python_for_others, values
+from conftest import ROOT, as_deployed, build_local, host_pid_of, in_container, one, python_for_others, values
 
 from fakenvml import GIB
 
@@ -156,3 +156,30 @@ def test_loopback_url_from_another_network_namespace_is_not_polled_and_says_why(
         assert one(m, "gpu_residency_errors_total", source="sglang", reason="url_unreachable") == 1
         assert values(m, "gpu_residency_sglang_up", engine="in-pod") == []
         assert "loopback of another network namespace" in exporter.log()
+
+
+def test_a_registry_shared_by_two_non_root_users_takes_both(local_exporter, shared_dir, fake_nvml_dir):
+    """A 1777 registry (registry.mode in the chart): uid 1000 and uid 1001 both report exits and record
+    gate decisions; the second writes its own events file instead of failing on the first's."""
+    registry = shared_dir / "registry"
+    registry.mkdir(mode=0o1777)
+    registry.chmod(0o1777)
+    code = (
+        "import sys; from exporter.exits import report_exit; from gate import GpuSample, ResidualGate\n"
+        "class Idle:\n    name = 'idle'\n    def read(self, node): return [GpuSample(0, 'GPU-0', '0:18:00.0', 0)]\n"
+        "report_exit(sys.argv[2], -9, directory=sys.argv[1])\n"
+        "ResidualGate(2, source=Idle(), record_dir=sys.argv[1]).check([0], wake=sys.argv[2])\n"
+    )
+    for uid in (1000, 1001):
+        result = subprocess.run(
+            [*in_container(uid=uid), python_for_others(), "-c", code, str(registry), f"engine-{uid}"],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in registry.glob("events*.jsonl")) == ["events.1001.jsonl", "events.jsonl"]
+    assert (registry / "gate").stat().st_mode & 0o7777 == 0o1777, "shared like its parent"
+    assert sorted(p.name for p in (registry / "gate").iterdir()) == ["engine-1000.json", "engine-1001.json"]
+    exporter = build_local(registry, None, fake_nvml_dir)
+    m = exporter.scrape()
+    for uid in (1000, 1001):
+        assert one(m, "gpu_residency_engine_exits_total", engine=f"engine-{uid}", exit_code="-9") == 1

@@ -14,7 +14,7 @@ import time
 import bcrypt
 import pytest
 import requests
-from conftest import ROOT, one, values
+from conftest import ROOT, build_local, one, values
 
 import fakenvml
 from exporter.errors import ErrorCounter
@@ -64,7 +64,7 @@ def test_deeply_nested_json_is_refused_not_a_recursion_error(local_exporter, spa
 
 
 def test_a_huge_url_in_an_entry_is_refused_and_an_unreported_death_never_breaks_the_scrape(
-    local_exporter, spawn_tree, tmp_path
+    local_exporter, spawn_tree, tmp_path, fake_nvml_dir
 ):
     registry = local_exporter.registry_dir
     huge = spawn_tree()
@@ -75,7 +75,9 @@ def test_a_huge_url_in_an_entry_is_refused_and_an_unreported_death_never_breaks_
     register_engine("dying", root_pid=dying.pid, url="http://127.0.0.1:1" + "/" * 2000, directory=registry)
     dying.root.kill()
     dying.root.wait()
-    exporter = _local(local_exporter, tmp_path, "--exits.grace-period", "0.01")
+    exporter = build_local(
+        local_exporter.registry_dir, tmp_path / "state", fake_nvml_dir, "--exits.grace-period", "0.01"
+    )
     exporter.scrape()
     time.sleep(0.05)
     m = exporter.scrape()
@@ -437,7 +439,7 @@ def test_histograms_of_an_engine_that_left_are_dropped():
     assert shown["gpu_residency_engine_release_seconds"] == [], "the engine left: its histogram with it"
 
 
-def test_rotated_events_lose_no_count_across_exporter_restarts(local_exporter, tmp_path, monkeypatch):
+def test_rotated_events_lose_no_count_across_exporter_restarts(local_exporter, tmp_path, monkeypatch, fake_nvml_dir):
     from exporter import exits
 
     registry = local_exporter.registry_dir
@@ -450,24 +452,8 @@ def test_rotated_events_lose_no_count_across_exporter_restarts(local_exporter, t
     assert (registry / "events.jsonl").stat().st_size < 4096 + exits.MAX_EVENT_BYTES, "bounded"
     for _ in range(15):  # written while no exporter runs (at most one rotation)
         report_exit("churn", -9, directory=registry)
-    restarted = _local(local_exporter, tmp_path)  # the same state directory
+    restarted = build_local(registry, tmp_path / "state", fake_nvml_dir)  # the same state directory: a restart
     assert one(restarted.scrape(), "gpu_residency_engine_exits_total", engine="churn") == 105
-    assert len(restarted.collector._concerns) == len(local_exporter.collector._concerns)
-
-
-def _local(existing, tmp_path, *extra):
-    """Another exporter assembly on the same registry and state directory (a restart)."""
-    from conftest import LocalExporter
-
-    from exporter.cli import build_exporter, build_parser
-
-    args = build_parser().parse_args(
-        ["--node", "test-node", "--registry.dir", str(existing.registry_dir), "--no-engines.discover",
-         "--collection.min-interval", "0", "--state.dir", str(tmp_path / "state"), "--exits.first-zero-seconds", "0",
-         "--nvml.library", str(existing.collector._nvml._library_path), *extra]
-    )  # fmt: skip
-    errors = ErrorCounter()
-    return LocalExporter(build_exporter(args, errors).collector, existing.registry_dir, errors)
 
 
 # ---------- web config ----------
@@ -568,3 +554,31 @@ def test_an_unknown_user_costs_what_a_wrong_password_costs(exporter_factory, sce
     known = min(cost("prometheus") for _ in range(3))
     unknown = min(cost("nobody") for _ in range(3))
     assert 0.5 < unknown / known < 2.0, (known, unknown)
+
+
+def test_a_failed_tls_handshake_is_one_debug_line_not_a_traceback(exporter_factory, scenario, tmp_path):
+    from conftest import require_tool
+
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)  # fmt: skip
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n")
+    exporter = exporter_factory(scenario, "--web.config.file", str(config))
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(exporter.url.replace("https", "http") + "/metrics", timeout=5)  # plain HTTP to a TLS port
+    assert requests.get(exporter.url + "/healthz", verify=False, timeout=5).status_code == 200
+    assert "Traceback" not in exporter.log()
+
+
+def test_the_nodes_own_addresses_are_allowed_engine_hosts():
+    from exporter.url_policy import node_addresses
+
+    own = [n.network_address for n in node_addresses() if not n.network_address.is_loopback]
+    if not own:
+        pytest.skip("no non-loopback interface address on this machine")
+    address = own[0]
+    host = f"[{address}]" if address.version == 6 else str(address)
+    assert UrlPolicy.default().check(f"http://{host}:30000") is None
+    assert "outside the allowed networks" in UrlPolicy.default().check("http://192.0.2.1:30000")
