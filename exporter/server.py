@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gzip
 import html
+import json
 import logging
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import gzip_accepted
@@ -65,7 +67,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(403, "client certificate not allowed")
             return
         try:
-            status, headers, body = self.server.respond(self.path, self.headers)
+            parts = urlsplit(self.path)
+            request = Request(parts.path, parse_qs(parts.query), self.headers, self.connection)
+            status, headers, body = self.server.respond(request)
         except Exception:
             # Never an empty reply: a scraper must see that this scrape failed, and why is logged.
             log.exception("internal error answering %s", urlsplit(self.path).path)
@@ -81,13 +85,39 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + fmt, self.address_string(), *args)
 
 
-Responder = Callable[[str, Message], tuple[int, list[tuple[str, str]], bytes]]
+@dataclass(frozen=True)
+class Request:
+    path: str
+    query: dict[str, list[str]]
+    headers: Message
+    connection: socket.socket | None = None  # a long poll watches it: a client that left ends the wait
 
 
-def make_responder(registry: CollectorRegistry, telemetry_path: str, web: WebConfig | None = None) -> Responder:
-    """path, headers -> (status, headers, body): telemetry path -> metrics, /healthz -> 'ok', / -> landing page.
+Response = tuple[int, list[tuple[str, str]], bytes]
+Responder = Callable[[Request], Response]
+Route = Callable[[Request], Response]  # an API path's handler; runs on the connection's own thread
+
+
+def json_response(status: int, body: object) -> Response:
+    """An API answer: JSON, never cached."""
+    return (
+        status,
+        [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+        (json.dumps(body, separators=(",", ":")) + "\n").encode(),
+    )
+
+
+def make_responder(
+    registry: CollectorRegistry,
+    telemetry_path: str,
+    web: WebConfig | None = None,
+    routes: dict[str, Route] | None = None,
+) -> Responder:
+    """request -> (status, headers, body): the telemetry path -> metrics, /healthz -> 'ok', / -> landing page,
+    and each of `routes` (the JSON API) to its handler.
 
     With basic auth users configured, everything but /healthz needs credentials."""
+    routes = dict(routes or {})
     web = web or WebConfig()
     landing = (
         "<html><head><title>gpu-residency exporter</title></head><body>"
@@ -97,8 +127,8 @@ def make_responder(registry: CollectorRegistry, telemetry_path: str, web: WebCon
     ).encode()
     text = [("Content-Type", "text/plain; charset=utf-8")]
 
-    def respond(target: str, headers: Message) -> tuple[int, list[tuple[str, str]], bytes]:
-        path = urlsplit(target).path
+    def respond(request: Request) -> Response:
+        path, headers = request.path, request.headers
         if path == "/healthz":
             return 200, text, b"ok\n"  # the process serves: that is what liveness means here
         if not web.authorized(headers.get("Authorization")):
@@ -114,6 +144,8 @@ def make_responder(registry: CollectorRegistry, telemetry_path: str, web: WebCon
             return 200, [("Content-Type", CONTENT_TYPE)], body
         if path == "/":
             return 200, [("Content-Type", "text/html; charset=utf-8")], landing
+        if path in routes:
+            return routes[path](request)
         return 404, text, b"not found\n"
 
     return respond

@@ -103,7 +103,7 @@ def test_a_failing_concern_loses_only_its_own_families(local_exporter, monkeypat
 def test_an_unexpected_failure_of_the_whole_response_is_a_500():
     from exporter.server import ExporterServer
 
-    def broken(path, headers):
+    def broken(request):
         raise RuntimeError("boom")
 
     server = ExporterServer(broken, "127.0.0.1", 0)
