@@ -84,17 +84,17 @@ panel(
     desc="SGLang's /server_info numbers are measured once at start-up: a slept engine still reports its pools. The measured line is what it really holds now.",
 )
 panel(
-    "Engine exits by signal",
+    "Engine exits by cause",
     "timeseries",
     [
         (
-            'sum by (engine, exit_code, signal) (increase(gpu_residency_engine_exits_total{node=~"$node", engine=~"$engine"}[$__rate_interval]))',
-            "{{engine}} exit {{exit_code}} {{signal}}",
+            'sum by (engine, exit_code, signal, cause) (increase(gpu_residency_engine_exits_total{node=~"$node", engine=~"$engine"}[$__rate_interval]))',
+            "{{engine}} {{cause}} (exit {{exit_code}} {{signal}})",
         ),
     ],
     {"h": 9, "w": 12, "x": 12, "y": 9},
     unit="short",
-    desc="SIGKILL is almost always an OOM kill; exit_code=unknown means the root vanished with no report.",
+    desc="cause, from the exporter's crash forensics: oom_kill (kernel OOM killer), child_failure (a process of the tree died first), signal (killed from outside), exit_code, unknown (no report, no evidence). `gpu-residency-exporter exits` shows the evidence.",
     extra={
         "fieldConfig": {
             "defaults": {"unit": "short", "custom": {"drawStyle": "bars", "fillOpacity": 80}},

@@ -19,11 +19,14 @@ from exporter.collector import ResidencyCollector
 from exporter.engines import ConfigError, EngineCatalog, load_static_config
 from exporter.errors import ErrorCounter
 from exporter.exit_log import ExitLog
+from exporter.exits import EXITS_PATH
+from exporter.exits_api import exits_route
+from exporter.forensics import DEFAULT_WINDOW_SECONDS, Forensics
 from exporter.gate_records import GateRecords
 from exporter.nvml_source import DEFAULT_TIMEOUT_SECONDS as DEFAULT_NVML_TIMEOUT
 from exporter.nvml_source import NvmlSource
 from exporter.registry import DEFAULT_DIR, REGISTRY_ENV
-from exporter.server import ExporterServer, ListenAddressError, make_responder, parse_listen_address
+from exporter.server import ExporterServer, ListenAddressError, Route, make_responder, parse_listen_address
 from exporter.sglang import SglangPoller
 from exporter.supervisor import SupervisedLoop
 from exporter.transitions import TransitionTracker
@@ -187,6 +190,41 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where the exporter keeps its own state (exit counts, events read so far), so a restart or a "
         f"rotated events file loses no count (default {DEFAULT_STATE_DIR}; '' keeps it in memory only)",
     )
+    forensics = parser.add_argument_group(
+        "crash forensics", "why an engine died (OOM kill, a child's failure, a signal) and what was on its GPUs"
+    )
+    forensics.add_argument(
+        "--forensics.interval",
+        dest="forensics_interval",
+        type=_non_negative_float,
+        default=0.5,
+        metavar="SECONDS",
+        help="how often engine trees, memory cgroup OOM counters and the kernel log are looked at; a collection "
+        "a second feeds the history (default 0.5; 0 turns forensics off: causes are then from exit codes only)",
+    )
+    _seconds(
+        forensics,
+        "--forensics.window",
+        "forensics_window",
+        DEFAULT_WINDOW_SECONDS,
+        f"how far back before a death the GPU peak and its holders are looked for (default {DEFAULT_WINDOW_SECONDS:g})",
+    )
+    forensics.add_argument(
+        "--forensics.cgroup-root",
+        dest="forensics_cgroup_root",
+        default="/sys/fs/cgroup",
+        metavar="DIR",
+        help="where the host's cgroup filesystem is mounted (default /sys/fs/cgroup; in a pod, mount the host's "
+        "read-only and point here)",
+    )
+    forensics.add_argument(
+        "--forensics.kmsg",
+        dest="forensics_kmsg",
+        default="/dev/kmsg",
+        metavar="PATH",
+        help="the kernel log, for OOM-kill lines naming a PID (needs CAP_SYSLOG where dmesg_restrict=1; "
+        "'' to skip; default /dev/kmsg)",
+    )
     states = parser.add_argument_group("sleep and wake (engines whose framework sets their state)")
     states.add_argument(
         "--engines.release-floor-gb",
@@ -285,24 +323,27 @@ def _positive_float(text: str) -> float:
 
 @dataclass
 class Exporter:
-    """Everything one exporter process runs: the collector and its background workers."""
+    """Everything one exporter process runs: the collector, its background loops and its API."""
 
     collector: ResidencyCollector
     catalog: EngineCatalog
     poller: SglangPoller
     transitions: TransitionTracker
-    watcher: SupervisedLoop | None = None
+    exits: ExitLog
+    forensics: Forensics | None = None
+    loops: list[SupervisedLoop] = field(default_factory=list)
+    routes: dict[str, Route] = field(default_factory=dict)
     _watched: dict = field(default_factory=dict)
 
     def start(self) -> None:
         self.catalog.start()
         self.poller.start()
-        if self.watcher is not None:
-            self.watcher.start()
+        for loop in self.loops:
+            loop.start()
 
     def stop(self) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
+        for loop in self.loops:
+            loop.stop()
         self.poller.stop()
         self.catalog.stop()
 
@@ -315,6 +356,14 @@ class Exporter:
         self._watched["dir"] = directory
         snapshot, _ = self.collector.snapshot(max_age=0)
         self.transitions.observe(snapshot)
+
+    def watch_exits(self) -> None:
+        """Crash forensics between scrapes: every look checks the engines' trees, their OOM
+        counters and the kernel log; a collection a second feeds the history, and exits are
+        counted with their evidence as soon as it is in."""
+        snapshot, _ = self.collector.snapshot(max_age=1.0)
+        self.forensics.tick(snapshot.engines)
+        self.exits.update(snapshot)
 
 
 def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
@@ -336,6 +385,15 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         read_timeout=args.sglang_timeout,
         engines=lambda: catalog.current(max_age=5.0),
     )
+    forensics = None
+    if args.forensics_interval > 0:
+        forensics = Forensics(
+            args.node,
+            errors,
+            window_seconds=args.forensics_window,
+            cgroup_root=Path(args.forensics_cgroup_root),
+            kmsg=args.forensics_kmsg or None,
+        )
     exits = ExitLog(
         args.node,
         registry_dir,
@@ -344,6 +402,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         state_dir=Path(args.state_dir) if args.state_dir else None,
         first_zero_seconds=args.exit_first_zero,
         retention_seconds=args.exit_retention,
+        forensics=forensics,
     )
     transitions = TransitionTracker(
         args.node, int(args.release_floor_gb * 1024**3), args.release_timeout, args.wake_timeout
@@ -358,11 +417,22 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
     ]
     disabled = [name for name in COLLECTORS if not getattr(args, f"collector_{name}")]
     collector = ResidencyCollector(
-        args.node, nvml, catalog, errors, concerns=concerns, min_interval=args.min_interval, disabled=disabled
+        args.node,
+        nvml,
+        catalog,
+        errors,
+        concerns=concerns,
+        min_interval=args.min_interval,
+        disabled=disabled,
+        observers=[forensics.record] if forensics is not None else [],
     )
-    exporter = Exporter(collector, catalog, poller, transitions)
+    exporter = Exporter(collector, catalog, poller, transitions, exits, forensics)
     if "sleep_wake" not in disabled:
-        exporter.watcher = SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors)
+        exporter.loops.append(SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors))
+    if "exits" not in disabled:
+        if forensics is not None:
+            exporter.loops.append(SupervisedLoop("forensics", exporter.watch_exits, args.forensics_interval, errors))
+        exporter.routes[EXITS_PATH] = exits_route(exits)
     return exporter
 
 
@@ -372,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         from exporter.launch import main as launch
 
         return launch(argv[1:])
+    if argv[:1] == ["exits"]:
+        from exporter.exits_api import main as exits
+
+        return exits(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -403,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter.collector)
     try:
-        server = ExporterServer(make_responder(registry, args.telemetry_path, web), host, port, web=web)
+        responder = make_responder(registry, args.telemetry_path, web, routes=exporter.routes)
+        server = ExporterServer(responder, host, port, web=web)
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         return 1

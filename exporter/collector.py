@@ -47,12 +47,15 @@ class ResidencyCollector(Collector):
         concerns: Iterable[tuple[str, FamilySource]] = (),
         min_interval: float = 0.0,
         disabled: Iterable[str] = (),
+        observers: Iterable[Callable[[Snapshot], None]] = (),
     ) -> None:
         """`concerns`: (name, families) beyond the core GPU and process families; `disabled`:
         concern names not collected (--no-collector.NAME).
 
         `min_interval`: scrapes within this many seconds of the last collection reuse it, so
-        many scrapers (HA Prometheus pairs, dashboards, gates) cost one NVML and /proc pass."""
+        many scrapers (HA Prometheus pairs, dashboards, gates) cost one NVML and /proc pass.
+        `observers` see every new collection (the crash forensics' history)."""
+        self._observers = list(observers)
         self._node = node
         self._nvml = nvml
         self._catalog = catalog
@@ -81,7 +84,9 @@ class ResidencyCollector(Collector):
             duration = time.perf_counter() - started
             self.collections += 1
             self._last = (time.monotonic(), snapshot, duration)
-            return snapshot, duration
+        for observer in self._observers:
+            run_supervised("history", lambda observer=observer: observer(snapshot), self._errors)
+        return snapshot, duration
 
     def collect(self) -> Iterable[Metric]:
         snapshot, duration = self.snapshot()

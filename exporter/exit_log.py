@@ -1,4 +1,4 @@
-"""Engine exits as counters: every exit counted once, across rotations and exporter restarts.
+"""Engine exits as counters: every exit counted once, with its cause, across rotations and restarts.
 
 Exits come from the registry's events files (written by the frameworks that launched the
 engines, `exporter.exits.report_exit`) and from the exporter itself: a registered engine
@@ -9,6 +9,10 @@ The counts live in the exporter's state directory (`--state.dir`), with how far 
 file has been read: a rotated-away file, or a restart, loses no count and counts nothing
 twice. Without a writable state directory the counts start again from the files on restart.
 
+Each exit waits (up to EVIDENCE_WAIT_SECONDS) for the exporter's crash forensics to have seen
+the death, then is counted with the cause the evidence supports (exporter/forensics.py) and kept,
+with that evidence, among the recent exits served at /api/v1/exits.
+
 A counter that first appears already at 1 is invisible to `increase()`: a new series is
 published at 0 first (for `--exits.first-zero-seconds`, at least one scrape), then at its
 count, so an alert on the first exit of an engine fires. Series of engines that left the
@@ -17,6 +21,7 @@ catalog more than `--exits.retention` ago are dropped, so churn does not grow th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +38,7 @@ from exporter.attribution import Snapshot
 from exporter.errors import ErrorCounter
 from exporter.event_tail import EventTail, Position
 from exporter.exits import EVENTS_FILE, ROTATED_SUFFIX, ExitEvent, exit_labels
+from exporter.forensics import Death, Evidence, Forensics, determine_cause, evidence_dict
 from gpu_residency_common.files import UntrustedFileError, ensure_dir, read_json, write_atomic
 
 log = logging.getLogger(__name__)
@@ -43,7 +49,9 @@ MAX_STATE_BYTES = 16 * 1024 * 1024
 RECENT_IDS = 20_000  # ids remembered against a file read twice (replaced in place, restored)
 RECENT_EVENTS = 256
 
-CountKey = tuple[str, str, str]  # engine, exit_code, signal
+CountKey = tuple[str, str, str, str]  # engine, exit_code, signal, cause
+SETTLE_SECONDS = 1.0  # after a death is seen, how long late evidence (a kernel log line) may still come
+EVIDENCE_WAIT_SECONDS = 3.0  # how long a reported exit waits for its death to be seen before it is counted
 
 
 @dataclass
@@ -63,8 +71,11 @@ class ExitLog:
         state_dir: Path | None = None,
         first_zero_seconds: float = 60.0,
         retention_seconds: float = 3600.0,
+        forensics: Forensics | None = None,
     ) -> None:
         self._node = node
+        self._forensics = forensics
+        self._pending: dict[str, tuple[ExitEvent, float]] = {}  # id -> (event, monotonic time received)
         self._dir = directory
         self._errors = errors
         self._grace = grace_seconds
@@ -75,8 +86,9 @@ class ExitLog:
         self._counts: dict[CountKey, _Count] = {}
         self._ids: deque[str] = deque()
         self._id_set: set[str] = set()
-        self._recent: deque[ExitEvent] = deque(maxlen=RECENT_EVENTS)
+        self._recent: deque[dict] = deque(maxlen=RECENT_EVENTS)  # exits with their cause and evidence
         self._reported: dict[tuple[str, int | None, int | None], float] = {}  # root identity -> event time
+        self._unknown: dict[tuple[str, int | None, int | None], str] = {}  # root identity -> unreported event id
         self._reported_names: dict[str, float] = {}  # engine -> latest event time
         self._dead_since: dict[tuple[str, int | None, int | None], float] = {}
         self._absent_since: dict[str, float] = {}
@@ -111,10 +123,13 @@ class ExitLog:
                 log.warning("exit state %s ignored (%s): counting again from the events files", self._state_dir, exc)
             return []
         try:
-            for engine, code, signal_label, value, last in data["counts"]:
-                self._counts[(str(engine), str(code), str(signal_label))] = _Count(int(value), float(last))
-            for event in data.get("recent", []):
-                self._recent.append(ExitEvent(**event))
+            for row in data["counts"]:
+                engine, code, signal_label, *cause, value, last = row  # version 1 had no cause
+                key = (str(engine), str(code), str(signal_label), str(cause[0]) if cause else "unknown")
+                self._counts[key] = _Count(int(value), float(last))
+            self._recent.extend(record for record in data.get("recent", []) if isinstance(record, dict))
+            for event in data.get("pending", []):
+                self._pending[event["id"]] = (ExitEvent(**event), time.monotonic())
             for event_id in data.get("ids", []):
                 self._remember(str(event_id))
             return [Position(int(i), int(o), bytes.fromhex(h)) for i, o, h in data["positions"]]
@@ -128,11 +143,12 @@ class ExitLog:
         if self._state_dir is None or not self._dirty:
             return
         body = {
-            "version": 1,
+            "version": 2,
             "counts": [[*key, c.value, c.last_time] for key, c in sorted(self._counts.items())],
             "positions": [[p.inode, p.offset, p.head.hex()] for p in self._tail.positions],
             "ids": list(self._ids),
-            "recent": [asdict(event) for event in self._recent],
+            "recent": list(self._recent),
+            "pending": [asdict(event) for event, _ in self._pending.values()],
         }
         try:
             write_atomic(ensure_dir(self._state_dir) / STATE_FILE, json.dumps(body, separators=(",", ":")))
@@ -170,11 +186,55 @@ class ExitLog:
         self._add(event)
 
     def _add(self, event: ExitEvent) -> None:
+        """An exit learnt of: held until its evidence is in (or cannot come), then counted."""
         if event.id in self._id_set:
             return
         self._remember(event.id)
-        self._recent.append(event)
-        key = (event.engine, *exit_labels(event.exitcode))
+        identity = (event.engine, event.root_pid, event.start_ticks)
+        if event.exitcode is not None and identity in self._unknown:
+            self._late_report(self._unknown.pop(identity), event)
+            return
+        if event.exitcode is None:
+            self._unknown[identity] = event.id
+        self._pending[event.id] = (event, time.monotonic())
+        self._reported[identity] = event.time
+        self._reported_names[event.engine] = max(event.time, self._reported_names.get(event.engine, 0.0))
+        self._dirty = True
+
+    def _late_report(self, unknown_id: str, report: ExitEvent) -> None:
+        """A parent's report of a death already recorded as unreported: the same exit, not a second.
+        Still pending, it takes the reported code; already counted, its record notes the code."""
+        if unknown_id in self._pending:
+            event, received = self._pending[unknown_id]
+            self._pending[unknown_id] = (dataclasses.replace(event, exitcode=report.exitcode), received)
+        else:
+            for record in self._recent:
+                if record.get("id") == unknown_id:
+                    record["reported_exitcode"] = report.exitcode
+        log.info("engine %s: exit reported after it was recorded as unreported; counted once", report.engine)
+        self._dirty = True
+
+    def _finalize(self) -> None:
+        for event_id, (event, received) in list(self._pending.items()):
+            death = self._forensics.death_for(event) if self._forensics else None
+            waited = time.monotonic() - received
+            if not (
+                self._forensics is None
+                or event.time < self._started  # from before this exporter: no evidence is coming
+                or (death is None and not self._forensics.watching(event.engine))  # nor for an unwatched engine
+                or (death is not None and time.time() >= death.at + SETTLE_SECONDS)
+                or waited >= EVIDENCE_WAIT_SECONDS
+            ):
+                continue
+            del self._pending[event_id]
+            if self._forensics is not None:
+                evidence = self._forensics.explain(event, death)
+            else:
+                evidence = determine_cause(event.exitcode, None)
+            self._count(event, evidence, death)
+
+    def _count(self, event: ExitEvent, evidence: Evidence, death: Death | None) -> None:
+        key = (event.engine, *exit_labels(event.exitcode), evidence.cause)
         count = self._counts.get(key)
         if count is None:
             # Published at 0 first, so that increase() sees this first exit; exits from before
@@ -183,8 +243,9 @@ class ExitLog:
             count = self._counts[key] = _Count(0, event.time, zero_until=0.0 if recent else None)
         count.value += 1
         count.last_time = max(count.last_time, event.time)
-        self._reported[(event.engine, event.root_pid, event.start_ticks)] = event.time
-        self._reported_names[event.engine] = max(event.time, self._reported_names.get(event.engine, 0.0))
+        self._recent.append({**asdict(event), **evidence_dict(evidence, death)})
+        if evidence.cause != "exit_code" or event.exitcode != 0:
+            log.warning("engine %s exited (exitcode=%s): %s", event.engine, event.exitcode, evidence.detail)
         self._dirty = True
 
     # --- deaths nobody reported ---
@@ -237,6 +298,7 @@ class ExitLog:
             return
         self._counts = {key: c for key, c in self._counts.items() if key[0] not in gone}
         self._reported = {key: t for key, t in self._reported.items() if key[0] not in gone}
+        self._unknown = {key: i for key, i in self._unknown.items() if key[0] not in gone}
         for name in gone:
             self._reported_names.pop(name, None)
             self._absent_since.pop(name, None)
@@ -244,27 +306,36 @@ class ExitLog:
 
     # --- output ---
 
-    def recent(self) -> list[ExitEvent]:
-        """The latest exits, newest first."""
+    def recent(self, engine: str | None = None) -> list[dict]:
+        """The latest exits with their cause and evidence, newest first."""
         with self._lock:
-            return list(reversed(self._recent))
+            return [dict(r) for r in reversed(self._recent) if engine is None or r.get("engine") == engine]
 
-    def families(self, snapshot: Snapshot) -> Iterable[Metric]:
+    def update(self, snapshot: Snapshot) -> None:
+        """Read new events, record unreported deaths, count what has its evidence, save."""
         with self._lock:
             self.ingest()
             self.record_unreported(snapshot)
+            self._finalize()
             self._forget_departed(snapshot)
             self._save_state()
+
+    def families(self, snapshot: Snapshot) -> Iterable[Metric]:
+        self.update(snapshot)
+        with self._lock:
             shown = self._published_values()
         family = CounterMetricFamily(
             "gpu_residency_engine_exits",
-            "Engine exits by exit code and signal (signal='' for a plain exit code; exit_code='unknown' when the "
-            "root vanished with no report). A new series starts at 0.",
-            labels=["node", "engine", "exit_code", "signal"],
+            "Engine exits by exit code, signal and cause (signal='' for a plain exit code; exit_code='unknown' when "
+            "the root vanished with no report; cause: oom_kill, child_failure, signal, exit_code, unknown, from "
+            "evidence only). A new series starts at 0.",
+            labels=["node", "engine", "exit_code", "signal", "cause"],
         )
-        for (engine, code, signal_label), value in shown:
-            family.add_metric([self._node, engine, code, signal_label], value)
+        for (engine, code, signal_label, cause), value in shown:
+            family.add_metric([self._node, engine, code, signal_label, cause], value)
         yield family
+        if self._forensics is not None:
+            yield from self._forensics.families(snapshot)
 
     def _published_values(self) -> list[tuple[CountKey, int]]:
         now = time.monotonic()

@@ -20,15 +20,18 @@ rotation loses no count.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import logging
 import os
 import queue
 import signal
+import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -44,6 +47,9 @@ LOCK_FILE = ".events.lock"
 ROTATE_BYTES = 1024 * 1024
 MAX_EVENT_BYTES = 4096  # one write of at most PIPE_BUF-ish size stays whole under O_APPEND
 MAX_TEXT_FIELD = 1024  # an event keeps at most this much of a URL: it is for a human to read
+EXITS_PATH = "/api/v1/exits"
+EXPORTER_URL_ENV = "GPU_RESIDENCY_EXPORTER_URL"
+EVIDENCE_WAIT_S = 5.0  # how long a dying engine's message waits for the exporter's evidence
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +74,14 @@ def signal_name(signum: int) -> str:
 
 
 def describe_exit(
-    exitcode: int | None, elapsed: float | None = None, url: str | None = None, phase: str = "during start-up"
+    exitcode: int | None,
+    elapsed: float | None = None,
+    url: str | None = None,
+    phase: str = "during start-up",
+    evidence: dict | None = None,
 ) -> str:
-    """One line for a human: how the engine ended, when, where, and the likely cause.
+    """One line for a human: how the engine ended, when, where, and what it can mean, or, with the
+    exporter's record of the exit (`evidence`, see exporter_evidence), what it found.
 
     Negative codes are signals (multiprocessing / subprocess convention); 128+N is a
     signal as a shell reports it.
@@ -83,6 +94,8 @@ def describe_exit(
     if url:
         parts.append(f"url={url}")
     text = ", ".join(parts)
+    if evidence and evidence.get("cause") not in (None, "unknown"):
+        return with_evidence(text, evidence)
     return f"{text}; {hint}" if hint else text
 
 
@@ -230,6 +243,47 @@ def report_exit(
     return event
 
 
+def fetch_exits(url: str, engine: str | None = None, since: float = 0.0, wait: float = 0.0, limit: int = 50,
+                ca_file: str | None = None, user: str | None = None, password: str | None = None,
+                timeout: float = 15.0) -> list[dict]:  # fmt: skip
+    """The exporter's recent exits with their cause and evidence (newest first; `wait` seconds for one
+    newer than `since`); OSError or ValueError when it cannot be asked."""
+    query = urllib.parse.urlencode(
+        {k: v for k, v in {"engine": engine, "since": since, "wait": wait, "limit": limit}.items() if v}
+    )
+    request = urllib.request.Request(url.rstrip("/") + EXITS_PATH + (f"?{query}" if query else ""))
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https") else None
+    with urllib.request.urlopen(request, timeout=timeout + wait, context=context) as response:
+        body = json.loads(response.read(16 * 1024 * 1024))
+    if not isinstance(body, dict) or not isinstance(body.get("exits"), list):
+        raise ValueError("not an /api/v1/exits answer")
+    return [record for record in body["exits"] if isinstance(record, dict)]
+
+
+def exporter_evidence(engine: str, since: float, exporter_url: str | None = None) -> dict | None:
+    """The exporter's record of this engine's exit since `since`, if an exporter is known
+    (`exporter_url` or $GPU_RESIDENCY_EXPORTER_URL) and has it within EVIDENCE_WAIT_S; never raises."""
+    url = exporter_url or os.environ.get(EXPORTER_URL_ENV)
+    if not url:
+        return None
+    try:
+        records = fetch_exits(url, engine, since=since, wait=EVIDENCE_WAIT_S, limit=1, timeout=5.0)
+    except (OSError, ValueError) as exc:
+        log.info("no evidence from the exporter at %s: %s", url, exc)
+        return None
+    return records[0] if records else None
+
+
+def with_evidence(message: str, record: dict | None) -> str:
+    """The message, and what the exporter found, when it found something."""
+    if not record or record.get("cause") in (None, "unknown"):
+        return message
+    return f"{message}. The exporter found: {record['cause']}: {record.get('detail', '')}"
+
+
 class EngineExitedError(RuntimeError):
     """The engine died before it became healthy; str() is terminated_message's text."""
 
@@ -287,6 +341,7 @@ def wait_server_healthy(
     engine: str | None = None,
     directory: str | os.PathLike | None = None,
     poll_interval: float = 0.5,
+    exporter_url: str | None = None,
 ) -> float:
     """Wait until the SGLang server at `base_url` answers 200 on /health_generate, then on
     /flush_cache, as miles does before using an engine; return the seconds it took.
@@ -299,7 +354,9 @@ def wait_server_healthy(
     If the process dies first, raise EngineExitedError (a RuntimeError) at once: "Server
     process terminated unexpectedly during <phase>. exitcode=..., elapsed=..., url=..." with
     the likely cause. With `engine`, the exit is also recorded for the exporter; a failure to
-    record is logged and never replaces that error.
+    record is logged and never replaces that error; and where an exporter is known
+    (`exporter_url` or $GPU_RESIDENCY_EXPORTER_URL) the message ends with the cause its crash
+    forensics found ("The exporter found: oom_kill: ..."), waiting at most EVIDENCE_WAIT_S for it.
     """
     if isinstance(process, str):
         raise TypeError("process must be a multiprocessing.Process, a subprocess.Popen or None; pass api_key= by name")
@@ -322,7 +379,7 @@ def wait_server_healthy(
         url = base_url.rstrip("/") + path
         while _ask(url, headers, alive, deadline, poll_interval) != 200:
             if not alive():
-                _engine_died(phase, process, time.monotonic() - started, base_url, engine, directory)
+                _engine_died(phase, process, time.monotonic() - started, base_url, engine, directory, exporter_url)
             if deadline is not None and time.monotonic() >= deadline:
                 message = f"{url} not healthy after {timeout:g}s, during {phase} (process still running)"
                 log.warning("%s", message)
@@ -333,13 +390,17 @@ def wait_server_healthy(
     return took
 
 
-def _engine_died(phase: str, process, elapsed: float, url: str, engine: str | None, directory) -> None:
+def _engine_died(
+    phase: str, process, elapsed: float, url: str, engine: str | None, directory, exporter_url: str | None
+) -> None:
     code = _exitcode(process) if process is not None else None
     message = terminated_message(phase, code, elapsed, url)
     if engine:
+        since = time.time() - elapsed
         try:
             report_exit(engine, code, elapsed=elapsed, url=url, directory=directory)
         except (OSError, ValueError) as exc:  # an unwritable registry: the engine's death is the error
             log.warning("could not record the exit of engine %s: %s", engine, exc)
+        message = with_evidence(message, exporter_evidence(engine, since, exporter_url))
     log.error("%s", message)
     raise EngineExitedError(message, code)

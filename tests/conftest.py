@@ -337,6 +337,19 @@ def child_cgroup() -> Iterator:
 
 
 @pytest.fixture
+def tls_files(tmp_path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
 def fake_sglang() -> Iterator:
     """Fake SGLang servers on loopback (fakenvml.sglang), stopped after the test."""
     servers: list[FakeSglang] = []

@@ -37,6 +37,8 @@ CONTRACT = {
     "gpu_residency_build_info": {"node", "version"},
     "gpu_residency_collections_total": {"node"},
     "gpu_residency_collector_success": {"node", "collector"},
+    "gpu_residency_forensics_evidence_available": {"node", "source"},
+    "gpu_residency_forensics_history_collections": {"node"},
     "gpu_residency_collector_duration_seconds": {"node", "collector"},
 }
 
