@@ -15,6 +15,7 @@ from conftest import ROOT, require_tool, start_exporter
 
 DASHBOARDS = ROOT / "dashboards"
 RULES = DASHBOARDS / "alerts.yaml"
+RECORDING = DASHBOARDS / "rules.yaml"
 CONTRACT_METRICS = {
     "gpu_residency_memory_used_bytes", "gpu_residency_memory_total_bytes", "gpu_residency_memory_reserved_bytes",
     "gpu_residency_process_memory_bytes", "gpu_residency_engine_memory_bytes",
@@ -66,12 +67,21 @@ def variable_queries(path: Path) -> list[str]:
 
 def test_rules_pass_promtool_check_and_unit_tests():
     promtool = require_tool("promtool")
-    check = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False)
-    assert check.returncode == 0, check.stdout + check.stderr
-    test = subprocess.run(
-        [promtool, "test", "rules", str(DASHBOARDS / "alerts.test.yaml")], capture_output=True, text=True, check=False
+    check = subprocess.run(
+        [promtool, "check", "rules", str(RECORDING), str(RULES)], capture_output=True, text=True, check=False
     )
-    assert test.returncode == 0, test.stdout + test.stderr
+    assert check.returncode == 0, check.stdout + check.stderr
+    for tests in ("rules.test.yaml", "alerts.test.yaml"):
+        test = subprocess.run(
+            [promtool, "test", "rules", str(DASHBOARDS / tests)], capture_output=True, text=True, check=False
+        )
+        assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_every_recording_rule_has_a_unit_test():
+    recorded = {r["record"] for g in yaml.safe_load(RECORDING.read_text())["groups"] for r in g["rules"]}
+    tested = (DASHBOARDS / "rules.test.yaml").read_text()
+    assert recorded and all(f"expr: {name}" in tested for name in recorded), recorded
 
 
 def test_every_alert_has_summary_description_and_a_runbook_section():
