@@ -56,7 +56,7 @@ examples:
 
 Engines are found in the registry directory (one JSON file per engine, written by
 exporter.registry.register_engine), in --engines.config-file, and by recognising
-SGLang launch command lines. Run with hostPID (Kubernetes) or in the host PID
+SGLang and vLLM server launch command lines. Run with hostPID (Kubernetes) or in the host PID
 namespace, or NVML's PIDs cannot be matched to processes.
 """
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="discover",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="find SGLang servers by their launch command line (default on)",
+        help="find SGLang and vLLM servers by their launch command line (default on)",
     )
     _seconds(
         engines,
