@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter import __version__
 from exporter.collector import ResidencyCollector
+from exporter.engine_state import EngineStates
 from exporter.engines import ConfigError, EngineCatalog, load_static_config
 from exporter.errors import ErrorCounter
 from exporter.exit_log import ExitLog
@@ -28,6 +29,7 @@ from exporter.sglang import SglangPoller
 from exporter.supervisor import SupervisedLoop
 from exporter.transitions import TransitionTracker
 from exporter.url_policy import UrlPolicy
+from exporter.vllm import VllmPoller
 from exporter.web_config import WebConfig, WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
@@ -38,8 +40,9 @@ COLLECTORS = {
     "gpu": "whole-GPU used, total and reserved memory",
     "processes": "per-process, per-engine and unattributed memory, engine_up",
     "sglang": "SGLang /server_info accounting",
+    "vllm": "vLLM sleep level and KV-cache accounting",
     "exits": "engine exits",
-    "sleep_wake": "engine state, release and wake timing",
+    "sleep_wake": "engine state (framework-set or observed), mismatches, release and wake timing",
     "gate": "the gate's last decision per engine",
 }
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
@@ -187,7 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where the exporter keeps its own state (exit counts, events read so far), so a restart or a "
         f"rotated events file loses no count (default {DEFAULT_STATE_DIR}; '' keeps it in memory only)",
     )
-    states = parser.add_argument_group("sleep and wake (engines whose framework sets their state)")
+    vllm = parser.add_argument_group("vllm (the engine's own sleep state and KV-cache accounting)")
+    _seconds(
+        vllm,
+        "--vllm.poll-interval",
+        "vllm_interval",
+        2.0,
+        "how often each vLLM engine's /metrics (and /is_sleeping, on releases before 0.11.1) is polled, in the "
+        "background; an observed sleep or wake is timed from the poll that saw it (default 2; failures back off "
+        "up to 300)",
+    )
+    _seconds(vllm, "--vllm.timeout", "vllm_timeout", 3.0, "read timeout of one poll; connecting has 1 s (default 3)")
+    states = parser.add_argument_group(
+        "sleep and wake (engines whose framework sets their state, and engines that report it: vLLM)"
+    )
     states.add_argument(
         "--engines.release-floor-gb",
         dest="release_floor_gb",
@@ -209,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         "wake_timeout",
         300.0,
         "likewise for residency coming back after the engine is marked active (default 300)",
+    )
+    _seconds(
+        states,
+        "--engines.state-mismatch-grace",
+        "mismatch_grace",
+        15.0,
+        "a framework-set state and the engine's own report may disagree this long (the poll lags the call) before "
+        "it counts as a mismatch (default 15)",
     )
     _seconds(
         states,
@@ -291,28 +315,34 @@ class Exporter:
     catalog: EngineCatalog
     poller: SglangPoller
     transitions: TransitionTracker
+    vllm: VllmPoller | None = None
     watcher: SupervisedLoop | None = None
     _watched: dict = field(default_factory=dict)
 
     def start(self) -> None:
         self.catalog.start()
         self.poller.start()
+        if self.vllm is not None:
+            self.vllm.start()
         if self.watcher is not None:
             self.watcher.start()
 
     def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        if self.vllm is not None:
+            self.vllm.stop()
         self.poller.stop()
         self.catalog.stop()
 
     def watch_transitions(self) -> None:
-        """Time releases and wakes between scrapes: a full collection only while one is under way
-        or the registry directory changed (a state change renames a file into it)."""
-        directory = self.catalog.registry_mtime()
-        if not self.transitions.pending() and directory == self._watched.get("dir"):
+        """Time releases and wakes between scrapes: a full collection only while one is under way,
+        the registry directory changed (a state change renames a file into it) or an engine's own
+        report of its state changed."""
+        seen = (self.catalog.registry_mtime(), self.transitions.states.changes())
+        if not self.transitions.pending() and seen == self._watched.get("seen"):
             return
-        self._watched["dir"] = directory
+        self._watched["seen"] = seen
         snapshot, _ = self.collector.snapshot(max_age=0)
         self.transitions.observe(snapshot)
 
@@ -345,13 +375,23 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         first_zero_seconds=args.exit_first_zero,
         retention_seconds=args.exit_retention,
     )
+    vllm = VllmPoller(
+        args.node,
+        errors,
+        UrlPolicy.default(allowed),
+        interval=args.vllm_interval,
+        read_timeout=args.vllm_timeout,
+        engines=lambda: catalog.current(max_age=min(5.0, args.vllm_interval)),
+    )
+    states = EngineStates(args.node, observers=[vllm], grace=args.mismatch_grace)
     transitions = TransitionTracker(
-        args.node, int(args.release_floor_gb * 1024**3), args.release_timeout, args.wake_timeout
+        args.node, int(args.release_floor_gb * 1024**3), args.release_timeout, args.wake_timeout, states
     )
     gate_records = GateRecords(args.node, registry_dir, errors)
     nvml = NvmlSource(errors, library_path=args.nvml_library, timeout=args.nvml_timeout)
     concerns = [
         ("sglang", poller.families),
+        ("vllm", vllm.families),
         ("exits", exits.families),
         ("sleep_wake", transitions.families),
         ("gate", gate_records.families),
@@ -360,7 +400,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
     collector = ResidencyCollector(
         args.node, nvml, catalog, errors, concerns=concerns, min_interval=args.min_interval, disabled=disabled
     )
-    exporter = Exporter(collector, catalog, poller, transitions)
+    exporter = Exporter(collector, catalog, poller, transitions, vllm)
     if "sleep_wake" not in disabled:
         exporter.watcher = SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors)
     return exporter
