@@ -374,6 +374,13 @@ def launch(args: list[str], script: Path | None = None, dev_mode: bool = True, t
     return VllmProcess(proc, lines[0].split()[0], [int(line) for line in lines[1:]])
 
 
+def _rank_of(pid: int) -> int:
+    """The rank in a worker's title (VLLM::Worker_TP1 -> 1), which it set before printing its PID."""
+    title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
+    digits = title[len(title.rstrip("0123456789")) :]
+    return int(digits) if digits else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`vllm serve [MODEL] [--host H] [--port P] [--tensor-parallel-size N]`, fake: prints '<url> <n>' then n PIDs."""
     from fakenvml.tree import start as start_tree
@@ -402,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     else:  # the model runs inside the engine core
         tree = start_tree(1, depth=0, title="VLLM::EngineCore", max_seconds=args.fake_lifetime)
     print(f"{server.url} {len(tree.leaves)}", flush=True)
-    for pid in tree.leaves:
+    for pid in sorted(tree.leaves, key=_rank_of):  # leaves print in any order; ranks in order here
         print(pid, flush=True)
     # A plain flag: Event.set() from a signal handler can deadlock against Event.wait().
     stopping: list[bool] = []

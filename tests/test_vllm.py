@@ -5,11 +5,15 @@ on /metrics), hostile ones included."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+import threading
 import time
 
 import conftest
 import pytest
-from conftest import one, values
+import requests
+from conftest import ROOT, one, values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening import hostile_text
@@ -20,9 +24,14 @@ from exporter.engines import Engine
 from exporter.errors import ErrorCounter
 from exporter.http_fetch import FetchError
 from exporter.nvml_source import NvmlReading
+from exporter.registry import register_engine, set_engine_state
 from exporter.url_policy import UrlPolicy
 from exporter.vllm import MAX_RANKS, ShapeError, VllmPoller, parse_is_sleeping, parse_metrics
-from fakenvml.vllm import BLOCKS_PER_ENGINE, TOKENS_PER_ENGINE, FakeVllm
+from fakenvml import GIB
+from fakenvml.prometheus import free_port
+from fakenvml.vllm import BLOCKS_PER_ENGINE, TOKENS_PER_ENGINE, FakeVllm, VllmProcess, console_script, launch
+
+RULES = ROOT / "dashboards" / "alerts.yaml"
 
 
 @pytest.fixture
@@ -364,3 +373,131 @@ def test_vllm_parsers_take_any_body(text):
     for parse in (parse_metrics, parse_is_sleeping):
         with contextlib.suppress(ValueError):
             parse(text.encode())
+
+
+# ---------- end to end: the exporter process, a fake `vllm serve` tree, the fake NVML ----------
+
+
+def _hold(scenario, pids: list[int], gib: float) -> None:
+    for gpu, pid in zip(scenario.gpus, pids, strict=False):
+        gpu.processes = [(pid, int(gib * GIB))]
+        gpu.used = int(gib * GIB) + GIB // 4
+    scenario.write()
+
+
+def _until(exporter, predicate, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = exporter.scrape()
+        if predicate(metrics):
+            return metrics
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met in {timeout}s:\n{exporter.log()[-3000:]}")
+
+
+@pytest.fixture
+def vllm_serve(tmp_path):
+    """Start fake `vllm serve` processes (through a `vllm` console script), stopped after the test."""
+    started: list[VllmProcess] = []
+
+    def start(*args: str, dev_mode: bool = True) -> VllmProcess:
+        started.append(launch(list(args), script=console_script(tmp_path / "bin"), dev_mode=dev_mode))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def _start(exporter_factory, scenario, tmp_path, *extra: str):
+    return exporter_factory(
+        scenario, "--registry.dir", str(tmp_path / "reg"), "--engines.discovery-interval", "0.5",
+        "--vllm.poll-interval", "0.2", "--engines.state-interval", "0.1", *extra,
+    )  # fmt: skip
+
+
+def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_release_with_no_framework_call(
+    exporter_factory, scenario, vllm_serve, tmp_path
+):
+    port = free_port()
+    served = vllm_serve("Qwen/Qwen3-8B", "--port", str(port), "--tensor-parallel-size", "2", "--enable-sleep-mode")
+    name = f"vllm-{port}"
+    _hold(scenario, served.workers, 20)
+    exporter = _start(exporter_factory, scenario, tmp_path)
+    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine=name, state="active") == [1])
+    # Discovered from its command line; its workers, two levels down, are its memory.
+    assert one(m, "gpu_residency_engine_up", engine=name, kind="vllm") == 1
+    assert one(m, "gpu_residency_engine_state", engine=name, state="active", source="observed") == 1
+    for rank, pid in enumerate(served.workers):
+        labels = {"pid": pid, "engine": name, "comm": f"VLLM::Worker_TP{rank}", "holder": name, "holder_kind": "vllm"}
+        assert one(m, "gpu_residency_process_memory_bytes", **labels) == 20 * GIB
+    assert one(m, "gpu_residency_vllm_kv_cache_usage_ratio", engine=name, dp_rank="0") == 0.25
+
+    # What verl's and OpenRLHF's rollout workers do; nobody tells the exporter.
+    assert requests.post(f"{served.url}/sleep?level=1", timeout=5).status_code == 200
+    threading.Timer(2.0, _hold, (scenario, served.workers, 1.0)).start()  # the driver frees it 2 s later
+    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_release_seconds_count", engine=name) == [1])
+    released = one(m, "gpu_residency_engine_release_seconds_sum", engine=name)
+    assert 1.6 <= released <= 2.6, released
+    assert one(m, "gpu_residency_engine_state", engine=name, state="asleep", source="observed") == 1
+    assert one(m, "gpu_residency_vllm_sleep_level", engine=name) == 1
+    assert one(m, "gpu_residency_engine_release_timeouts_total", engine=name) == 0
+
+    assert requests.post(f"{served.url}/wake_up", timeout=5).status_code == 200
+    threading.Timer(1.0, _hold, (scenario, served.workers, 19)).start()
+    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_wake_seconds_count", engine=name) == [1])
+    assert 0.6 <= one(m, "gpu_residency_engine_wake_seconds_sum", engine=name) <= 1.6
+    assert values(m, "gpu_residency_vllm_sleep_level", engine=name) == []
+
+
+def test_a_vllm_engine_asleep_while_its_memory_stays_times_out_naming_its_processes_alerts_and_gates(
+    exporter_factory, scenario, vllm_serve, tmp_path, prometheus_factory
+):
+    """0.33.0 this time; its memory never goes (sleep mode off: /sleep frees nothing)."""
+    port = free_port()
+    served = vllm_serve("m", "--port", str(port), "--tensor-parallel-size", "2", "--fake-version", "0.33.0")
+    name = f"vllm-{port}"
+    _hold(scenario, served.workers, 20)
+    exporter = _start(exporter_factory, scenario, tmp_path, "--engines.release-timeout", "1")
+    prometheus = prometheus_factory([exporter.url.removeprefix("http://")], rule_files=[RULES])
+    prometheus.wait_for(f'gpu_residency_engine_release_timeouts_total{{engine="{name}"}} == 0')
+
+    assert requests.post(f"{served.url}/sleep?level=1", timeout=5).json() == {"status": "sleeping", "level": 1}
+    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_release_timeouts_total", engine=name) == [1])
+    assert values(m, "gpu_residency_engine_release_seconds_count", engine=name) == []
+    log = exporter.log()
+    assert f"engine {name}: release not complete after 1s (state reported by the engine" in log
+    for rank, pid in enumerate(served.workers):
+        assert f"pid {pid} VLLM::Worker_TP{rank} 20.0 GiB on GPU {rank}" in log
+
+    # The release-timeout alert fires on the engine's first timeout, on a real Prometheus.
+    prometheus.wait_for(f'ALERTS{{alertname="GpuEngineReleaseTimedOut",engine="{name}",alertstate="firing"}}')
+    # The gate, waiting for that engine's release, names its processes.
+    gate = subprocess.run(
+        [sys.executable, "-m", "gate", "check", "--gpus", "0,1", "--source", "prometheus", "--prometheus-url",
+         prometheus.url, "--node", "test-node", "--threshold-gb", "2", "--waiting-for", name],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert gate.returncode == 1, gate.stdout + gate.stderr
+    w0, w1 = served.workers
+    assert (
+        f"waiting for engine {name}'s release: {name} still holds 20.0 GiB on GPU 0 (pid {w0} VLLM::Worker_TP0); "
+        f"20.0 GiB on GPU 1 (pid {w1} VLLM::Worker_TP1)"
+    ) in gate.stdout, gate.stdout
+
+
+def test_a_framework_state_the_engine_contradicts_is_counted(exporter_factory, scenario, vllm_serve, tmp_path):
+    """The framework marks the engine asleep, but the engine never slept: its memory is not free."""
+    served = vllm_serve("m", "--port", str(free_port()))
+    register_engine("rollout-v", root_pid=served.pid, kind="vllm", url=served.url, directory=tmp_path / "reg",
+                    state="active")  # fmt: skip
+    _hold(scenario, served.workers, 20)
+    exporter = _start(exporter_factory, scenario, tmp_path, "--engines.state-mismatch-grace", "0.5")
+    labels = {"engine": "rollout-v", "framework": "active", "observed": "active"}
+    _until(exporter, lambda m: values(m, "gpu_residency_engine_state_mismatch", **labels) == [0])
+    set_engine_state("rollout-v", "asleep", tmp_path / "reg")  # and /sleep was never called
+    labels["framework"] = "asleep"
+    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_state_mismatch", **labels) == [1])
+    assert one(m, "gpu_residency_engine_state_mismatches_total", **labels) == 1
+    assert one(m, "gpu_residency_engine_state", engine="rollout-v", state="active", source="observed") == 1
+    assert values(m, "gpu_residency_engine_release_seconds_count", engine="rollout-v") == []
