@@ -24,7 +24,8 @@ Hostile modes (`mode`): "hang", "slow", "status500", "garbage", "huge" (8 MiB), 
 As a process it stands in for `vllm serve`: `python -m fakenvml.vllm serve MODEL --port P
 [--tensor-parallel-size N]` serves on P and starts its engine's process tree as vLLM does
 (`VLLM::EngineCore`, which holds the GPU memory at TP=1, or its `VLLM::Worker_TP<i>` children),
-prints its URL, then one line per GPU-holding process: its PID. `console_script(dir)` writes a
+prints its URL, then one line per GPU-holding process: its PID. It exits when the process that
+started it goes away. `console_script(dir)` writes a
 `vllm` script, so the command line is `<python> <dir>/vllm serve ...` like a real install's.
 """
 
@@ -414,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     # A plain flag: Event.set() from a signal handler can deadlock against Event.wait().
     stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    deadline = time.monotonic() + args.fake_lifetime
-    while not stopping and time.monotonic() < deadline:
+    deadline, parent = time.monotonic() + args.fake_lifetime, os.getppid()
+    while not stopping and time.monotonic() < deadline and os.getppid() == parent:  # never outlives its starter
         time.sleep(0.2)
     tree.stop()
     server.stop()
