@@ -200,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "background; an observed sleep or wake is timed from the poll that saw it (default 2; failures back off "
         "up to 300)",
     )
-    _seconds(vllm, "--vllm.timeout", "vllm_timeout", 3.0, "read timeout of one poll; connecting has 1 s (default 3)")
+    _seconds(
+        vllm,
+        "--vllm.timeout",
+        "vllm_timeout",
+        3.0,
+        "read timeout of one poll, beyond the 1 s to connect; every request of a poll shares it (default 3)",
+    )
     states = parser.add_argument_group(
         "sleep and wake (engines whose framework sets their state, and engines that report it: vLLM)"
     )
@@ -210,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=2.0,
         metavar="GIB",
-        help="an asleep engine counts as released when it holds less than this on every GPU (default 2)",
+        help="an asleep engine counts as released when it holds less than this on every GPU (default 2); vLLM "
+        "sleep levels 1 and 2 both free the weights and KV cache on the GPU and are held to it alike, a level-0 "
+        "sleep keeps the weights and is not timed",
     )
     _seconds(
         states,
