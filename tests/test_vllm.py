@@ -438,7 +438,7 @@ def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_re
     threading.Timer(2.0, _hold, (scenario, served.workers, 1.0)).start()  # the driver frees it 2 s later
     m = _until(exporter, lambda m: values(m, "gpu_residency_engine_release_seconds_count", engine=name) == [1])
     released = one(m, "gpu_residency_engine_release_seconds_sum", engine=name)
-    assert 1.6 <= released <= 2.6, released
+    assert 1.5 <= released <= 2.6, released  # timed from the poll (every 0.2 s) that saw the sleep
     assert one(m, "gpu_residency_engine_state", engine=name, state="asleep", source="observed") == 1
     assert one(m, "gpu_residency_vllm_sleep_level", engine=name) == 1
     assert one(m, "gpu_residency_engine_release_timeouts_total", engine=name) == 0
