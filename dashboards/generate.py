@@ -103,16 +103,16 @@ panel(
     },
 )
 panel(
-    "Engine state (as the framework set it) and residency by state",
+    "Engine state (framework-set or observed) and residency by state",
     "timeseries",
     [
         (
-            'sum by (engine, state) (gpu_residency_engine_memory_bytes{node=~"$node", engine=~"$engine"} * on (node, engine) group_left (state) (gpu_residency_engine_state{node=~"$node", engine=~"$engine"} == 1))',
-            "{{engine}} ({{state}})",
+            'sum by (engine, state, source) (gpu_residency_engine_memory_bytes{node=~"$node", engine=~"$engine"} * on (node, engine) group_left (state, source) (gpu_residency_engine_state{node=~"$node", engine=~"$engine"} == 1))',
+            "{{engine}} ({{state}}, {{source}})",
         ),
     ],
     {"h": 9, "w": 12, "x": 0, "y": 18},
-    desc="What each engine holds, labelled with its state: an engine asleep should hold under the release floor.",
+    desc="What each engine holds, labelled with its state: an engine asleep should hold under the release floor. source=observed: the engine reported the state itself (vLLM); framework: its framework set it.",
 )
 panel(
     "Release and wake latency (p95)",
@@ -162,6 +162,7 @@ panel(
     [
         ('gpu_residency_engine_up{node=~"$node", engine=~"$engine"}', "{{engine}}"),
         ('gpu_residency_sglang_up{node=~"$node", engine=~"$engine"}', "{{engine}} /server_info"),
+        ('gpu_residency_vllm_up{node=~"$node", engine=~"$engine"}', "{{engine}} vLLM /metrics"),
     ],
     {"h": 5, "w": 12, "x": 0, "y": 36},
     unit="bool_on_off",
@@ -180,10 +181,54 @@ panel(
     {"h": 5, "w": 12, "x": 12, "y": 36},
     unit="short",
 )
+panel(
+    "vLLM sleep level and state mismatches",
+    "timeseries",
+    [
+        ('gpu_residency_vllm_sleep_level{node=~"$node", engine=~"$engine"}', "{{engine}} sleep level"),
+        (
+            'gpu_residency_engine_state_mismatch{node=~"$node", engine=~"$engine"}',
+            "{{engine}} mismatch (framework {{framework}}, engine {{observed}})",
+        ),
+    ],
+    {"h": 8, "w": 8, "x": 0, "y": 41},
+    unit="short",
+    desc="While a vLLM engine reports itself asleep: level 1 (weights offloaded to CPU memory) or 2 (discarded) free the GPU alike; 0 (paused, or only the KV cache released) keeps the weights there. Mismatch 1: the framework's state and the engine's own have disagreed past the grace period (framework active, engine asleep: never woken; framework asleep, engine awake: its memory is still held).",
+)
+panel(
+    "vLLM KV cache usage (engine accounting)",
+    "timeseries",
+    [
+        (
+            'gpu_residency_vllm_kv_cache_usage_ratio{node=~"$node", engine=~"$engine"}',
+            "{{engine}} DP {{dp_rank}}",
+        )
+    ],
+    {"h": 8, "w": 8, "x": 8, "y": 41},
+    unit="percentunit",
+    desc="vLLM's own share of KV cache blocks in use (vllm:kv_cache_usage_perc): engine accounting, not residency; a sleeping engine's KV cache is gone from the GPU whatever this says.",
+)
+panel(
+    "vLLM KV cache capacity (engine accounting)",
+    "stat",
+    [
+        (
+            'gpu_residency_vllm_kv_cache_capacity_tokens{node=~"$node", engine=~"$engine"}',
+            "{{engine}} DP {{dp_rank}} tokens",
+        ),
+        (
+            'gpu_residency_vllm_kv_cache_capacity_blocks{node=~"$node", engine=~"$engine"}',
+            "{{engine}} DP {{dp_rank}} blocks",
+        ),
+    ],
+    {"h": 8, "w": 8, "x": 16, "y": 41},
+    unit="short",
+    desc="The configured KV cache, from vllm:cache_config_info: tokens (vLLM 0.24+, right for hybrid models) and GPU blocks (summed over DP engines by vLLM). Engine accounting, not residency.",
+)
 dash = {
     "title": "GPU residency",
     "uid": "gpu-residency",
-    "tags": ["gpu", "sglang", "rl"],
+    "tags": ["gpu", "sglang", "vllm", "rl"],
     "timezone": "browser",
     "schemaVersion": 39,
     "version": 1,

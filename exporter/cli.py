@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter import __version__
 from exporter.collector import ResidencyCollector
+from exporter.engine_state import EngineStates
 from exporter.engines import ConfigError, EngineCatalog, load_static_config
 from exporter.errors import ErrorCounter
 from exporter.exit_log import ExitLog
@@ -31,6 +32,7 @@ from exporter.sglang import SglangPoller
 from exporter.supervisor import SupervisedLoop
 from exporter.transitions import TransitionTracker
 from exporter.url_policy import UrlPolicy
+from exporter.vllm import VllmPoller
 from exporter.web_config import WebConfig, WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
@@ -41,8 +43,9 @@ COLLECTORS = {
     "gpu": "whole-GPU used, total and reserved memory",
     "processes": "per-process, per-engine and unattributed memory, engine_up",
     "sglang": "SGLang /server_info accounting",
+    "vllm": "vLLM sleep level and KV-cache accounting",
     "exits": "engine exits",
-    "sleep_wake": "engine state, release and wake timing",
+    "sleep_wake": "engine state (framework-set or observed), mismatches, release and wake timing",
     "gate": "the gate's last decision per engine",
 }
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
@@ -59,7 +62,7 @@ examples:
 
 Engines are found in the registry directory (one JSON file per engine, written by
 exporter.registry.register_engine), in --engines.config-file, and by recognising
-SGLang launch command lines. Run with hostPID (Kubernetes) or in the host PID
+SGLang and vLLM server launch command lines. Run with hostPID (Kubernetes) or in the host PID
 namespace, or NVML's PIDs cannot be matched to processes.
 """
 
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="discover",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="find SGLang servers by their launch command line (default on)",
+        help="find SGLang and vLLM servers by their launch command line (default on)",
     )
     _seconds(
         engines,
@@ -225,14 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the kernel log, for OOM-kill lines naming a PID (needs CAP_SYSLOG where dmesg_restrict=1; "
         "'' to skip; default /dev/kmsg)",
     )
-    states = parser.add_argument_group("sleep and wake (engines whose framework sets their state)")
+    vllm = parser.add_argument_group("vllm (the engine's own sleep state and KV-cache accounting)")
+    _seconds(
+        vllm,
+        "--vllm.poll-interval",
+        "vllm_interval",
+        2.0,
+        "how often each vLLM engine's /metrics (and /is_sleeping, on releases before 0.11.1) is polled, in the "
+        "background; an observed sleep or wake is timed from the poll that saw it (default 2; failures back off "
+        "up to 300)",
+    )
+    _seconds(
+        vllm,
+        "--vllm.timeout",
+        "vllm_timeout",
+        3.0,
+        "read timeout of one poll, beyond the 1 s to connect; every request of a poll shares it (default 3)",
+    )
+    states = parser.add_argument_group(
+        "sleep and wake (engines whose framework sets their state, and engines that report it: vLLM)"
+    )
     states.add_argument(
         "--engines.release-floor-gb",
         dest="release_floor_gb",
         type=_positive_float,
         default=2.0,
         metavar="GIB",
-        help="an asleep engine counts as released when it holds less than this on every GPU (default 2)",
+        help="an asleep engine counts as released when it holds less than this on every GPU (default 2); vLLM "
+        "sleep levels 1 and 2 both free the weights and KV cache on the GPU and are held to it alike, a level-0 "
+        "sleep keeps the weights and is not timed",
     )
     _seconds(
         states,
@@ -247,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         "wake_timeout",
         300.0,
         "likewise for residency coming back after the engine is marked active (default 300)",
+    )
+    _seconds(
+        states,
+        "--engines.state-mismatch-grace",
+        "mismatch_grace",
+        15.0,
+        "a framework-set state and the engine's own report may disagree this long (the poll lags the call) before "
+        "it counts as a mismatch (default 15)",
     )
     _seconds(
         states,
@@ -330,6 +362,7 @@ class Exporter:
     poller: SglangPoller
     transitions: TransitionTracker
     exits: ExitLog
+    vllm: VllmPoller | None = None
     forensics: Forensics | None = None
     loops: list[SupervisedLoop] = field(default_factory=list)
     routes: dict[str, Route] = field(default_factory=dict)
@@ -338,22 +371,27 @@ class Exporter:
     def start(self) -> None:
         self.catalog.start()
         self.poller.start()
+        if self.vllm is not None:
+            self.vllm.start()
         for loop in self.loops:
             loop.start()
 
     def stop(self) -> None:
         for loop in self.loops:
             loop.stop()
+        if self.vllm is not None:
+            self.vllm.stop()
         self.poller.stop()
         self.catalog.stop()
 
     def watch_transitions(self) -> None:
-        """Time releases and wakes between scrapes: a full collection only while one is under way
-        or the registry directory changed (a state change renames a file into it)."""
-        directory = self.catalog.registry_mtime()
-        if not self.transitions.pending() and directory == self._watched.get("dir"):
+        """Time releases and wakes between scrapes: a full collection only while one is under way,
+        the registry directory changed (a state change renames a file into it) or an engine's own
+        report of its state changed."""
+        seen = (self.catalog.registry_mtime(), self.transitions.states.changes())
+        if not self.transitions.pending() and seen == self._watched.get("seen"):
             return
-        self._watched["dir"] = directory
+        self._watched["seen"] = seen
         snapshot, _ = self.collector.snapshot(max_age=0)
         self.transitions.observe(snapshot)
 
@@ -404,13 +442,23 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         retention_seconds=args.exit_retention,
         forensics=forensics,
     )
+    vllm = VllmPoller(
+        args.node,
+        errors,
+        UrlPolicy.default(allowed),
+        interval=args.vllm_interval,
+        read_timeout=args.vllm_timeout,
+        engines=lambda: catalog.current(max_age=min(5.0, args.vllm_interval)),
+    )
+    states = EngineStates(args.node, observers=[vllm], grace=args.mismatch_grace)
     transitions = TransitionTracker(
-        args.node, int(args.release_floor_gb * 1024**3), args.release_timeout, args.wake_timeout
+        args.node, int(args.release_floor_gb * 1024**3), args.release_timeout, args.wake_timeout, states
     )
     gate_records = GateRecords(args.node, registry_dir, errors)
     nvml = NvmlSource(errors, library_path=args.nvml_library, timeout=args.nvml_timeout)
     concerns = [
         ("sglang", poller.families),
+        ("vllm", vllm.families),
         ("exits", exits.families),
         ("sleep_wake", transitions.families),
         ("gate", gate_records.families),
@@ -426,7 +474,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         disabled=disabled,
         observers=[forensics.record] if forensics is not None else [],
     )
-    exporter = Exporter(collector, catalog, poller, transitions, exits, forensics)
+    exporter = Exporter(collector, catalog, poller, transitions, exits, vllm, forensics)
     if "sleep_wake" not in disabled:
         exporter.loops.append(SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors))
     if "exits" not in disabled:

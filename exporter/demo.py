@@ -1,14 +1,16 @@
 """`--demo`: a simulated colocated-RL node, so the exporter shows real output without a GPU.
 
-Eight fake GPUs (the fake NVML), four SGLang-like engines at TP=2 (each with a fake
-SGLang /server_info), registered in a private registry, and a trainer that nobody
-registers: Ray actor processes titled `ray::MegatronTrainRayActor.train` (with the real
-setproctitle, as Ray does), which the exporter names from their titles, as on a miles
-node. Each is a real process whose memory the fake NVML reports; one more engine is killed
-by SIGKILL at start, so the exit counters have something to show, and a leftover process
-holds memory in no engine. The engines and the trainer take turns every PHASE_SECONDS, as
-in colocated RL training: engines awake and the trainer offloaded, then engines asleep and
-the trainer awake.
+Eight fake GPUs (the fake NVML), three SGLang-like engines at TP=2 (each with a fake
+SGLang /server_info) and one vLLM engine at TP=2 (a fake `vllm serve` 0.33.0 whose
+`VLLM::EngineCore` has two `VLLM::Worker_TP<i>` children, put to sleep and woken over HTTP as
+verl does, and which reports its own sleep state), registered in a private registry with the
+states their framework sets, and a trainer that nobody registers: Ray actor processes titled
+`ray::MegatronTrainRayActor.train` (with the real setproctitle, as Ray does), which the
+exporter names from their titles, as on a miles node. Each is a real process whose memory
+the fake NVML reports; one more engine is killed by SIGKILL at start, so the exit counters
+have something to show, and a leftover process holds memory in no engine. The engines and
+the trainer take turns every PHASE_SECONDS, as in colocated RL training: engines awake and
+the trainer offloaded, then engines asleep and the trainer awake.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import fakenvml
 from exporter.exits import report_exit
 from exporter.registry import register_engine, set_engine_state
 from fakenvml import GIB, Scenario
+from fakenvml.prometheus import free_port
 from fakenvml.sglang import FakeSglang
 from fakenvml.tree import Tree
 from fakenvml.tree import start as start_tree
+from fakenvml.vllm import VllmProcess, console_script
+from fakenvml.vllm import launch as launch_vllm
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ GPUS = 8
 TP = 2
 CONTEXT_BYTES = int(0.3 * GIB)  # driver/context memory no process is charged for
 TRAINER_TITLE = "ray::MegatronTrainRayActor.train"
+VLLM_ENGINE = "rollout-vllm"
+VLLM_SLEEP_LEVEL = 1
 
 
 class DemoNode:
@@ -54,6 +62,7 @@ class DemoNode:
         self.engines: list[tuple[str, Tree]] = []
         self.trainer: Tree | None = None
         self.servers: list[FakeSglang] = []
+        self.vllm: VllmProcess | None = None
         self.orphan: Tree | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._cycle, name="demo", daemon=True)
@@ -66,7 +75,7 @@ class DemoNode:
             raise SystemExit(f"gpu-residency-exporter: --demo needs the fake NVML: {exc}") from None
         node = cls(Path(tempfile.mkdtemp(prefix="gpu-residency-demo-")), lib_dir)
         atexit.register(node.stop)
-        for engine in range(GPUS // TP):
+        for engine in range(GPUS // TP - 1):
             name, tree = f"rollout-{engine}", start_tree(TP)
             server = FakeSglang("new", dp_size=1, lifetime=None)
             node.servers.append(server)
@@ -79,6 +88,14 @@ class DemoNode:
                 state="active",
             )
             node.engines.append((name, tree))
+        node.vllm = launch_vllm(
+            ["Qwen/Qwen3-8B", "--port", str(free_port()), "--tensor-parallel-size", str(TP), "--enable-sleep-mode",
+             "--fake-version", "0.33.0", "--fake-lifetime", "86400"],
+            script=console_script(node.workdir / "bin"),
+        )  # fmt: skip
+        register_engine(
+            VLLM_ENGINE, root_pid=node.vllm.pid, kind="vllm", url=node.vllm.url, directory=node.registry, state="active"
+        )
         node.orphan = start_tree(1, title="python")  # a leftover process in no engine
         node.trainer = start_tree(GPUS, depth=1, title=TRAINER_TITLE)  # Ray actors: named, never registered
         node._crash_one_engine()
@@ -101,9 +118,17 @@ class DemoNode:
         args.registry_dir = str(self.registry)
 
     def _set_states(self, engines_awake: bool) -> None:
-        """What a framework records once /release_memory_occupation (or resume) returned."""
+        """What a framework does: SGLang's /release_memory_occupation (or resume) is the framework's own
+        business here, it records the state once the call returned; vLLM's /sleep and /wake_up are
+        called for real (the engine reports its state itself), then the state recorded as well."""
         for name, _ in self.engines:
             set_engine_state(name, "active" if engines_awake else "asleep", self.registry)
+        route = "/wake_up" if engines_awake else f"/sleep?level={VLLM_SLEEP_LEVEL}"
+        try:
+            urllib.request.urlopen(urllib.request.Request(self.vllm.url + route, method="POST"), timeout=5).close()
+        except OSError as exc:
+            log.warning("demo: vLLM %s failed: %s", route, exc)
+        set_engine_state(VLLM_ENGINE, "active" if engines_awake else "asleep", self.registry)
 
     def _move_memory(self, engines_awake: bool) -> None:
         engine_bytes = 62 * GIB if engines_awake else int(1.7 * GIB)
@@ -113,6 +138,9 @@ class DemoNode:
         for engine_index, (_, tree) in enumerate(self.engines):
             for rank, pid in enumerate(tree.leaves):
                 self.scenario.gpus[engine_index * TP + rank].processes.append((pid, engine_bytes))
+        vllm_bytes = 60 * GIB if engines_awake else GIB  # what vLLM logs as "still in use": the CUDA context, graphs
+        for rank, pid in enumerate(self.vllm.workers):
+            self.scenario.gpus[len(self.engines) * TP + rank].processes.append((pid, vllm_bytes))
         for index, pid in enumerate(self.trainer.leaves):
             self.scenario.gpus[index].processes.append((pid, trainer_bytes))
         self.scenario.gpus[-1].processes.append((self.orphan.leaves[0], int(1.2 * GIB)))
@@ -136,6 +164,8 @@ class DemoNode:
         for server in self.servers:
             server.stop()
         self.servers.clear()
+        if self.vllm is not None:
+            self.vllm.stop()
         for tree in [*(t for _, t in self.engines), *(t for t in (self.trainer, self.orphan) if t)]:
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 tree.stop()

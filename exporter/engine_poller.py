@@ -2,10 +2,12 @@
 
 One poller per kind of client (SGLang accounting, vLLM sleep state): it polls each live
 engine whose URL the policy allows, every `interval`, backing off on failure, each poll a
-daemon thread bounded by the fetch deadline (one slow engine delays nobody else). Results
-are keyed by the engine's identity (name, URL, root process): a re-registered engine starts
-with no inherited results or backoff, and an engine that leaves takes its state with it.
-If the loop itself stops ticking, results are withdrawn: stale is not data.
+daemon thread bounded by the fetch deadline (one slow engine delays nobody else): a poll
+that needs several requests shares one deadline among them. Results are keyed by the
+engine's identity (name, URL, root process): a re-registered engine starts with no inherited
+results, backoff or history, and an engine that leaves takes its state with it. A client
+that needs the history of its polls (when did a value change) gets it through `fold`, per
+identity. If the loop itself stops ticking, results are withdrawn: stale is not data.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Get = Callable[[str], Response]
+# (the last successful value of this engine or None, the new one, wall-clock time of the poll) -> value kept
+Fold = Callable[[T | None, T, float], T]
 
 
 class PollError(Exception):
@@ -74,8 +78,10 @@ class EnginePoller(Generic[T]):
         max_backoff: float = 300.0,
         engines: Callable[[], Iterable[Engine]] | None = None,
         workers: int = 4,
+        fold: Fold[T] | None = None,
     ) -> None:
-        """`source`: the error counter's label; `engines`: how the loop learns engines between scrapes."""
+        """`source`: the error counter's label; `engines`: how the loop learns engines between scrapes;
+        `fold`: combines each successful value with the engine's previous one (its history)."""
         self.source = source
         self._kinds = kinds
         self._client = client
@@ -87,6 +93,8 @@ class EnginePoller(Generic[T]):
         self._max_bytes = max_bytes
         self._max_backoff = max_backoff
         self._engine_source = engines
+        self._fold = fold
+        self._last_value: dict[Target, T] = {}  # the last successful value, for `fold`
         self._slots = threading.BoundedSemaphore(workers)
         self._tick = min(1.0, interval)
         self._lock = threading.Lock()
@@ -140,12 +148,14 @@ class EnginePoller(Generic[T]):
             if wanted == self._targets:
                 return
             live = set(wanted.values())
-            for gone in set(self._results) | set(self._failures) | set(self._next_poll):
+            for gone in set(self._results) | set(self._failures) | set(self._next_poll) | set(self._last_value):
                 if gone not in live:
                     self._results.pop(gone, None)
                     self._failures.pop(gone, None)
                     self._next_poll.pop(gone, None)
-            forgotten = {t.url for t in self._targets.values()} - {t.url for t in live}
+                    self._last_value.pop(gone, None)
+            # A URL whose engine left or changed (a new process under the same URL) is forgotten.
+            forgotten = {t.url for t in self._targets.values() if t not in live}
             self._targets = wanted
         for url in forgotten:
             self._client.forget(url)
@@ -186,14 +196,23 @@ class EnginePoller(Generic[T]):
         for thread in self._start_due():
             thread.join(self._deadline + 1.0)
 
-    def _get(self, url: str) -> Response:
-        return fetch(url, self._deadline, self._connect_timeout, self._max_bytes)
+    def _getter(self) -> Get:
+        """GET for one poll: every request it makes shares the poll's deadline."""
+        ends = time.monotonic() + self._deadline
+
+        def get(url: str) -> Response:
+            left = ends - time.monotonic()
+            if left <= 0:
+                raise FetchError("timeout", f"{url}: the poll's {self._deadline:g}s were spent before this request")
+            return fetch(url, left, min(self._connect_timeout, left), self._max_bytes)
+
+        return get
 
     def _poll(self, target: Target) -> None:
         try:
             value: T | None = None
             try:
-                value = self._client.poll(target.url.rstrip("/"), self._get)
+                value = self._client.poll(target.url.rstrip("/"), self._getter())
                 reason = None
             except (FetchError, PollError) as exc:
                 reason = exc.reason
@@ -207,6 +226,9 @@ class EnginePoller(Generic[T]):
                 if self._targets.get(target.name) != target:
                     return  # the engine went away or changed while we polled
                 failures = 0 if reason is None else self._failures.get(target, 0) + 1
+                if reason is None and self._fold is not None:
+                    value = self._fold(self._last_value.get(target), value, time.time())
+                    self._last_value[target] = value
                 self._results[target] = PollResult(reason is None, value, time.monotonic())
                 self._failures[target] = failures
                 delay = (

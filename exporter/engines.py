@@ -25,8 +25,6 @@ from exporter.supervisor import run_supervised
 
 log = logging.getLogger(__name__)
 
-SGLANG_DEFAULT_PORT = 30000
-SGLANG_DEFAULT_HOST = "127.0.0.1"
 MIN_SCAN_SPACING_SECONDS = 1.0  # wake-ups for namespace lookups never scan /proc more often
 
 
@@ -121,47 +119,94 @@ def _pid_from_file(path: str) -> int | None:
 # ---------- auto-discovery ----------
 
 
-def parse_sglang_launch(argv: list[str]) -> tuple[str, int] | None:
-    """(host, port) when argv launches an SGLang server, else None.
+@dataclass(frozen=True)
+class LaunchRecogniser:
+    """How one engine kind's server launch looks on a command line."""
 
-    Recognises `python -m sglang.launch_server ...` and `sglang serve ...`; only the
-    --host/--port values are kept, nothing else of the command line.
-    """
-    launches = "sglang.launch_server" in argv or (
-        len(argv) >= 2 and os.path.basename(argv[0]) == "sglang" and argv[1] == "serve"
+    kind: str
+    modules: tuple[str, ...]  # `python -m <module>` launches
+    console: str  # the console script, run as `<console> serve ...` (directly or through its interpreter)
+    default_port: int
+    socket_flag: str | None = None  # a flag that serves on a Unix socket instead of host:port
+
+
+LAUNCHES = (
+    # SGLang: `python -m sglang.launch_server`, `sglang serve`; --host defaults to 127.0.0.1.
+    LaunchRecogniser("sglang", ("sglang.launch_server",), "sglang", 30000),
+    # vLLM: `vllm serve`, `python -m vllm.entrypoints.openai.api_server`; --host defaults to every
+    # interface, --port to 8000, and --uds replaces both.
+    LaunchRecogniser("vllm", ("vllm.entrypoints.openai.api_server",), "vllm", 8000, socket_flag="--uds"),
+)
+DEFAULT_HOST = "127.0.0.1"  # a server listening on every interface is reached on loopback
+
+
+@dataclass(frozen=True)
+class Launch:
+    kind: str
+    host: str | None  # None with port None: served on a Unix socket, no URL to poll
+    port: int | None
+
+
+def _runs_console(argv: list[str], console: str) -> bool:
+    """`<console> serve ...`, or `<python> <path>/<console> serve ...` as the kernel runs a console script."""
+    return any(
+        len(argv) > index + 1 and os.path.basename(argv[index]) == console and argv[index + 1] == "serve"
+        for index in (0, 1)
     )
-    if not launches:
-        return None
-    values = {"--host": SGLANG_DEFAULT_HOST, "--port": str(SGLANG_DEFAULT_PORT)}
+
+
+def _flag_values(argv: list[str], flags: tuple[str, ...]) -> dict[str, str]:
+    values = {}
     for position, arg in enumerate(argv):
-        for flag in values:
+        for flag in flags:
             if arg == flag and position + 1 < len(argv):
                 values[flag] = argv[position + 1]
             elif arg.startswith(flag + "="):
                 values[flag] = arg.split("=", 1)[1]
-    port = values["--port"]
+    return values
+
+
+def parse_launch(argv: list[str]) -> Launch | None:
+    """The engine server `argv` launches (kind, host, port), else None.
+
+    Only the --host/--port values are kept, nothing else of the command line."""
+    recogniser = next(
+        (r for r in LAUNCHES if any(m in argv for m in r.modules) or _runs_console(argv, r.console)), None
+    )
+    if recogniser is None:
+        return None
+    flags = ("--host", "--port") + ((recogniser.socket_flag,) if recogniser.socket_flag else ())
+    values = _flag_values(argv, flags)
+    if recogniser.socket_flag and recogniser.socket_flag in values:
+        return Launch(recogniser.kind, None, None)
+    port = values.get("--port", str(recogniser.default_port))
     if not port.isdigit() or not 0 < int(port) < 65536:
         return None
-    host = values["--host"]
+    host = values.get("--host", DEFAULT_HOST)
     if host in ("0.0.0.0", "", "::"):
-        host = SGLANG_DEFAULT_HOST  # listening everywhere: reach it on loopback
-    return host, int(port)
+        host = DEFAULT_HOST  # listening everywhere: reach it on loopback
+    return Launch(recogniser.kind, host, int(port))
 
 
 def _format_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def discover_sglang(pids: list[int]) -> list[tuple[EngineEntry, int]]:
-    """SGLang launch processes among `pids`, as (entry, start_ticks)."""
+def discover_engines(pids: list[int]) -> list[tuple[EngineEntry, int]]:
+    """Engine server launch processes among `pids` (every kind in LAUNCHES), as (entry, start_ticks).
+
+    An engine is named `<kind>-<port>` (`<kind>-pid<pid>` when it serves on a Unix socket)."""
     found = []
     for pid in pids:
-        launch = parse_sglang_launch(read_argv(pid))
+        launch = parse_launch(read_argv(pid))
         info = read_proc(pid) if launch else None
         if info is None or not info.alive:
             continue
-        host, port = launch
-        entry = EngineEntry(name=f"sglang-{port}", root_pid=pid, kind="sglang", url=_format_url(host, port))
+        if launch.port is None:
+            entry = EngineEntry(name=f"{launch.kind}-pid{pid}", root_pid=pid, kind=launch.kind)
+        else:
+            url = _format_url(launch.host, launch.port)
+            entry = EngineEntry(name=f"{launch.kind}-{launch.port}", root_pid=pid, kind=launch.kind, url=url)
         found.append((entry, info.start_ticks))
     return found
 
@@ -272,10 +317,10 @@ class EngineCatalog:
             self._stop.wait(MIN_SCAN_SPACING_SECONDS)
 
     def scan(self) -> None:
-        """One pass over the process table: SGLang discovery and the wanted NSpid translations."""
+        """One pass over the process table: engine discovery and the wanted NSpid translations."""
         pids = scan_pids()
         if self._discover:
-            found = discover_sglang(pids)
+            found = discover_engines(pids)
             with self._lock:
                 self._discovered = found
         with self._lock:

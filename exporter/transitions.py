@@ -1,18 +1,23 @@
-"""Sleep and wake, measured: after an engine is marked asleep, how long until its memory is
-really gone; after it is marked active, how long until its memory is back.
+"""Sleep and wake, measured: after an engine goes asleep, how long until its memory is
+really gone; after it goes active, how long until its memory is back.
 
 SGLang answers /release_memory_occupation with 200 whether or not the memory went (one
-public report: ~30 GiB stayed resident with the memory saver off). The framework marks
-the state (exporter.registry.set_engine_state); this module watches residency from that
-moment:
+public report: ~30 GiB stayed resident with the memory saver off); vLLM's /sleep flips its
+state even when sleep mode is off and nothing is freed. The state comes from
+`exporter.engine_state.EngineStates`: the framework's mark
+(exporter.registry.set_engine_state) or the engine's own report (vLLM), whichever it has;
+this module watches residency from the moment of the change:
 
 - release: done when the engine holds under `floor` on every GPU; else, after `limit`,
   a timeout is counted and the holders are logged;
 - wake: done when it holds again, on every GPU it held before sleeping, at least 90% of
   what it held then (or, never seen awake, more than `floor` somewhere).
 
-Only transitions that began while this exporter ran are timed: one that began before a
-restart has an unknown start as far as the measurement goes. Nothing is decided while the
+A sleep that is not expected to free memory (vLLM level 0 keeps the weights) is not timed,
+nor the wake that follows it. Only transitions that began while this exporter ran are timed:
+one that began before a restart has an unknown start as far as the measurement goes. A state
+that is unknown for a while (the engine's poll failed, no framework state to fall back on)
+leaves a timing open, undecided; the same state from the other source does not restart it. Nothing is decided while the
 exporter is blind (NVML down, a GPU or its process list unreadable): an engine that shows
 no memory then may hold plenty. An engine that leaves the catalog takes its histograms and
 counters with it.
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from exporter.attribution import Snapshot
+from exporter.engine_state import EngineState, EngineStates
 from exporter.registry import STATES
 
 log = logging.getLogger(__name__)
@@ -66,12 +72,22 @@ class _Open:
 
 
 class TransitionTracker:
-    def __init__(self, node: str, floor_bytes: int, release_limit: float, wake_limit: float) -> None:
+    def __init__(
+        self,
+        node: str,
+        floor_bytes: int,
+        release_limit: float,
+        wake_limit: float,
+        states: EngineStates | None = None,
+    ) -> None:
+        """`states`: where each engine's state comes from (default: the framework's mark only)."""
         self._node = node
         self._floor = floor_bytes
         self._limits = {"release": release_limit, "wake": wake_limit}
+        self.states = states or EngineStates(node)
         self._started = time.time()
-        self._seen: dict[str, float | None] = {}  # engine -> state_since last handled
+        self._seen: dict[str, EngineState] = {}  # engine -> the state last handled
+        self._kept: set[str] = set()  # engines asleep without releasing: their wake is not timed
         self._open: dict[str, _Open] = {}
         self._awake_level: dict[str, dict[str, int]] = {}  # engine -> per-GPU bytes while active
         self._histograms = {"release": {}, "wake": {}}
@@ -88,6 +104,7 @@ class TransitionTracker:
 
     def _observe(self, snapshot: Snapshot, now: float) -> None:
         self._forget_gone({engine.name for engine in snapshot.engines})
+        states = self.states.current(snapshot, now)
         if not snapshot.complete:
             return  # blind: "holds nothing" cannot be told from "cannot see"
         usage: dict[str, dict[str, int | None]] = {}
@@ -95,36 +112,64 @@ class TransitionTracker:
             usage.setdefault(item.engine, {})[item.gpu.uuid] = item.used_bytes
         live = set()
         for engine in snapshot.engines:
-            if not engine.up or engine.state is None:
+            if not engine.up:
+                continue
+            state = states.get(engine.name)
+            if state is None:
+                if engine.name in self._open:
+                    live.add(engine.name)  # its state is unknown for now: keep the timing, decide nothing
                 continue
             live.add(engine.name)
             held = usage.get(engine.name, {})
             if None in held.values():
                 continue  # a process's memory is unknown this time: decide nothing
-            if self._seen.get(engine.name, 0.0) != engine.state_since:
-                self._begin(engine.name, engine.state, engine.state_since)
-            if engine.state == "active" and engine.name not in self._open:
+            self._update(engine.name, state)
+            if state.state == "active" and engine.name not in self._open:
                 self._awake_level[engine.name] = dict(held)
-            self._check(engine.name, held, now, snapshot)
+            self._check(engine.name, held, now, snapshot, state)
         for gone in set(self._open) - live:
             del self._open[gone]
 
     def _forget_gone(self, known: set[str]) -> None:
-        for table in (self._seen, self._open, self._awake_level, *self._histograms.values(), *self._timeouts.values()):
+        tables = (self._seen, self._open, self._awake_level, *self._histograms.values(), *self._timeouts.values())
+        for table in tables:
             for name in set(table) - known:
                 del table[name]
+        self._kept &= known
 
-    def _begin(self, name: str, state: str, since: float | None) -> None:
-        self._seen[name] = since
+    def _update(self, name: str, state: EngineState) -> None:
+        """A new state begins a timing. The same state from the other source (an engine whose poll
+        failed falls back to its framework's mark, and back) only takes note; an observed state's
+        start moving (the framework's mark refining the poll's time) re-times the open transition.
+        The framework marking the same state again begins anew."""
+        last = self._seen.get(name)
+        self._seen[name] = state
+        if last is not None and last.state == state.state:
+            if last.source != state.source or last.since == state.since:
+                return
+            if state.source == "observed":
+                opened = self._open.get(name)
+                if opened is not None and state.since is not None:
+                    opened.since = state.since
+                return
+        self._begin(name, state)
+
+    def _begin(self, name: str, state: EngineState) -> None:
         self._open.pop(name, None)
+        kept = name in self._kept
+        self._kept.discard(name)
+        if state.state == "asleep" and not state.release_expected:
+            self._kept.add(name)  # a sleep that keeps the memory: nothing to time, now or at the wake
+            return
+        since = state.since
         if since is None or since < self._started - START_SLACK_SECONDS:
             return
-        if state == "asleep":
+        if state.state == "asleep":
             self._open[name] = _Open("release", since, {})
-        elif state == "active" and name in self._awake_level:
+        elif state.state == "active" and name in self._awake_level and not kept:
             self._open[name] = _Open("wake", since, dict(self._awake_level[name]))
 
-    def _check(self, name: str, held: dict[str, int], now: float, snapshot: Snapshot) -> None:
+    def _check(self, name: str, held: dict[str, int], now: float, snapshot: Snapshot, state: EngineState) -> None:
         transition = self._open.get(name)
         if transition is None:
             return
@@ -146,33 +191,46 @@ class TransitionTracker:
                 for p in snapshot.processes
                 if p.engine == name and p.used_bytes
             )
+            told = "reported by the engine" if state.source == "observed" else "set by its framework"
             log.warning(
-                "engine %s: %s not complete after %.0fs; holders: %s", name, transition.kind, elapsed, holders or "none"
+                "engine %s: %s not complete after %.0fs (state %s since %.3f); holders: %s",
+                name,
+                transition.kind,
+                elapsed,
+                told,
+                transition.since,
+                holders or "none",
             )
             del self._open[name]
 
     def families(self, snapshot: Snapshot) -> Iterable[Metric]:
-        self.observe(snapshot)
+        now = time.time()
+        self.observe(snapshot, now)
         node = self._node
+        states = self.states.current(snapshot, now)
         state = GaugeMetricFamily(
             "gpu_residency_engine_state",
-            "1 for the engine's current state as its framework set it (starting, active, asleep, stopped).",
-            labels=["node", "engine", "state"],
+            "1 for the engine's current state (starting, active, asleep, stopped); source: observed when the engine "
+            "reports it itself (vLLM), else framework (the state its framework set).",
+            labels=["node", "engine", "state", "source"],
         )
         since = GaugeMetricFamily(
             "gpu_residency_engine_state_change_timestamp_seconds",
-            "When the engine's framework last changed its state (Unix time).",
+            "When the engine's state last changed (Unix time): the framework's mark, or the poll that saw the "
+            "engine's own report change.",
             labels=["node", "engine"],
         )
         for engine in snapshot.engines:
-            if engine.state is None:
+            current = states.get(engine.name)
+            if current is None:
                 continue
             for name in STATES:
-                state.add_metric([node, engine.name, name], 1 if name == engine.state else 0)
-            if engine.state_since is not None:
-                since.add_metric([node, engine.name], engine.state_since)
+                state.add_metric([node, engine.name, name, current.source], 1 if name == current.state else 0)
+            if current.since is not None:
+                since.add_metric([node, engine.name], current.since)
         yield state
         yield since
+        yield from self.states.families(snapshot, states, now)
         with self._lock:
             histograms = {
                 kind: [(name, h.buckets(), h.sum) for name, h in sorted(data.items())]
@@ -189,9 +247,11 @@ class TransitionTracker:
             yield histogram
             timeouts = CounterMetricFamily(
                 f"gpu_residency_engine_{kind}_timeouts",
-                f"Engine {kind}s that did not complete within the limit.",
+                f"Engine {kind}s that did not complete within the limit (0 for every engine with a state, so that "
+                "increase() sees an engine's first timeout).",
                 labels=["node", "engine"],
             )
-            for name, count in timeouts_by_kind[kind]:
-                timeouts.add_metric([node, name], count)
+            counts = dict(timeouts_by_kind[kind])
+            for name in sorted(set(counts) | set(states)):
+                timeouts.add_metric([node, name], counts.get(name, 0))
             yield timeouts

@@ -5,9 +5,11 @@
 starts a chain `depth` levels deep whose last level has `leaves` processes, each titled
 with the real setproctitle package as SGLang, vLLM and Ray title theirs (`{rank}` in the
 title becomes the leaf's index: sglang::scheduler_TP0, sglang::scheduler_TP1, ...), and
-prints one line per leaf: its PID. Without setproctitle (an interpreter that lacks it) only
-the 15-byte comm is set. Every process exits when its parent goes away, on SIGTERM, or after
---max-seconds, so nothing outlives the test or demo that started it.
+prints one line per leaf: its PID. `--parent-title` titles the leaves' parent too (vLLM's
+`VLLM::EngineCore` above its `VLLM::Worker_TP0`, `VLLM::Worker_TP1`). Without setproctitle (an
+interpreter that lacks it) only the 15-byte comm is set. Every process exits when its parent
+goes away, on SIGTERM, or after --max-seconds, so nothing outlives the test or demo that
+started it.
 """
 
 from __future__ import annotations
@@ -45,13 +47,21 @@ class Tree:
 SGLANG_SCHEDULER = "sglang::scheduler_TP{rank}"
 
 
-def start(leaves: int = 1, depth: int = 2, title: str = SGLANG_SCHEDULER, max_seconds: float = 3600.0) -> Tree:
+def start(
+    leaves: int = 1,
+    depth: int = 2,
+    title: str = SGLANG_SCHEDULER,
+    max_seconds: float = 3600.0,
+    parent_title: str | None = None,
+) -> Tree:
     """Start a tree (for tests, the demo and benchmarks) and wait for its leaves' PIDs."""
     env = dict(os.environ)
     package_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "fakenvml.tree", "--depth", str(depth), "--leaves", str(leaves),
                "--title", title, "--max-seconds", str(max_seconds)]  # fmt: skip
+    if parent_title:
+        command += ["--parent-title", parent_title]
     root = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     return Tree(root, [int(root.stdout.readline()) for _ in range(leaves)])
 
@@ -75,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=2, help="levels below this process (0: this is a leaf)")
     parser.add_argument("--leaves", type=int, default=1, help="processes at the last level")
     parser.add_argument("--title", default=SGLANG_SCHEDULER, help="leaf title; {rank} becomes the leaf's index")
+    parser.add_argument("--parent-title", help="title of the leaves' parent (default: untitled)")
     parser.add_argument("--leaf-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--max-seconds", type=float, default=3600.0)
     args = parser.parse_args(argv)
@@ -83,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     children: list[subprocess.Popen] = []
     common = ["--title", args.title, "--max-seconds", str(args.max_seconds)]
     if args.depth > 1:
-        children.append(_spawn(["--depth", str(args.depth - 1), "--leaves", str(args.leaves), *common]))
+        titled = ["--parent-title", args.parent_title] if args.parent_title else []
+        children.append(_spawn(["--depth", str(args.depth - 1), "--leaves", str(args.leaves), *common, *titled]))
     elif args.depth == 1:
+        if args.parent_title:
+            _set_title(args.parent_title)
         for index in range(args.leaves):
             children.append(_spawn(["--depth", "0", "--leaf-index", str(index), *common]))
     else:

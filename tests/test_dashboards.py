@@ -27,6 +27,10 @@ CONTRACT_METRICS = {
     "gpu_residency_engine_release_timeouts_total", "gpu_residency_engine_wake_timeouts_total",
     "gpu_residency_gate_clear", "gpu_residency_gate_decision_timestamp_seconds",
     "gpu_residency_holder_memory_bytes", "gpu_residency_collector_success",
+    "gpu_residency_vllm_up", "gpu_residency_vllm_sleep_level", "gpu_residency_vllm_kv_cache_usage_ratio",
+    "gpu_residency_vllm_kv_cache_capacity_tokens", "gpu_residency_vllm_kv_cache_capacity_blocks",
+    "gpu_residency_vllm_kv_cache_block_size_tokens", "gpu_residency_engine_state_mismatch",
+    "gpu_residency_engine_state_mismatches_total",
 }  # fmt: skip
 # Series from other exporters a panel joins with; those panels are tested where that series exists
 # (test_holders: the pod panel against a kube_pod_info target).
@@ -122,7 +126,8 @@ def test_dashboard_variables_and_panels(tmp_path):
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("threshold", "holds", "sglang", "exits", "exporter health", "holder kind", "kubernetes pod"):
+    for topic in ("threshold", "holds", "sglang", "exits", "exporter health", "holder kind", "kubernetes pod",
+                  "vllm sleep level", "vllm kv cache usage", "vllm kv cache capacity"):  # fmt: skip
         assert topic in titles
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, one, values
 
-from exporter.engines import ConfigError, EngineCatalog, load_static_config, parse_sglang_launch
+from exporter.engines import ConfigError, EngineCatalog, load_static_config, parse_launch
 from exporter.errors import ErrorCounter
 from exporter.proctable import ProcView, parse_container, parse_nspid, parse_stat
 from exporter.registry import EngineEntry, RegistryError, register_engine, registered_engine
@@ -75,20 +75,35 @@ def test_bad_registry_files_are_counted_and_skipped(local_exporter, scenario, sp
     assert one(m, "gpu_residency_errors_total", source="registry", reason="malformed") == 1
 
 
+PY = "/opt/venv/bin/python3"  # a console script runs as <interpreter> <script> ..., its comm the script's name
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["python3", "-m", "sglang.launch_server", "--model-path", "m", "--port", "30001"], ("127.0.0.1", 30001)),
-        (["python", "-m", "sglang.launch_server", "--host=0.0.0.0", "--port=31000"], ("127.0.0.1", 31000)),
-        (["python", "-m", "sglang.launch_server", "--host", "10.1.2.3"], ("10.1.2.3", 30000)),
-        (["/usr/bin/sglang", "serve", "--port", "30002"], ("127.0.0.1", 30002)),
+        (["python3", "-m", "sglang.launch_server", "--model-path", "m", "--port", "30001"],
+         ("sglang", "127.0.0.1", 30001)),
+        (["python", "-m", "sglang.launch_server", "--host=0.0.0.0", "--port=31000"], ("sglang", "127.0.0.1", 31000)),
+        (["python", "-m", "sglang.launch_server", "--host", "10.1.2.3"], ("sglang", "10.1.2.3", 30000)),
+        (["/usr/bin/sglang", "serve", "--port", "30002"], ("sglang", "127.0.0.1", 30002)),
+        ([PY, "/opt/venv/bin/sglang", "serve", "--model-path", "m"], ("sglang", "127.0.0.1", 30000)),
         (["python", "-m", "sglang.launch_server", "--port", "99999"], None),
+        # vLLM: `vllm serve <model>` binds every interface on port 8000 unless told otherwise.
+        ([PY, "/opt/venv/bin/vllm", "serve", "Qwen/Qwen3-8B"], ("vllm", "127.0.0.1", 8000)),
+        (["vllm", "serve", "Qwen/Qwen3-8B", "--port", "8011", "--enable-sleep-mode"], ("vllm", "127.0.0.1", 8011)),
+        ([PY, "/opt/venv/bin/vllm", "serve", "m", "--host", "10.0.0.7", "--port=9000"], ("vllm", "10.0.0.7", 9000)),
+        (["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "m", "--host", "0.0.0.0"],
+         ("vllm", "127.0.0.1", 8000)),
+        ([PY, "/opt/venv/bin/vllm", "serve", "m", "--uds", "/tmp/v.sock"], ("vllm", None, None)),
+        ([PY, "/opt/venv/bin/vllm", "bench", "serve", "--port", "8000"], None),  # a client, not a server
+        (["VLLM::EngineCore"], None),  # its children are titled, never launches
         (["python", "train.py", "--port", "30000"], None),
         ([], None),
     ],
-)
-def test_sglang_launch_command_lines(argv, expected):
-    assert parse_sglang_launch(argv) == expected
+)  # fmt: skip
+def test_launch_command_lines(argv, expected):
+    launch = parse_launch(argv)
+    assert (launch and (launch.kind, launch.host, launch.port)) == expected
 
 
 def test_discovers_an_sglang_launch_and_its_tree(fake_nvml_dir, scenario, monkeypatch, tmp_path):

@@ -1,0 +1,338 @@
+"""vLLM: the engine's own word on whether it sleeps, and its KV-cache accounting.
+
+Unlike SGLang, vLLM says whether it is asleep, in one of two ways depending on its release:
+- `/metrics` (0.11.1 and later): `vllm:engine_sleep_state{engine, model_name, sleep_state}`, one
+  0/1 gauge per state per engine (`engine` is the data-parallel engine index): `awake`,
+  `weights_offloaded` (level 1: weights copied to CPU memory, KV cache dropped) and `discard_all`
+  (level 2: both dropped). All three are 0 after a level-0 sleep or `/release_kv_cache_memory`
+  (0.33 and later: scheduling paused, or only the KV cache freed; the weights stay on the GPU).
+- `GET /is_sleeping` -> `{"is_sleeping": bool}` (older releases; only with VLLM_SERVER_DEV_MODE=1),
+  which does not say the level.
+Each poll reads /metrics (prometheus_client's own parser) and, when it has no sleep state,
+/is_sleeping; a 404 there (dev mode off) is remembered for that engine, which then has no
+observed state, only its accounting.
+
+Sleep levels 1 and 2 free the same GPU memory (the weights and the KV cache; level 1 keeps a
+copy of the weights in pinned host memory, level 2 keeps only the model's small buffers there),
+so both are held to the release floor. Level 0 keeps the weights on the GPU: no release is
+expected, none is timed.
+
+The KV cache figures are vLLM's own accounting, never residency: `vllm:kv_cache_usage_perc`
+(0..1; `vllm:gpu_cache_usage_perc` before 0.11, gone in 0.12) and the capacity in the labels of
+`vllm:cache_config_info`: `num_gpu_blocks`, `block_size` and, from 0.24, `kv_cache_size_tokens`
+(right for hybrid and sliding-window models, where blocks x block size is not; with data
+parallelism vLLM reports the blocks summed over its engines). The label set changes between
+releases: labels are read by name, a value that is not a count ("None") is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.attribution import Snapshot
+from exporter.engine_poller import EnginePoller, Get, PollError
+from exporter.engine_state import Observed
+from exporter.engines import Engine
+from exporter.errors import ErrorCounter
+from exporter.url_policy import UrlPolicy
+from gpu_residency_common.files import UntrustedFileError, parse_json
+
+SLEEP_STATE = "vllm:engine_sleep_state"
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # the current name first
+CACHE_CONFIG = "vllm:cache_config_info"
+MAX_RANKS = 64  # more data-parallel engines than this in one server is not a vLLM we understand
+MAX_METRICS_BYTES = 4 * 1024 * 1024  # /metrics with many DP engines and histograms runs to a few hundred KiB
+LEVELS = {"weights_offloaded": 1, "discard_all": 2}
+
+
+class ShapeError(ValueError):
+    """The body parses but is not what vLLM sends (a sleep state that is not 0/1, a rank that is no index)."""
+
+
+@dataclass(frozen=True)
+class RankAccounting:
+    dp_rank: str  # vLLM's `engine` label: the data-parallel engine index
+    kv_usage: float | None = None  # 0..1
+    blocks: int | None = None
+    block_size: int | None = None
+    tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class SleepReport:
+    sleeping: bool
+    level: int | None  # 0, 1, 2 while asleep, where the engine says; None otherwise
+
+
+@dataclass(frozen=True)
+class VllmStatus:
+    ranks: tuple[RankAccounting, ...]
+    sleep: SleepReport | None  # None: this vLLM does not say whether it sleeps
+    via: str = ""  # metrics | is_sleeping | "" (no state)
+    # Filled in across polls (VllmPoller._fold):
+    polled_at: float | None = None  # wall time of this poll
+    since: float | None = None  # when a poll first saw this sleep state; None: so at the first look
+    before: float | None = None  # the last poll that saw the previous state
+
+
+def _rank(labels: dict[str, str]) -> str:
+    rank = labels.get("engine", "0")
+    if not rank.isdigit() or len(rank) > 4:
+        raise ShapeError(f"engine label {rank[:20]!r} is not an engine index")
+    return str(int(rank))
+
+
+def _count(text: str | None) -> int | None:
+    """A label value that is a count ("24978"); None for "None", "" and anything else."""
+    if text is None or not text.isdigit() or len(text) > 15:
+        return None
+    return int(text)
+
+
+def _rank_sleep(rank: str, values: dict[str, float]) -> SleepReport:
+    if "awake" not in values:
+        raise ShapeError(f"{SLEEP_STATE} of engine {rank} has no awake series")
+    for state, value in values.items():
+        if value not in (0.0, 1.0):
+            raise ShapeError(f"{SLEEP_STATE}{{sleep_state={state!r}}} of engine {rank} is {value}, not 0 or 1")
+    levels = [level for state, level in LEVELS.items() if values.get(state) == 1.0]
+    if values["awake"] == 1.0:
+        if levels:
+            raise ShapeError(f"{SLEEP_STATE} of engine {rank} says awake and asleep at once")
+        return SleepReport(False, None)
+    if len(levels) > 1:
+        raise ShapeError(f"{SLEEP_STATE} of engine {rank} says two sleep levels at once")
+    return SleepReport(True, levels[0] if levels else 0)
+
+
+def parse_metrics(body: bytes | str) -> tuple[tuple[RankAccounting, ...], SleepReport | None]:
+    """Accounting per DP engine and the sleep state (None when /metrics does not carry it) from
+    a vLLM /metrics body; ValueError when it does not parse, ShapeError when it is not vLLM's."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    sleep: dict[str, dict[str, float]] = {}
+    usage: dict[str, dict[str, float]] = {}  # family -> rank -> value
+    config: dict[str, dict[str, str]] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            if family.name == SLEEP_STATE:
+                for sample in family.samples:
+                    state = sample.labels.get("sleep_state", "")
+                    if state in ("awake", *LEVELS):
+                        sleep.setdefault(_rank(sample.labels), {}).setdefault(state, sample.value)
+            elif family.name in KV_USAGE:
+                for sample in family.samples:
+                    usage.setdefault(family.name, {}).setdefault(_rank(sample.labels), sample.value)
+            elif family.name == CACHE_CONFIG:
+                for sample in family.samples:
+                    config.setdefault(_rank(sample.labels), sample.labels)
+    except ShapeError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a Prometheus text exposition: {exc}") from None
+    ranks = set(sleep) | set(config) | {rank for values in usage.values() for rank in values}
+    if len(ranks) > MAX_RANKS:
+        raise ShapeError(f"{len(ranks)} engines in one server (at most {MAX_RANKS} are read)")
+    accounting = []
+    for rank in sorted(ranks, key=int):
+        ratio = next((usage[name][rank] for name in KV_USAGE if rank in usage.get(name, {})), None)
+        labels = config.get(rank, {})
+        accounting.append(
+            RankAccounting(
+                rank,
+                kv_usage=ratio if ratio is not None and math.isfinite(ratio) and 0 <= ratio <= 1 else None,
+                blocks=_count(labels.get("num_gpu_blocks")),
+                block_size=_count(labels.get("block_size")),
+                tokens=_count(labels.get("kv_cache_size_tokens")),
+            )
+        )
+    return tuple(accounting), _server_sleep([_rank_sleep(rank, values) for rank, values in sorted(sleep.items())])
+
+
+def _server_sleep(reports: list[SleepReport]) -> SleepReport | None:
+    """The server asleep when every engine is (vLLM sleeps them together); else awake: some engine holds on."""
+    if not reports:
+        return None
+    if all(report.sleeping for report in reports):
+        return SleepReport(True, min(report.level for report in reports))
+    return SleepReport(False, None)
+
+
+def parse_is_sleeping(body: bytes | str) -> SleepReport:
+    """`{"is_sleeping": true|false}`: ValueError when it is not JSON, ShapeError when not that shape."""
+    try:
+        data = parse_json(body)
+    except UntrustedFileError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(data, dict) or not isinstance(data.get("is_sleeping"), bool):
+        raise ShapeError('not {"is_sleeping": true|false}')
+    return SleepReport(data["is_sleeping"], None)
+
+
+class VllmClient:
+    """One poll: /metrics, then /is_sleeping when /metrics has no sleep state and the engine has it."""
+
+    def __init__(self) -> None:
+        self._without_is_sleeping: set[str] = set()  # base URLs that answered 404 (dev mode off)
+        self._lock = threading.Lock()
+
+    def poll(self, base_url: str, get: Get) -> VllmStatus:
+        ranks: tuple[RankAccounting, ...] = ()
+        sleep = None
+        response = get(base_url + "/metrics")
+        if response.status == 200:
+            try:
+                ranks, sleep = parse_metrics(response.body)
+            except ShapeError as exc:
+                raise PollError("unexpected_shape", f"{base_url}/metrics: {exc}") from None
+            except ValueError as exc:
+                raise PollError("bad_metrics", f"{base_url}/metrics: {exc}") from None
+        elif response.status != 404:
+            raise PollError("status", f"{base_url}/metrics: HTTP {response.status}")
+        if sleep is not None:
+            return VllmStatus(ranks, sleep, "metrics")
+        with self._lock:
+            without = base_url in self._without_is_sleeping
+        if not without:
+            answer = get(base_url + "/is_sleeping")
+            if answer.status == 200:
+                try:
+                    return VllmStatus(ranks, parse_is_sleeping(answer.body), "is_sleeping")
+                except ShapeError as exc:
+                    raise PollError("unexpected_shape", f"{base_url}/is_sleeping: {exc}") from None
+                except ValueError as exc:
+                    raise PollError("bad_json", f"{base_url}/is_sleeping: {exc}") from None
+            if answer.status != 404:
+                raise PollError("status", f"{base_url}/is_sleeping: HTTP {answer.status}")
+            with self._lock:
+                self._without_is_sleeping.add(base_url)
+        if response.status == 404:
+            raise PollError("status", f"{base_url}: neither /metrics nor /is_sleeping (not a vLLM server?)")
+        return VllmStatus(ranks, None, "")
+
+    def forget(self, base_url: str) -> None:
+        with self._lock:
+            self._without_is_sleeping.discard(base_url.rstrip("/"))
+
+
+class VllmPoller:
+    """vLLM's sleep state and KV-cache accounting, polled in the background; a scrape only reads them."""
+
+    def __init__(
+        self,
+        node: str,
+        errors: ErrorCounter,
+        policy: UrlPolicy,
+        interval: float = 2.0,
+        connect_timeout: float = 1.0,
+        read_timeout: float = 3.0,
+        max_bytes: int = MAX_METRICS_BYTES,
+        max_backoff: float = 300.0,
+        engines: Callable[[], Iterable[Engine]] | None = None,
+    ) -> None:
+        self._node = node
+        self.changes = 0  # observed sleep-state changes so far (EngineStates' watcher looks again)
+        self._poller = EnginePoller(
+            "vllm",
+            ("vllm",),
+            VllmClient(),
+            errors,
+            policy,
+            interval=interval,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_bytes=max_bytes,
+            max_backoff=max_backoff,
+            engines=engines,
+            fold=self._fold,
+        )
+        self.start, self.stop, self.poll_once = self._poller.start, self._poller.stop, self._poller.poll_once
+
+    def _fold(self, previous: VllmStatus | None, new: VllmStatus, at: float) -> VllmStatus:
+        """Carry when the sleep state last changed from poll to poll (of one engine identity)."""
+        new = dataclasses.replace(new, polled_at=at)
+        if new.sleep is None:
+            return new
+        if previous is None or previous.sleep is None:
+            return new  # the first look: when it began is unknown
+        if previous.sleep.sleeping == new.sleep.sleeping:
+            return dataclasses.replace(new, since=previous.since, before=previous.before)
+        self.changes += 1
+        return dataclasses.replace(new, since=at, before=previous.polled_at)
+
+    def observed(self, engines: Iterable[Engine]) -> dict[str, Observed]:
+        """The sleep state each vLLM engine reports, for the engines whose last poll said."""
+        out = {}
+        for name, result in self._poller.results(engines).items():
+            status = result.value
+            if not result.ok or status is None or status.sleep is None:
+                continue
+            sleeping, level = status.sleep.sleeping, status.sleep.level
+            out[name] = Observed(
+                "asleep" if sleeping else "active",
+                level=level,
+                since=status.since,
+                before=status.before,
+                release_expected=not sleeping or level != 0,
+            )
+        return out
+
+    def families(self, snapshot: Snapshot) -> Iterable[Metric]:
+        results = self._poller.results(snapshot.engines)
+        node = self._node
+        up = GaugeMetricFamily(
+            "gpu_residency_vllm_up",
+            "1 when the last poll of the vLLM engine (/metrics, and /is_sleeping where /metrics has no sleep state) "
+            "succeeded.",
+            labels=["node", "engine"],
+        )
+        level = GaugeMetricFamily(
+            "gpu_residency_vllm_sleep_level",
+            "While a vLLM engine reports itself asleep: its sleep level (1: weights offloaded to CPU memory, 2: "
+            "weights discarded, both free the GPU; 0: scheduling paused or only the KV cache freed, the weights stay "
+            "on the GPU). Absent while awake, or when the engine does not say (/is_sleeping).",
+            labels=["node", "engine"],
+        )
+        usage = GaugeMetricFamily(
+            "gpu_residency_vllm_kv_cache_usage_ratio",
+            "Engine accounting, not residency: the share of vLLM's KV cache blocks in use (vllm:kv_cache_usage_perc), "
+            "per data-parallel engine.",
+            labels=["node", "engine", "dp_rank"],
+        )
+        tokens = GaugeMetricFamily(
+            "gpu_residency_vllm_kv_cache_capacity_tokens",
+            "Engine accounting, not residency: the KV cache's configured capacity in tokens (vLLM 0.24+ "
+            "cache_config_info kv_cache_size_tokens), per data-parallel engine.",
+            labels=["node", "engine", "dp_rank"],
+        )
+        blocks = GaugeMetricFamily(
+            "gpu_residency_vllm_kv_cache_capacity_blocks",
+            "Engine accounting, not residency: the KV cache's GPU blocks as vLLM reports them (cache_config_info "
+            "num_gpu_blocks; with data parallelism, summed over the engines).",
+            labels=["node", "engine", "dp_rank"],
+        )
+        block_size = GaugeMetricFamily(
+            "gpu_residency_vllm_kv_cache_block_size_tokens",
+            "Engine accounting: tokens per KV cache block (cache_config_info block_size).",
+            labels=["node", "engine", "dp_rank"],
+        )
+        for name, result in sorted(results.items()):
+            up.add_metric([node, name], 1 if result.ok else 0)
+            status = result.value
+            if not result.ok or status is None:
+                continue
+            if status.sleep is not None and status.sleep.sleeping and status.sleep.level is not None:
+                level.add_metric([node, name], status.sleep.level)
+            for rank in status.ranks:
+                labels = [node, name, rank.dp_rank]
+                for family, value in ((usage, rank.kv_usage), (tokens, rank.tokens), (blocks, rank.blocks),
+                                      (block_size, rank.block_size)):  # fmt: skip
+                    if value is not None:
+                        family.add_metric(labels, value)
+        yield from (up, level, usage, tokens, blocks, block_size)
