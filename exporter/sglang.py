@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.attribution import Snapshot
 from exporter.engine_poller import EnginePoller, Get, PollError
-from exporter.engines import Engine
 from exporter.errors import ErrorCounter
 from exporter.url_policy import UrlPolicy
 from gpu_residency_common.files import UntrustedFileError, parse_json
@@ -134,39 +134,16 @@ class SglangClient:
             self._paths.pop(base_url.rstrip("/"), None)
 
 
-class SglangPoller:
+class SglangPoller(EnginePoller[tuple[RankAccounting, ...]]):
     """SGLang accounting polled in the background; a scrape only reads the results."""
 
-    def __init__(
-        self,
-        node: str,
-        errors: ErrorCounter,
-        policy: UrlPolicy,
-        interval: float = 15.0,
-        connect_timeout: float = 1.0,
-        read_timeout: float = 3.0,
-        max_bytes: int = 1024 * 1024,
-        max_backoff: float = 300.0,
-        engines: Callable[[], Iterable[Engine]] | None = None,
-    ) -> None:
+    def __init__(self, node: str, errors: ErrorCounter, policy: UrlPolicy, **settings: Any) -> None:
+        """`settings`: EnginePoller's (interval, timeouts, max_bytes, max_backoff, engines)."""
+        super().__init__("sglang", ("sglang",), SglangClient(), errors, policy, **settings)
         self._node = node
-        self._poller = EnginePoller(
-            "sglang",
-            ("sglang",),
-            SglangClient(),
-            errors,
-            policy,
-            interval=interval,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_bytes=max_bytes,
-            max_backoff=max_backoff,
-            engines=engines,
-        )
-        self.start, self.stop, self.poll_once = self._poller.start, self._poller.stop, self._poller.poll_once
 
     def families(self, snapshot: Snapshot) -> Iterable[Metric]:
-        results = self._poller.results(snapshot.engines)
+        results = self.results(snapshot.engines)
         up = GaugeMetricFamily(
             "gpu_residency_sglang_up",
             "1 when the last /server_info poll of the engine succeeded.",

@@ -30,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -221,38 +222,16 @@ class VllmClient:
             self._without_is_sleeping.discard(base_url.rstrip("/"))
 
 
-class VllmPoller:
+class VllmPoller(EnginePoller[VllmStatus]):
     """vLLM's sleep state and KV-cache accounting, polled in the background; a scrape only reads them."""
 
-    def __init__(
-        self,
-        node: str,
-        errors: ErrorCounter,
-        policy: UrlPolicy,
-        interval: float = 2.0,
-        connect_timeout: float = 1.0,
-        read_timeout: float = 3.0,
-        max_bytes: int = MAX_METRICS_BYTES,
-        max_backoff: float = 300.0,
-        engines: Callable[[], Iterable[Engine]] | None = None,
-    ) -> None:
+    def __init__(self, node: str, errors: ErrorCounter, policy: UrlPolicy, **settings: Any) -> None:
+        """`settings`: EnginePoller's (interval 2 s and /metrics up to MAX_METRICS_BYTES by default here)."""
+        settings.setdefault("interval", 2.0)
+        settings.setdefault("max_bytes", MAX_METRICS_BYTES)
+        super().__init__("vllm", ("vllm",), VllmClient(), errors, policy, fold=self._fold, **settings)
         self._node = node
         self.changes = 0  # observed sleep-state changes so far (EngineStates' watcher looks again)
-        self._poller = EnginePoller(
-            "vllm",
-            ("vllm",),
-            VllmClient(),
-            errors,
-            policy,
-            interval=interval,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_bytes=max_bytes,
-            max_backoff=max_backoff,
-            engines=engines,
-            fold=self._fold,
-        )
-        self.start, self.stop, self.poll_once = self._poller.start, self._poller.stop, self._poller.poll_once
 
     def _fold(self, previous: VllmStatus | None, new: VllmStatus, at: float) -> VllmStatus:
         """Carry when the sleep state last changed from poll to poll (of one engine identity)."""
@@ -269,7 +248,7 @@ class VllmPoller:
     def observed(self, engines: Iterable[Engine]) -> dict[str, Observed]:
         """The sleep state each vLLM engine reports, for the engines whose last poll said."""
         out = {}
-        for name, result in self._poller.results(engines).items():
+        for name, result in self.results(engines).items():
             status = result.value
             if not result.ok or status is None or status.sleep is None:
                 continue
@@ -284,7 +263,7 @@ class VllmPoller:
         return out
 
     def families(self, snapshot: Snapshot) -> Iterable[Metric]:
-        results = self._poller.results(snapshot.engines)
+        results = self.results(snapshot.engines)
         node = self._node
         up = GaugeMetricFamily(
             "gpu_residency_vllm_up",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import requests
 
+from fakenvml.fake_http import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -42,13 +44,7 @@ class PrometheusServer:
         raise TimeoutError(f"no data for {promql} after {timeout}s:\n{self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, grace=20)
 
 
 def start_prometheus(

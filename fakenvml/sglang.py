@@ -26,9 +26,10 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from fakenvml.fake_http import FakeHttpServer
 
 HOSTILE = ("hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape", "deep")
 FLUSH_MODES = ("ok", "die", "hang")
@@ -54,16 +55,7 @@ def server_info(mode: str, dp_size: int) -> dict:
     return {"model_path": "/models/demo", "tp_size": 1, "dp_size": dp_size, "internal_states": states, "version": "x"}
 
 
-class _QuietServer(ThreadingHTTPServer):
-    """Clients that give up on a hostile mode (hang, trickle) are expected, not worth a traceback."""
-
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass
-
-
-class FakeSglang:
+class FakeSglang(FakeHttpServer):
     def __init__(
         self,
         mode: str = "new",
@@ -84,7 +76,6 @@ class FakeSglang:
         self.requests: list[str] = []
         self.authorizations: list[str | None] = []  # the Authorization header of each request
         self._started = time.monotonic()
-        self._stop = threading.Event()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -100,26 +91,7 @@ class FakeSglang:
                 fake._respond(self)
                 return None
 
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self._timer = threading.Timer(lifetime or 0, self.stop)
-        self._timer.daemon = True
-        if lifetime is not None:
-            self._timer.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._timer.cancel()
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _send(self, handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        super().__init__(Handler, "127.0.0.1", 0, lifetime)
 
     def _respond(self, handler: BaseHTTPRequestHandler) -> None:
         mode, path = self.mode, handler.path
@@ -150,25 +122,12 @@ class FakeSglang:
         if mode == "deep":
             return self._send(handler, 200, b'{"internal_states": ' + b"[" * 5000 + b"]" * 5000 + b"}")
         if mode == "trickle_headers":
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"x" * 200:
-                if self._stop.wait(0.2):
-                    return None
-                handler.wfile.write(bytes([byte]))
-                handler.wfile.flush()
-            return None
+            return self._trickle_headers(handler, "application/json")
         if mode == "huge":
             return self._send(handler, 200, b'{"pad":"' + b"x" * (8 * 1024 * 1024) + b'"}')
         body = json.dumps(server_info("new" if mode in HOSTILE else mode, self.dp_size)).encode()
         if mode == "trickle":
-            handler.send_response(200)
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            for byte in body:
-                if self._stop.wait(0.2):
-                    return None
-                handler.wfile.write(bytes([byte]))
-                handler.wfile.flush()
-            return None
+            return self._trickle_body(handler, body)
         return self._send(handler, 200, body)
 
     def _flush(self, handler: BaseHTTPRequestHandler) -> None:

@@ -41,12 +41,14 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from fakenvml.fake_http import FakeHttpServer, stop_process
 
 VERSIONS = ("0.10.2", "0.11.1", "0.33.0")
 HOSTILE = ("hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape",
@@ -72,15 +74,7 @@ BLOCKS_PER_ENGINE = 24978
 TOKENS_PER_ENGINE = 218464  # group-aware capacity (0.24+), not blocks x block size
 
 
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass
-
-
-class FakeVllm:
+class FakeVllm(FakeHttpServer):
     def __init__(
         self,
         version: str = "0.11.1",
@@ -103,7 +97,6 @@ class FakeVllm:
         self._lock = threading.Lock()
         self._asleep: set[str] = set()  # the tags asleep (the executor's sleeping_tags)
         self._metric = (0, 0)  # what record_sleep_state last recorded: (sleep, level)
-        self._stop = threading.Event()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -118,20 +111,7 @@ class FakeVllm:
                 fake.requests.append(f"POST {self.path}")
                 fake._post(self)
 
-        self._server = _QuietServer((host, port), Handler)
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self._timer = threading.Timer(lifetime or 0, self.stop)
-        self._timer.daemon = True
-        if lifetime is not None:
-            self._timer.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._timer.cancel()
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler, host, port, lifetime)
 
     # --- the engine, as AsyncLLM and the executor keep it ---
 
@@ -162,13 +142,6 @@ class FakeVllm:
             return awake
 
     # --- HTTP ---
-
-    def _send(self, handler: BaseHTTPRequestHandler, status: int, body: bytes, kind: str = "application/json") -> None:
-        handler.send_response(status)
-        handler.send_header("Content-Type", kind)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
 
     def _get(self, handler: BaseHTTPRequestHandler) -> None:
         path = urlsplit(handler.path).path
@@ -222,25 +195,12 @@ class FakeVllm:
             line = b'vllm:pad{engine="0"} 1.0\n'
             return self._send(handler, 200, line * (8 * 1024 * 1024 // len(line) + 1), "text/plain")
         if mode == "trickle_headers":
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Slow: " + b"x" * 200:
-                if self._stop.wait(0.2):
-                    return None
-                handler.wfile.write(bytes([byte]))
-                handler.wfile.flush()
-            return None
+            return self._trickle_headers(handler, "text/plain")
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Families(self))
         body = generate_latest(registry)
         if mode == "trickle":
-            handler.send_response(200)
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            for byte in body:
-                if self._stop.wait(0.2):
-                    return None
-                handler.wfile.write(bytes([byte]))
-                handler.wfile.flush()
-            return None
+            return self._trickle_body(handler, body)
         return self._send(handler, 200, body, "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -342,13 +302,7 @@ class VllmProcess:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 def launch(args: list[str], script: Path | None = None, dev_mode: bool = True, timeout: float = 30.0) -> VllmProcess:

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fakenvml
 from fakenvml import Scenario
+from fakenvml.fake_http import stop_process
 from fakenvml.prometheus import PrometheusServer, start_prometheus
 from fakenvml.sglang import FakeSglang
 from fakenvml.tree import Tree
@@ -105,14 +106,7 @@ class ExporterProcess:
         return self.log_path.read_text()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 LISTENING = re.compile(r"listening on (https?://[^/\s]+)")

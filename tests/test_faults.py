@@ -213,7 +213,7 @@ def test_a_stalled_poller_withdraws_its_results(fake_sglang):
     poller = new_poller(errors)
     e = engine("e", server.url)
     assert one(polled(poller, e), "gpu_residency_sglang_up", engine="e") == 1
-    poller._poller._heartbeat = time.monotonic() - 60  # the loop stopped ticking a minute ago
+    poller._heartbeat = time.monotonic() - 60  # the loop stopped ticking a minute ago
     assert values(scrape(poller, e), "gpu_residency_sglang_up") == [], "stale is not data"
     assert errors.snapshot()[("sglang", "stalled")] >= 1
 
