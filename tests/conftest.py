@@ -90,6 +90,40 @@ def one(metrics: dict, name: str, **labels: str) -> float:
     return found[0]
 
 
+def scrape_families(source, *engines) -> dict:
+    """What a concern (an object with .families(snapshot)) publishes for a snapshot holding `engines`."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporter.attribution import Snapshot
+    from exporter.nvml_source import NvmlReading
+
+    class One:
+        def collect(self):
+            return source.families(Snapshot(NvmlReading(True, ()), tuple(engines), (), (), ()))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(One())
+    return parse_metrics(generate_latest(registry).decode())
+
+
+def polled(poller, *engines) -> dict:
+    """A scrape tells the poller its engines; one poll; the next scrape shows the results."""
+    scrape_families(poller, *engines)
+    poller.poll_once()
+    return scrape_families(poller, *engines)
+
+
+def scrape_until(exporter, ready, timeout: float = 20.0) -> dict:
+    """Scrape until `ready(metrics)` (bounded), else fail with the exporter's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = exporter.scrape()
+        if ready(metrics):
+            return metrics
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met in {timeout}s:\n{exporter.log()[-3000:]}")
+
+
 @dataclass
 class ExporterProcess:
     proc: subprocess.Popen

@@ -9,12 +9,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, as_deployed, build_local, host_pid_of, in_container, one, python_for_others, values
+from conftest import (
+    ROOT,
+    as_deployed,
+    build_local,
+    host_pid_of,
+    in_container,
+    one,
+    python_for_others,
+    scrape_until,
+    values,
+)
 
 from fakenvml import GIB
 
@@ -75,15 +84,6 @@ def _engine_root(leaf: int) -> int:
         stat = Path(f"/proc/{pid}/stat").read_text()
         pid = int(stat[stat.rfind(")") + 2 :].split()[1])
     return pid
-
-
-def scrape_until(exporter, ready, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        metrics = exporter.scrape()
-        if ready(metrics) or time.monotonic() > deadline:
-            return metrics
-        time.sleep(0.2)
 
 
 def test_engine_from_another_pod_by_uid_1000_is_attributed_by_the_capability_less_exporter(

@@ -14,7 +14,7 @@ import time
 import bcrypt
 import pytest
 import requests
-from conftest import ROOT, build_local, one, values
+from conftest import ROOT, build_local, one, polled, scrape_families, values
 
 import fakenvml
 from exporter.errors import ErrorCounter
@@ -173,7 +173,7 @@ def test_a_failing_loop_step_is_logged_counted_and_the_loop_goes_on(caplog):
 
 
 def test_a_deeply_nested_server_info_is_counted_and_polling_goes_on(fake_sglang):
-    from test_sglang import engine, new_poller, polled
+    from test_sglang import engine, new_poller
 
     deep, good = fake_sglang("deep"), fake_sglang("new")
     errors = ErrorCounter()
@@ -189,24 +189,24 @@ def test_a_deeply_nested_server_info_is_counted_and_polling_goes_on(fake_sglang)
 
 
 def test_trickling_headers_cannot_hold_a_poll_past_its_deadline(fake_sglang):
-    from test_sglang import engine, new_poller, scrape
+    from test_sglang import engine, new_poller
 
     slow, good = fake_sglang("trickle_headers"), fake_sglang("new")
     errors = ErrorCounter()
     poller = new_poller(errors, read_timeout=1.0)
     engines = [engine("slow", slow.url), engine("good", good.url)]
-    scrape(poller, *engines)
+    scrape_families(poller, *engines)
     started = time.monotonic()
     poller.poll_once()
     assert time.monotonic() - started < 3.5, "connect 1 s + read 1 s, then the socket is shut"
-    m = scrape(poller, *engines)
+    m = scrape_families(poller, *engines)
     assert one(m, "gpu_residency_sglang_up", engine="slow") == 0
     assert one(m, "gpu_residency_sglang_up", engine="good") == 1
     assert errors.snapshot()[("sglang", "timeout")] == 1
 
 
 def test_a_stalled_poller_withdraws_its_results(fake_sglang):
-    from test_sglang import engine, new_poller, polled, scrape
+    from test_sglang import engine, new_poller
 
     server = fake_sglang("new")
     errors = ErrorCounter()
@@ -214,12 +214,12 @@ def test_a_stalled_poller_withdraws_its_results(fake_sglang):
     e = engine("e", server.url)
     assert one(polled(poller, e), "gpu_residency_sglang_up", engine="e") == 1
     poller._heartbeat = time.monotonic() - 60  # the loop stopped ticking a minute ago
-    assert values(scrape(poller, e), "gpu_residency_sglang_up") == [], "stale is not data"
+    assert values(scrape_families(poller, e), "gpu_residency_sglang_up") == [], "stale is not data"
     assert errors.snapshot()[("sglang", "stalled")] >= 1
 
 
 def test_a_re_registered_engine_inherits_no_backoff(fake_sglang):
-    from test_sglang import new_poller, scrape
+    from test_sglang import new_poller
 
     from exporter.engines import Engine
 
@@ -229,12 +229,12 @@ def test_a_re_registered_engine_inherits_no_backoff(fake_sglang):
     def incarnation(start: int) -> Engine:
         return Engine("e", "sglang", bad.url, "registry", 10, start, True, registered_at=float(start))
 
-    scrape(poller, incarnation(1))
+    scrape_families(poller, incarnation(1))
     for _ in range(4):  # four failures: the next poll is 0.2 * 2**3 = 1.6 s away
         poller.poll_once()
         time.sleep(0.25)
     before = len(bad.requests)
-    scrape(poller, incarnation(2))  # the same name, a new process
+    scrape_families(poller, incarnation(2))  # the same name, a new process
     poller.poll_once()
     assert len(bad.requests) == before + 1, "polled at once, not after the old engine's backoff"
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import one, values
+from conftest import one, polled, scrape_families, values
 
-from exporter.attribution import Snapshot
 from exporter.engines import Engine
 from exporter.errors import ErrorCounter
-from exporter.nvml_source import NvmlReading
 from exporter.sglang import GIB, SglangPoller, ShapeError, parse_server_info
 from exporter.url_policy import UrlPolicy
 from fakenvml.sglang import server_info
@@ -18,30 +16,6 @@ from fakenvml.sglang import server_info
 
 def engine(name: str, url: str, up: bool = True) -> Engine:
     return Engine(name=name, kind="sglang", url=url, source="registry", root_pid=1, start_ticks=None, up=up)
-
-
-def snapshot_of(*engines: Engine) -> Snapshot:
-    return Snapshot(NvmlReading(True, ()), tuple(engines), (), (), ())
-
-
-def scrape(poller: SglangPoller, *engines: Engine) -> dict:
-    from conftest import parse_metrics
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    class One:
-        def collect(self):
-            return poller.families(snapshot_of(*engines))
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(One())
-    return parse_metrics(generate_latest(registry).decode())
-
-
-def polled(poller: SglangPoller, *engines: Engine) -> dict:
-    """A scrape tells the poller its engines; one poll; the next scrape shows the results."""
-    scrape(poller, *engines)
-    poller.poll_once()
-    return scrape(poller, *engines)
 
 
 def new_poller(errors: ErrorCounter | None = None, **kwargs) -> SglangPoller:
@@ -101,11 +75,11 @@ def test_hostile_engines_drop_accounting_and_count_the_reason(fake_sglang, mode,
     errors = ErrorCounter()
     poller = new_poller(errors)
     engines = [engine("good", good.url), engine("bad", bad.url)]
-    scrape(poller, *engines)
+    scrape_families(poller, *engines)
     started = time.monotonic()
     poller.poll_once()
     assert time.monotonic() - started < 5, "a poll is bounded by its deadline"
-    m = scrape(poller, *engines)
+    m = scrape_families(poller, *engines)
     assert one(m, "gpu_residency_sglang_up", engine="bad") == 0
     assert values(m, "gpu_residency_sglang_memory_bytes", engine="bad") == []
     assert values(m, "gpu_residency_sglang_token_capacity", engine="bad") == []
@@ -117,12 +91,12 @@ def test_a_scrape_never_waits_on_a_hanging_engine(fake_sglang):
     hanging = fake_sglang("hang")
     poller = new_poller(read_timeout=2.0)
     e = engine("h", hanging.url)
-    scrape(poller, e)
+    scrape_families(poller, e)
     poller.start()
     try:
         time.sleep(0.3)  # the background poll is now stuck on the engine
         started = time.monotonic()
-        m = scrape(poller, e)
+        m = scrape_families(poller, e)
         assert time.monotonic() - started < 0.2
         assert values(m, "gpu_residency_sglang_up", engine="h") == [], "not yet known: absent, not 0"
     finally:
@@ -133,7 +107,7 @@ def test_failures_back_off(fake_sglang):
     bad = fake_sglang("status500")
     poller = new_poller()
     e = engine("b", bad.url)
-    scrape(poller, e)
+    scrape_families(poller, e)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         poller.poll_once()
@@ -151,11 +125,11 @@ def test_urls_outside_the_allowed_hosts_are_never_requested(fake_sglang):
         engine("scheme", "file:///etc/passwd"),
         engine("creds", "http://user:pw@127.0.0.1:1"),
     ]
-    m = scrape(poller, *refused)
+    m = scrape_families(poller, *refused)
     poller.poll_once()
     assert values(m, "gpu_residency_sglang_up") == []
     assert errors.snapshot()[("sglang", "url_not_allowed")] == len(refused)
-    scrape(poller, *refused)
+    scrape_families(poller, *refused)
     assert errors.snapshot()[("sglang", "url_not_allowed")] == len(refused), "counted once per engine and URL"
 
 
@@ -174,7 +148,7 @@ def test_an_engine_that_goes_away_drops_its_series(fake_sglang):
     poller = new_poller()
     e = engine("e", server.url)
     assert one(polled(poller, e), "gpu_residency_sglang_up", engine="e") == 1
-    m = scrape(poller, engine("e", server.url, up=False))
+    m = scrape_families(poller, engine("e", server.url, up=False))
     assert values(m, "gpu_residency_sglang_up") == [] and values(m, "gpu_residency_sglang_memory_bytes") == []
 
 

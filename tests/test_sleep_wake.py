@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import one, parse_metrics, values
+from conftest import one, parse_metrics, scrape_until, values
 
 from exporter.attribution import EngineUsage, Snapshot
 from exporter.engine_state import EngineStates, Observed, combine
@@ -24,16 +24,6 @@ def _start(exporter_factory, scenario, registry, *extra):
     return exporter_factory(
         scenario, "--registry.dir", str(registry), "--no-engines.discover", "--engines.state-interval", "0.1", *extra
     )
-
-
-def _until(exporter, predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        metrics = exporter.scrape()
-        if predicate(metrics):
-            return metrics
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def _hold(scenario, pid, gib):
@@ -53,7 +43,7 @@ def test_release_after_two_seconds_is_measured_as_about_two_seconds(exporter_fac
     set_engine_state("rollout-0", "asleep", registry)  # /release_memory_occupation returned 200...
     timer = threading.Timer(2.0, _hold, (scenario, tree.leaves[0], 1.5))  # ...the memory goes 2 s later
     timer.start()
-    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_release_seconds_count", engine="rollout-0"))
+    m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_release_seconds_count", engine="rollout-0"))
     assert one(m, "gpu_residency_engine_state", engine="rollout-0", state="asleep") == 1
     released = one(m, "gpu_residency_engine_release_seconds_sum", engine="rollout-0")
     assert 1.9 <= released <= 2.6, released
@@ -63,7 +53,7 @@ def test_release_after_two_seconds_is_measured_as_about_two_seconds(exporter_fac
     # Wake: marked active, residency back (>= 90% of the 20 GiB it held) 1 s later.
     set_engine_state("rollout-0", "active", registry)
     threading.Timer(1.0, _hold, (scenario, tree.leaves[0], 19)).start()
-    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_wake_seconds_count", engine="rollout-0"))
+    m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_wake_seconds_count", engine="rollout-0"))
     assert 0.9 <= one(m, "gpu_residency_engine_wake_seconds_sum", engine="rollout-0") <= 1.6
 
 
@@ -77,13 +67,15 @@ def test_a_release_that_never_happens_times_out_and_names_its_processes(
     exporter = _start(exporter_factory, scenario, registry, "--engines.release-timeout", "1")
     exporter.scrape()
     with engine_asleep("stuck", registry):
-        m = _until(exporter, lambda m: values(m, "gpu_residency_engine_release_timeouts_total", engine="stuck") == [1])
+        m = scrape_until(
+            exporter, lambda m: values(m, "gpu_residency_engine_release_timeouts_total", engine="stuck") == [1]
+        )
         assert one(m, "gpu_residency_engine_release_timeouts_total", engine="stuck") == 1
         assert values(m, "gpu_residency_engine_release_seconds_count", engine="stuck") == []
     log = exporter.log()
     assert "engine stuck: release not complete" in log
     assert f"pid {tree.leaves[0]} sglang::scheduler_TP0" in log and "30.0 GiB on GPU 0" in log
-    _until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine="stuck", state="active") == [1])
+    scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine="stuck", state="active") == [1])
 
 
 def test_state_survives_an_exporter_restart(exporter_factory, scenario, spawn_tree, tmp_path):

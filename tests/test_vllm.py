@@ -10,20 +10,17 @@ import sys
 import threading
 import time
 
-import conftest
 import pytest
 import requests
-from conftest import ROOT, one, values
+from conftest import ROOT, one, polled, scrape_families, scrape_until, values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening import hostile_text
 
-from exporter.attribution import Snapshot
 from exporter.engine_poller import EnginePoller
 from exporter.engines import Engine
 from exporter.errors import ErrorCounter
 from exporter.http_fetch import FetchError
-from exporter.nvml_source import NvmlReading
 from exporter.registry import register_engine, set_engine_state
 from exporter.url_policy import UrlPolicy
 from exporter.vllm import MAX_RANKS, ShapeError, VllmPoller, parse_is_sleeping, parse_metrics
@@ -49,28 +46,6 @@ def fake_vllm():
 
 def engine(name: str, url: str, up: bool = True, start: int = 1) -> Engine:
     return Engine(name=name, kind="vllm", url=url, source="registry", root_pid=1, start_ticks=start, up=up)
-
-
-def snapshot_of(*engines: Engine) -> Snapshot:
-    return Snapshot(NvmlReading(True, ()), tuple(engines), (), (), ())
-
-
-def scrape(poller: VllmPoller, *engines: Engine) -> dict:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    class One:
-        def collect(self):
-            return poller.families(snapshot_of(*engines))
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(One())
-    return conftest.parse_metrics(generate_latest(registry).decode())
-
-
-def polled(poller: VllmPoller, *engines: Engine) -> dict:
-    scrape(poller, *engines)
-    poller.poll_once()
-    return scrape(poller, *engines)
 
 
 def new_poller(errors: ErrorCounter | None = None, **kwargs) -> VllmPoller:
@@ -214,11 +189,11 @@ def test_hostile_engines_lose_state_and_accounting_and_count_the_reason(fake_vll
     errors = ErrorCounter()
     poller = new_poller(errors)
     engines = [engine("good", good.url), engine("bad", bad.url)]
-    scrape(poller, *engines)
+    scrape_families(poller, *engines)
     started = time.monotonic()
     poller.poll_once()
     assert time.monotonic() - started < 5, "a poll is bounded by its deadline"
-    m = scrape(poller, *engines)
+    m = scrape_families(poller, *engines)
     assert one(m, "gpu_residency_vllm_up", engine="bad") == 0
     for family in ("gpu_residency_vllm_kv_cache_usage_ratio", "gpu_residency_vllm_kv_cache_capacity_blocks",
                    "gpu_residency_vllm_sleep_level"):  # fmt: skip
@@ -258,7 +233,7 @@ def test_urls_outside_the_allowed_hosts_are_never_requested():
     errors = ErrorCounter()
     poller = new_poller(errors)
     refused = [engine("remote", "http://192.0.2.10:8000"), engine("path", "http://127.0.0.1:8000/metrics")]
-    scrape(poller, *refused)
+    scrape_families(poller, *refused)
     poller.poll_once()
     assert errors.snapshot()[("vllm", "url_not_allowed")] == 2
     assert poller.observed(refused) == {}
@@ -385,16 +360,6 @@ def _hold(scenario, pids: list[int], gib: float) -> None:
     scenario.write()
 
 
-def _until(exporter, predicate, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        metrics = exporter.scrape()
-        if predicate(metrics):
-            return metrics
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met in {timeout}s:\n{exporter.log()[-3000:]}")
-
-
 @pytest.fixture
 def vllm_serve(tmp_path):
     """Start fake `vllm serve` processes (through a `vllm` console script), stopped after the test."""
@@ -424,7 +389,7 @@ def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_re
     name = f"vllm-{port}"
     _hold(scenario, served.workers, 20)
     exporter = _start(exporter_factory, scenario, tmp_path)
-    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine=name, state="active") == [1])
+    m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine=name, state="active") == [1])
     # Discovered from its command line; its workers, two levels down, are its memory.
     assert one(m, "gpu_residency_engine_up", engine=name, kind="vllm") == 1
     assert one(m, "gpu_residency_engine_state", engine=name, state="active", source="observed") == 1
@@ -436,7 +401,7 @@ def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_re
     # What verl's and OpenRLHF's rollout workers do; nobody tells the exporter.
     assert requests.post(f"{served.url}/sleep?level=1", timeout=5).status_code == 200
     threading.Timer(2.0, _hold, (scenario, served.workers, 1.0)).start()  # the driver frees it 2 s later
-    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_release_seconds_count", engine=name) == [1])
+    m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_release_seconds_count", engine=name) == [1])
     released = one(m, "gpu_residency_engine_release_seconds_sum", engine=name)
     assert 1.5 <= released <= 2.6, released  # timed from the poll (every 0.2 s) that saw the sleep
     assert one(m, "gpu_residency_engine_state", engine=name, state="asleep", source="observed") == 1
@@ -445,7 +410,7 @@ def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_re
 
     assert requests.post(f"{served.url}/wake_up", timeout=5).status_code == 200
     threading.Timer(1.0, _hold, (scenario, served.workers, 19)).start()
-    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_wake_seconds_count", engine=name) == [1])
+    m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_wake_seconds_count", engine=name) == [1])
     assert 0.6 <= one(m, "gpu_residency_engine_wake_seconds_sum", engine=name) <= 1.6
     assert values(m, "gpu_residency_vllm_sleep_level", engine=name) == []
 
@@ -463,7 +428,7 @@ def test_a_vllm_engine_asleep_while_its_memory_stays_times_out_naming_its_proces
     prometheus.wait_for(f'gpu_residency_engine_release_timeouts_total{{engine="{name}"}} == 0')
 
     assert requests.post(f"{served.url}/sleep?level=1", timeout=5).json() == {"status": "sleeping", "level": 1}
-    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_release_timeouts_total", engine=name) == [1])
+    m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_release_timeouts_total", engine=name) == [1])
     assert values(m, "gpu_residency_engine_release_seconds_count", engine=name) == []
     log = exporter.log()
     assert f"engine {name}: release not complete after 1s (state reported by the engine" in log
@@ -494,10 +459,10 @@ def test_a_framework_state_the_engine_contradicts_is_counted(exporter_factory, s
     _hold(scenario, served.workers, 20)
     exporter = _start(exporter_factory, scenario, tmp_path, "--engines.state-mismatch-grace", "0.5")
     labels = {"engine": "rollout-v", "framework": "active", "observed": "active"}
-    _until(exporter, lambda m: values(m, "gpu_residency_engine_state_mismatch", **labels) == [0])
+    scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_state_mismatch", **labels) == [0])
     set_engine_state("rollout-v", "asleep", tmp_path / "reg")  # and /sleep was never called
     labels["framework"] = "asleep"
-    m = _until(exporter, lambda m: values(m, "gpu_residency_engine_state_mismatch", **labels) == [1])
+    m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_state_mismatch", **labels) == [1])
     assert one(m, "gpu_residency_engine_state_mismatches_total", **labels) == 1
     assert one(m, "gpu_residency_engine_state", engine="rollout-v", state="active", source="observed") == 1
     assert values(m, "gpu_residency_engine_release_seconds_count", engine="rollout-v") == []
