@@ -309,7 +309,8 @@ class ExitLog:
     def recent(self, engine: str | None = None) -> list[dict]:
         """The latest exits with their cause and evidence, newest first."""
         with self._lock:
-            return [dict(r) for r in reversed(self._recent) if engine is None or r.get("engine") == engine]
+            records = [dict(r) for r in self._recent if engine is None or r.get("engine") == engine]
+        return sorted(records, key=lambda r: -float(r.get("time", 0)))
 
     def update(self, snapshot: Snapshot) -> None:
         """Read new events, record unreported deaths, count what has its evidence, save."""

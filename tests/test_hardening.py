@@ -42,6 +42,7 @@ def _proc_status(pid: int, key: str) -> int:
 # ---------- load ----------
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_scrapers_for_twenty_seconds(exporter_factory, scenario, spawn_tree, tmp_path):
     tree = spawn_tree(leaves=2)
     register_engine("e", root_pid=tree.pid, directory=tmp_path / "reg")
@@ -82,6 +83,7 @@ def test_fifty_concurrent_scrapers_for_twenty_seconds(exporter_factory, scenario
 # ---------- soak ----------
 
 
+@pytest.mark.slow
 def test_soak_churn_leaks_no_memory_series_or_threads(exporter_factory, scenario, spawn_tree, tmp_path):
     registry = tmp_path / "reg"
     scenario.gpus = scenario.gpus[:2]
