@@ -116,6 +116,7 @@ class DemoNode:
         os.environ["FAKE_NVML_SCENARIO"] = str(self.scenario.path)
         args.nvml_library = str(self.lib_dir / fakenvml.SONAME)
         args.registry_dir = str(self.registry)
+        args.state_dir = str(self.workdir / "state")  # never the machine's /var/lib/gpu-residency
 
     def _set_states(self, engines_awake: bool) -> None:
         """What a framework does: SGLang's /release_memory_occupation (or resume) is the framework's own

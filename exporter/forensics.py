@@ -474,7 +474,8 @@ def determine_cause(exitcode: int | None, death: Death | None, kills: list[tuple
     if signum is not None:
         return Evidence(
             "signal",
-            f"killed by {signal_name(signum)} from outside its tree (no OOM kill or earlier death was seen)",
+            f"killed by {signal_name(signum)}; no OOM kill and no earlier death in its tree were seen, so the signal "
+            "came from elsewhere (an operator, Ray, Kubernetes, or the process itself)",
             facts=tuple(facts),
         )
     return Evidence("exit_code", f"exited with status {exitcode}", facts=tuple(facts))
