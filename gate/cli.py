@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from gate.core import (
     CLEAR_SAMPLES_ENV,
+    DEFAULT_FAST_POLL_S,
     DEFAULT_MAX_AGE_S,
     LEGACY_THRESHOLD_ENV,
     PROMETHEUS_ENV,
@@ -74,7 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "wait":
             sub.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
-            sub.add_argument("--poll", type=float, default=0.5, help="seconds between looks (default 0.5)")
+            sub.add_argument(
+                "--poll", type=float, default=0.5, help="longest seconds between looks, far from clearing (default 0.5)"
+            )
+            sub.add_argument(
+                "--fast-poll",
+                type=float,
+                help=f"seconds between looks close to clearing, and early on (default {DEFAULT_FAST_POLL_S})",
+            )
             sub.add_argument(
                 "--clear-samples", type=int, help=f"consecutive clear looks needed (default ${CLEAR_SAMPLES_ENV} or 1)"
             )
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         ("prometheus_url", args.prometheus_url),
         ("max_age_s", args.max_age),
         ("poll_s", getattr(args, "poll", None)),
+        ("fast_poll_s", getattr(args, "fast_poll", None)),
         ("clear_samples", getattr(args, "clear_samples", None)),
     ):
         if value is not None:
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             decision = gate.check(gpus, args.node, wake=args.wake, waiting_for=args.waiting_for)
         else:
-            progress = _progress if sys.stderr.isatty() and not args.json else None
+            progress = _Progress() if sys.stderr.isatty() and not args.json else None
             try:
                 decision = gate.wait(
                     gpus,
@@ -151,13 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if decision.ok else 1
 
 
-def _progress(decision: Decision, elapsed: float) -> None:
-    shown_bytes = [v.sample.used_bytes for v in decision.gpus if v.sample and v.sample.used_bytes is not None]
-    worst = max(shown_bytes, default=None)
-    shown = "no data" if worst is None else f"max {worst / 1024**3:.2f} GiB"
-    state = "clear" if decision.ok else "blocked"
-    sys.stderr.write(f"\r{elapsed:6.1f}s  {state}: {shown} (threshold {decision.threshold_bytes / 1024**3:.2f} GiB)  ")
-    sys.stderr.flush()
+class _Progress:
+    """One status line on the terminal, redrawn at most ten times a second (looks can be far more)."""
+
+    def __init__(self) -> None:
+        self._shown = 0.0
+
+    def __call__(self, decision: Decision, elapsed: float) -> None:
+        now = time.monotonic()
+        if now - self._shown < 0.1:
+            return
+        self._shown = now
+        shown_bytes = [v.sample.used_bytes for v in decision.gpus if v.sample and v.sample.used_bytes is not None]
+        worst = max(shown_bytes, default=None)
+        shown = "no data" if worst is None else f"max {worst / 1024**3:.2f} GiB"
+        state = "clear" if decision.ok else "blocked"
+        threshold = decision.threshold_bytes / 1024**3
+        sys.stderr.write(f"\r{elapsed:6.1f}s  {state}: {shown} (threshold {threshold:.2f} GiB)  ")
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ def wait_for_residual(
 ) -> float:
     """Block until every GPU in `gpu_ids` is under `threshold_gb`; return the last max (GiB).
 
+    The gate's adaptive wait: it looks every few milliseconds while the GPUs are close to
+    clearing (and in the first seconds, right after a release), backing off to `poll_s` while
+    far, so it returns milliseconds after the memory drops (docs/GATE.md has the figures).
     Fail-closed: a GPU that cannot be measured blocks. Raises GateTimeout (a TimeoutError)
     with the per-GPU explanation when time runs out. Returns NaN only when fail-open was
     configured ($GPU_RESIDENCY_GATE_FAIL_OPEN) and the source could not measure.
