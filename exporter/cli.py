@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from exporter import __version__
+from exporter.api import GpuApi
 from exporter.collector import ResidencyCollector
 from exporter.engines import ConfigError, EngineCatalog, load_static_config
 from exporter.errors import ErrorCounter
@@ -217,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
         0.25,
         "how often a release or wake in progress is measured, between scrapes (default 0.25)",
     )
+    api = parser.add_argument_group("JSON API (/api/v1/gpus, /api/v1/wait: fresh readings for gates on other nodes)")
+    api.add_argument(
+        "--api.max-waiters",
+        dest="api_max_waiters",
+        type=int,
+        default=16,
+        metavar="N",
+        help="long polls on /api/v1/wait at once; more are answered 429 (default 16)",
+    )
+    _seconds(api, "--api.max-wait", "api_max_wait", 60.0, "the longest one long poll lasts (default 60)")
+    _seconds(
+        api,
+        "--api.wait-interval",
+        "api_wait_interval",
+        0.01,
+        "how often NVML is read while anyone waits, and only then (default 0.01)",
+    )
     nvml = parser.add_argument_group("nvml")
     nvml.add_argument(
         "--nvml.library",
@@ -292,6 +310,7 @@ class Exporter:
     poller: SglangPoller
     transitions: TransitionTracker
     watcher: SupervisedLoop | None = None
+    nvml: NvmlSource | None = None  # the collector's, shared with the JSON API's long poll
     _watched: dict = field(default_factory=dict)
 
     def start(self) -> None:
@@ -360,7 +379,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
     collector = ResidencyCollector(
         args.node, nvml, catalog, errors, concerns=concerns, min_interval=args.min_interval, disabled=disabled
     )
-    exporter = Exporter(collector, catalog, poller, transitions)
+    exporter = Exporter(collector, catalog, poller, transitions, nvml=nvml)
     if "sleep_wake" not in disabled:
         exporter.watcher = SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors)
     return exporter
@@ -377,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=LOG_LEVELS[args.log_level], format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.api_max_waiters < 0:
+        parser.error(f"--api.max-waiters {args.api_max_waiters}: must be >= 0 (0 refuses every long poll)")
     if not args.telemetry_path.startswith("/") or args.telemetry_path in ("/", "/healthz"):
         parser.error(f"--web.telemetry-path {args.telemetry_path!r}: must start with / and not be / or /healthz")
     try:
@@ -402,8 +423,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(exporter.collector)
+    routes = GpuApi(
+        args.node,
+        exporter.collector,
+        exporter.nvml,
+        errors,
+        max_waiters=args.api_max_waiters,
+        max_wait=args.api_max_wait,
+        interval=args.api_wait_interval,
+    ).routes()
     try:
-        server = ExporterServer(make_responder(registry, args.telemetry_path, web), host, port, web=web)
+        server = ExporterServer(make_responder(registry, args.telemetry_path, web, routes), host, port, web=web)
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         return 1
