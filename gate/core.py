@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gate.exporter_source import URL_ENV as EXPORTER_ENV
 from gate.readings import GIB, GpuSample, SourceError, normalise
 from gate.sources import NvidiaSmiSource, NvmlSource, PrometheusSource, Source
 from gpu_residency_common.files import ensure_dir, write_atomic
@@ -37,7 +38,7 @@ DEFAULT_EAGER_S = 5.0
 DEFAULT_NEAR_GB = 2.0
 FALLING_BYTES = 256 * 1024**2
 LONG_POLL_S = 5.0  # the longest one long poll of a wait lasts
-SOURCES = ("auto", "nvml", "prometheus", "nvidia-smi")
+SOURCES = ("auto", "exporter", "nvml", "prometheus", "nvidia-smi")
 
 
 class GateConfigError(ValueError):
@@ -164,13 +165,30 @@ def default_node() -> str:
     return os.environ.get("NODE_NAME") or os.uname().nodename  # = gethostname(), without importing socket
 
 
-def build_source(kind: str, prometheus_url: str | None, timeout: float = 5.0) -> Source:
-    """The named source; 'auto' is Prometheus if a URL is set, else NVML, else nvidia-smi.
+def build_source(
+    kind: str,
+    prometheus_url: str | None,
+    timeout: float = 5.0,
+    exporter_url: str | None = None,
+    exporter_options: dict | None = None,
+) -> Source:
+    """The named source; 'auto' is the exporter if its URL is set, else Prometheus if a URL is
+    set, else NVML, else nvidia-smi.
 
     `timeout`: seconds one read may take (the query, the NVML calls, the nvidia-smi run).
-    The NVML source is the process's shared one (NvmlSource.shared)."""
+    `exporter_options`: ExporterSource's keyword arguments (ca_file, username, password,
+    password_file). The NVML source is the process's shared one (NvmlSource.shared)."""
     if kind not in SOURCES:
         raise GateConfigError(f"source {kind!r} must be one of {', '.join(SOURCES)}")
+    if kind == "exporter" or (kind == "auto" and exporter_url):
+        if not exporter_url:
+            raise GateConfigError(f"the exporter source needs a URL (--exporter-url or ${EXPORTER_ENV})")
+        from gate.exporter_source import ExporterSource
+
+        try:
+            return ExporterSource(exporter_url, timeout=timeout, **(exporter_options or {}))
+        except SourceError as exc:
+            raise GateConfigError(str(exc)) from None
     if kind == "prometheus" or (kind == "auto" and prometheus_url):
         if not prometheus_url:
             raise GateConfigError(f"the prometheus source needs a URL (--prometheus-url or ${PROMETHEUS_ENV})")
@@ -192,7 +210,8 @@ def build_source(kind: str, prometheus_url: str | None, timeout: float = 5.0) ->
             return NvidiaSmiSource(timeout=timeout)
         except SourceError:
             raise GateConfigError(
-                f"no source available: {exc}; no nvidia-smi either; set a Prometheus URL (${PROMETHEUS_ENV})"
+                f"no source available: {exc}; no nvidia-smi either; set an exporter URL (${EXPORTER_ENV}) "
+                f"or a Prometheus URL (${PROMETHEUS_ENV})"
             ) from None
 
 
@@ -229,6 +248,8 @@ class ResidualGate:
         clear_samples: int = 1,
         poll_s: float = 0.5,
         record_dir: str | os.PathLike | None = None,
+        exporter_url: str | None = None,
+        exporter_options: dict | None = None,
         fast_poll_s: float = DEFAULT_FAST_POLL_S,
         eager_s: float = DEFAULT_EAGER_S,
         near_gb: float = DEFAULT_NEAR_GB,
@@ -248,7 +269,9 @@ class ResidualGate:
         for name, value in (("eager_s", eager_s), ("near_gb", near_gb)):
             if not value >= 0:
                 raise GateConfigError(f"{name}={value!r} must be >= 0")
-        self.source = build_source(source, prometheus_url) if isinstance(source, str) else source
+        if isinstance(source, str):
+            source = build_source(source, prometheus_url, exporter_url=exporter_url, exporter_options=exporter_options)
+        self.source = source
         self.max_age_s = max_age_s
         self.fail_open = fail_open
         self.clear_samples = clear_samples
@@ -263,6 +286,8 @@ class ResidualGate:
         """Settings from the environment; explicit arguments win.
 
         Threshold: $GPU_RESIDENCY_GATE_THRESHOLD_GB, else $MILES_MAX_RESIDUAL_GPU_MEM_GB, else 2.
+        Source: $GPU_RESIDENCY_GATE_SOURCE, else auto: the exporter at $GPU_RESIDENCY_EXPORTER_URL,
+        else Prometheus at $GPU_RESIDENCY_PROMETHEUS_URL, else NVML, else nvidia-smi.
         """
         if "threshold_gb" not in overrides:
             for name in (THRESHOLD_ENV, LEGACY_THRESHOLD_ENV):
@@ -271,6 +296,7 @@ class ResidualGate:
                     break
         overrides.setdefault("source", os.environ.get(SOURCE_ENV) or "auto")
         overrides.setdefault("prometheus_url", os.environ.get(PROMETHEUS_ENV) or None)
+        overrides.setdefault("exporter_url", os.environ.get(EXPORTER_ENV) or None)
         overrides.setdefault("max_age_s", _env_number(MAX_AGE_ENV, DEFAULT_MAX_AGE_S))
         overrides.setdefault("fail_open", os.environ.get(FAIL_OPEN_ENV, "").lower() in ("1", "true", "yes"))
         overrides.setdefault("clear_samples", int(_env_number(CLEAR_SAMPLES_ENV, 1, minimum=0)))
