@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gate.exporter_source import URL_ENV as EXPORTER_ENV
 from gate.readings import GIB, GpuSample, SourceError, normalise
 from gate.sources import NvidiaSmiSource, NvmlSource, PrometheusSource, Source
 from gpu_residency_common.files import ensure_dir, write_atomic
@@ -24,6 +23,7 @@ THRESHOLD_ENV = "GPU_RESIDENCY_GATE_THRESHOLD_GB"
 LEGACY_THRESHOLD_ENV = "MILES_MAX_RESIDUAL_GPU_MEM_GB"  # honoured for drop-in use
 SOURCE_ENV = "GPU_RESIDENCY_GATE_SOURCE"
 PROMETHEUS_ENV = "GPU_RESIDENCY_PROMETHEUS_URL"
+EXPORTER_ENV = "GPU_RESIDENCY_EXPORTER_URL"  # the node's exporter, for the exporter source
 MAX_AGE_ENV = "GPU_RESIDENCY_GATE_MAX_AGE_S"
 FAIL_OPEN_ENV = "GPU_RESIDENCY_GATE_FAIL_OPEN"
 CLEAR_SAMPLES_ENV = "GPU_RESIDENCY_GATE_CLEAR_SAMPLES"
