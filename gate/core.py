@@ -396,11 +396,13 @@ class ResidualGate:
         """Look until `clear_samples` consecutive looks are clear; raise GateTimeout otherwise.
 
         The pace adapts (see __init__): every `fast_poll_s` while close to clearing, backing off
-        to `poll_s` while far. With a source that reads used memory alone (NVML) the repeated
-        looks skip the holders; a timeout looks once more in full, so its explanation names
-        them. With a long-polling source (the exporter) each look waits at the source.
-        `wake` and `waiting_for` as in check(); with `wake` the decision is recorded on the
-        first look, whenever it changes, and at the end, not on every look.
+        to `poll_s` while far; after a clear look the next comes `poll_s` later, so
+        `clear_samples` holds the GPUs clear for as long as it always did. With a source that
+        reads used memory alone (NVML) the repeated looks skip the holders; a timeout looks once
+        more in full, so its explanation names them. With a long-polling source (the exporter)
+        each look waits at the source. `wake` and `waiting_for` as in check(); with `wake` the
+        decision is recorded on the first look, whenever it changes, and at the end, not on
+        every look.
         """
         if not timeout > 0:
             raise GateConfigError(f"timeout={timeout!r} must be > 0")
@@ -444,5 +446,6 @@ class ResidualGate:
                 raise GateTimeout(decision, elapsed)
             if long_poll is not None and not decision.ok and not decision.reasons and now - looked >= 0.9 * budget > 0:
                 continue  # the long poll waited its time out: ask again at once
-            delay = self.fast_poll_s if decision.ok else pace.next(decision, elapsed)
+            # A clear streak is confirmed at poll_s, as before: clear_samples buys the same hold time.
+            delay = self.poll_s if decision.ok else pace.next(decision, elapsed)
             time.sleep(min(delay, timeout - elapsed))

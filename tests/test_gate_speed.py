@@ -112,13 +112,15 @@ def test_wait_records_its_decision_on_changes_not_on_every_look(tmp_path):
     assert '"clear": true' in (tmp_path / "gate" / "rollout-1.json").read_text()
 
 
-def test_clear_samples_with_fast_looks_and_on_poll_on_every_look():
+def test_a_clear_streak_is_confirmed_at_poll_s_and_on_poll_sees_every_look():
     values = iter([5.0, 0.5, 5.0, 0.5, 0.5, 0.5])
     source = Draining(0)
     source.read_used = lambda node: [GpuSample(0, "GPU-0", "", int(next(values) * GIB))]
     seen = []
-    ResidualGate(2, source=source, clear_samples=3).wait([0], timeout=5, on_poll=lambda d, _: seen.append(d.ok))
-    assert seen == [False, True, False, True, True, True]
+    gate = ResidualGate(2, source=source, clear_samples=3, poll_s=0.1)
+    gate.wait([0], timeout=5, on_poll=lambda d, elapsed: seen.append((d.ok, elapsed)))
+    assert [ok for ok, _ in seen] == [False, True, False, True, True, True]
+    assert seen[-1][1] - seen[-3][1] >= 2 * 0.1, "confirming looks come poll_s apart: the hold time clear_samples buys"
 
 
 class LongPolling:
