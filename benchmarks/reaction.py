@@ -2,7 +2,7 @@
 the gate on NVML, on the exporter's long poll and on Prometheus (at a 1 s and a 15 s scrape
 interval), and RLix's own loop (nvidia-smi every 0.5 s).
 
-    python -m benchmarks --reaction           # this benchmark alone; updates its section of docs/BENCHMARKS.md
+    python -m benchmarks --reaction           # ~9 minutes; updates its section of docs/BENCHMARKS.md
     python -m benchmarks.reaction --quick     # a smoke run, printed only
 
 Each trial: the simulated node's 8 GPUs hold ~11 GiB each; a waiter in its own process starts

@@ -2,7 +2,7 @@
 and docs/benchmarks.png.
 
     python -m benchmarks            # ~15 minutes on 2 cores; --quick for a smoke run
-    python -m benchmarks --reaction # only the gate's reaction time (benchmarks/reaction.py), ~7 minutes
+    python -m benchmarks --reaction # only the gate's reaction time (benchmarks/reaction.py), ~9 minutes
 
 Peers: nvitop-exporter (from PyPI, in its own virtual environment under benchmarks/.peers)
 and a baseline doing what frameworks do today (benchmarks/baseline.py). Every exporter runs
