@@ -1,7 +1,8 @@
 """All benchmarks in one run, side by side on the same simulated node; writes docs/BENCHMARKS.md
 and docs/benchmarks.png.
 
-    python -m benchmarks            # ~10 minutes on 2 cores; --quick for a smoke run
+    python -m benchmarks            # ~15 minutes on 2 cores; --quick for a smoke run
+    python -m benchmarks --reaction # only the gate's reaction time (benchmarks/reaction.py), ~9 minutes
 
 Peers: nvitop-exporter (from PyPI, in its own virtual environment under benchmarks/.peers)
 and a baseline doing what frameworks do today (benchmarks/baseline.py). Every exporter runs
@@ -28,6 +29,7 @@ import requests
 from prometheus_client import CollectorRegistry, generate_latest
 
 import fakenvml
+from benchmarks import reaction
 from benchmarks.baseline import TodaysProbe
 from benchmarks.node import ROOT, HostProcesses, SimulatedNode
 from exporter.cli import build_exporter, build_parser
@@ -364,8 +366,15 @@ def report(side, scale, memory, gate, command: str, elapsed: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer samples and a smaller matrix (a smoke run)")
+    parser.add_argument(
+        "--reaction",
+        action="store_true",
+        help="only the gate's reaction time: updates its section of BENCHMARKS.md and reaction.png",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
+    if args.reaction:
+        return reaction.main(["--out", str(args.out), *(["--quick"] if args.quick else [])])
     started = time.monotonic()
     scrapes, calls = (50, 20) if args.quick else (500, 200)
     with SimulatedNode(8, 8) as node:
@@ -384,4 +393,5 @@ def main() -> int:
     text = report(side, scale, memory, gate, command, time.monotonic() - started)
     (args.out / "BENCHMARKS.md").write_text(text)
     print(text)
-    return 0
+    print("reaction ...", flush=True)
+    return reaction.main(["--out", str(args.out), *(["--quick"] if args.quick else [])])

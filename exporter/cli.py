@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from exporter import __version__
+from exporter.api import GpuApi
 from exporter.collector import ResidencyCollector
 from exporter.engine_state import EngineStates
 from exporter.engines import ConfigError, EngineCatalog, load_static_config
@@ -287,6 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
         0.25,
         "how often a release or wake in progress is measured, between scrapes (default 0.25)",
     )
+    api = parser.add_argument_group("JSON API (/api/v1/gpus, /api/v1/wait: fresh readings for gates on other nodes)")
+    api.add_argument(
+        "--api.max-waiters",
+        dest="api_max_waiters",
+        type=int,
+        default=16,
+        metavar="N",
+        help="long polls on /api/v1/wait at once; more are answered 429 (default 16)",
+    )
+    _seconds(api, "--api.max-wait", "api_max_wait", 60.0, "the longest one long poll lasts (default 60)")
+    _seconds(
+        api,
+        "--api.wait-interval",
+        "api_wait_interval",
+        0.01,
+        "how often NVML is read while anyone waits, and only then (default 0.01)",
+    )
     nvml = parser.add_argument_group("nvml")
     nvml.add_argument(
         "--nvml.library",
@@ -475,6 +493,18 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         observers=[forensics.record] if forensics is not None else [],
     )
     exporter = Exporter(collector, catalog, poller, transitions, exits, vllm, forensics)
+    # The JSON API for gates on other nodes: the collector's NVML source serves its long poll.
+    exporter.routes.update(
+        GpuApi(
+            args.node,
+            collector,
+            nvml,
+            errors,
+            max_waiters=args.api_max_waiters,
+            max_wait=args.api_max_wait,
+            interval=args.api_wait_interval,
+        ).routes()
+    )
     if "sleep_wake" not in disabled:
         exporter.loops.append(SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors))
     if "exits" not in disabled:
@@ -499,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=LOG_LEVELS[args.log_level], format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.api_max_waiters < 0:
+        parser.error(f"--api.max-waiters {args.api_max_waiters}: must be >= 0 (0 refuses every long poll)")
     if not args.telemetry_path.startswith("/") or args.telemetry_path in ("/", "/healthz"):
         parser.error(f"--web.telemetry-path {args.telemetry_path!r}: must start with / and not be / or /healthz")
     try:

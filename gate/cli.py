@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from gate.core import (
     CLEAR_SAMPLES_ENV,
+    DEFAULT_FAST_POLL_S,
     DEFAULT_MAX_AGE_S,
+    EXPORTER_ENV,
     LEGACY_THRESHOLD_ENV,
     PROMETHEUS_ENV,
     SOURCE_ENV,
@@ -27,11 +30,17 @@ from gate.core import (
 EPILOG = f"""\
 GPUs are named by NVML index, UUID (GPU-...) or PCI bus id, comma-separated.
 The threshold comes from --threshold-gb, else ${THRESHOLD_ENV}, else ${LEGACY_THRESHOLD_ENV}, else 2.
-The source is --source, else ${SOURCE_ENV}, else auto (prometheus when a URL is given via
---prometheus-url or ${PROMETHEUS_ENV}, else local NVML, else nvidia-smi).
+The source is --source, else ${SOURCE_ENV}, else auto: the exporter when its URL is given
+(--exporter-url or ${EXPORTER_ENV}), else prometheus when a URL is given (--prometheus-url or
+${PROMETHEUS_ENV}), else local NVML, else nvidia-smi.
+Exporter credentials: --exporter-user (or $GPU_RESIDENCY_EXPORTER_USER) with the password in
+$GPU_RESIDENCY_EXPORTER_PASSWORD or a file (--exporter-password-file,
+$GPU_RESIDENCY_EXPORTER_PASSWORD_FILE); https is verified against --exporter-ca-file
+($GPU_RESIDENCY_EXPORTER_CA_FILE), else the system's CAs.
 
 examples:
   gpu-residency-gate check --gpus 0,1
+  gpu-residency-gate wait --gpus 0,1 --exporter-url http://$NODE_IP:9852 --timeout 120
   gpu-residency-gate wait --gpus GPU-5d1c...,3 --threshold-gb 2 --timeout 120 \\
       --source prometheus --prometheus-url http://prometheus:9090 --node $NODE_NAME
 
@@ -59,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--source", choices=SOURCES, help="where to read (default auto)")
         sub.add_argument("--prometheus-url", help=f"Prometheus base URL (default ${PROMETHEUS_ENV})")
         sub.add_argument(
+            "--exporter-url", help=f"the node's exporter, e.g. http://10.0.0.7:9852 (default ${EXPORTER_ENV})"
+        )
+        sub.add_argument("--exporter-ca-file", metavar="FILE", help="CA bundle that signed the exporter's certificate")
+        sub.add_argument("--exporter-user", metavar="USER", help="basic auth user for the exporter")
+        sub.add_argument(
+            "--exporter-password-file", metavar="FILE", help="file holding that user's password (never a flag)"
+        )
+        sub.add_argument(
             "--max-age", type=float, help=f"seconds before a Prometheus sample is stale (default {DEFAULT_MAX_AGE_S:g})"
         )
         sub.add_argument("--fail-open", action="store_true", help="clear when the source fails (default: block)")
@@ -74,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "wait":
             sub.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
-            sub.add_argument("--poll", type=float, default=0.5, help="seconds between looks (default 0.5)")
+            sub.add_argument(
+                "--poll", type=float, default=0.5, help="longest seconds between looks, far from clearing (default 0.5)"
+            )
+            sub.add_argument(
+                "--fast-poll",
+                type=float,
+                help=f"seconds between looks close to clearing, and early on (default {DEFAULT_FAST_POLL_S})",
+            )
             sub.add_argument(
                 "--clear-samples", type=int, help=f"consecutive clear looks needed (default ${CLEAR_SAMPLES_ENV} or 1)"
             )
@@ -113,18 +137,31 @@ def main(argv: list[str] | None = None) -> int:
         ("source", args.source),
         ("prometheus_url", args.prometheus_url),
         ("max_age_s", args.max_age),
+        ("exporter_url", args.exporter_url),
         ("poll_s", getattr(args, "poll", None)),
+        ("fast_poll_s", getattr(args, "fast_poll", None)),
         ("clear_samples", getattr(args, "clear_samples", None)),
     ):
         if value is not None:
             overrides[key] = value
+    exporter_options = {
+        key: value
+        for key, value in (
+            ("ca_file", args.exporter_ca_file),
+            ("username", args.exporter_user),
+            ("password_file", args.exporter_password_file),
+        )
+        if value is not None
+    }
+    if exporter_options:
+        overrides["exporter_options"] = exporter_options
     gpus = [item.strip() for item in args.gpus.split(",") if item.strip()]
     try:
         gate = ResidualGate.from_env(**overrides)
         if args.command == "check":
             decision = gate.check(gpus, args.node, wake=args.wake, waiting_for=args.waiting_for)
         else:
-            progress = _progress if sys.stderr.isatty() and not args.json else None
+            progress = _Progress() if sys.stderr.isatty() and not args.json else None
             try:
                 decision = gate.wait(
                     gpus,
@@ -151,13 +188,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if decision.ok else 1
 
 
-def _progress(decision: Decision, elapsed: float) -> None:
-    shown_bytes = [v.sample.used_bytes for v in decision.gpus if v.sample and v.sample.used_bytes is not None]
-    worst = max(shown_bytes, default=None)
-    shown = "no data" if worst is None else f"max {worst / 1024**3:.2f} GiB"
-    state = "clear" if decision.ok else "blocked"
-    sys.stderr.write(f"\r{elapsed:6.1f}s  {state}: {shown} (threshold {decision.threshold_bytes / 1024**3:.2f} GiB)  ")
-    sys.stderr.flush()
+class _Progress:
+    """One status line on the terminal, redrawn at most ten times a second (looks can be far more)."""
+
+    def __init__(self) -> None:
+        self._shown = 0.0
+
+    def __call__(self, decision: Decision, elapsed: float) -> None:
+        now = time.monotonic()
+        if now - self._shown < 0.1:
+            return
+        self._shown = now
+        shown_bytes = [v.sample.used_bytes for v in decision.gpus if v.sample and v.sample.used_bytes is not None]
+        worst = max(shown_bytes, default=None)
+        shown = "no data" if worst is None else f"max {worst / 1024**3:.2f} GiB"
+        state = "clear" if decision.ok else "blocked"
+        threshold = decision.threshold_bytes / 1024**3
+        sys.stderr.write(f"\r{elapsed:6.1f}s  {state}: {shown} (threshold {threshold:.2f} GiB)  ")
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from gate.core import (
     DEFAULT_THRESHOLD_GB,
+    EXPORTER_ENV,
     PROMETHEUS_ENV,
     SOURCE_ENV,
     Decision,
@@ -73,7 +74,12 @@ def _measure(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -
     if not ids:
         return None, "no GPUs given"
     try:
-        source = build_source(os.environ.get(SOURCE_ENV) or "auto", os.environ.get(PROMETHEUS_ENV) or None, timeout_s)
+        source = build_source(
+            os.environ.get(SOURCE_ENV) or "auto",
+            os.environ.get(PROMETHEUS_ENV) or None,
+            timeout_s,
+            exporter_url=os.environ.get(EXPORTER_ENV) or None,
+        )
     except GateConfigError as exc:
         # A source that could not start (no NVML, no nvidia-smi) is a fact of this host: the
         # SourceError it raised is the context. Anything else is a setting that cannot work.
@@ -142,6 +148,9 @@ def wait_for_residual(
 ) -> float:
     """Block until every GPU in `gpu_ids` is under `threshold_gb`; return the last max (GiB).
 
+    The gate's adaptive wait: it looks every few milliseconds while the GPUs are close to
+    clearing (and in the first seconds, right after a release), backing off to `poll_s` while
+    far, so it returns milliseconds after the memory drops (docs/GATE.md has the figures).
     Fail-closed: a GPU that cannot be measured blocks. Raises GateTimeout (a TimeoutError)
     with the per-GPU explanation when time runs out. Returns NaN only when fail-open was
     configured ($GPU_RESIDENCY_GATE_FAIL_OPEN) and the source could not measure.

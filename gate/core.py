@@ -23,13 +23,22 @@ THRESHOLD_ENV = "GPU_RESIDENCY_GATE_THRESHOLD_GB"
 LEGACY_THRESHOLD_ENV = "MILES_MAX_RESIDUAL_GPU_MEM_GB"  # honoured for drop-in use
 SOURCE_ENV = "GPU_RESIDENCY_GATE_SOURCE"
 PROMETHEUS_ENV = "GPU_RESIDENCY_PROMETHEUS_URL"
+EXPORTER_ENV = "GPU_RESIDENCY_EXPORTER_URL"  # the node's exporter, for the exporter source
 MAX_AGE_ENV = "GPU_RESIDENCY_GATE_MAX_AGE_S"
 FAIL_OPEN_ENV = "GPU_RESIDENCY_GATE_FAIL_OPEN"
 CLEAR_SAMPLES_ENV = "GPU_RESIDENCY_GATE_CLEAR_SAMPLES"
 REGISTRY_ENV = "GPU_RESIDENCY_REGISTRY"  # where the gate records its decisions for the exporter
 DEFAULT_THRESHOLD_GB = 2.0
 DEFAULT_MAX_AGE_S = 15.0
-SOURCES = ("auto", "nvml", "prometheus", "nvidia-smi")
+# A wait's pace (see _Pace): looks this often while close to clearing, for this long after the
+# wait starts, within this much of the threshold; a fall of this much since the last look counts
+# as a release under way.
+DEFAULT_FAST_POLL_S = 0.005
+DEFAULT_EAGER_S = 5.0
+DEFAULT_NEAR_GB = 2.0
+FALLING_BYTES = 256 * 1024**2
+LONG_POLL_S = 5.0  # the longest one long poll of a wait lasts
+SOURCES = ("auto", "exporter", "nvml", "prometheus", "nvidia-smi")
 
 
 class GateConfigError(ValueError):
@@ -156,13 +165,30 @@ def default_node() -> str:
     return os.environ.get("NODE_NAME") or os.uname().nodename  # = gethostname(), without importing socket
 
 
-def build_source(kind: str, prometheus_url: str | None, timeout: float = 5.0) -> Source:
-    """The named source; 'auto' is Prometheus if a URL is set, else NVML, else nvidia-smi.
+def build_source(
+    kind: str,
+    prometheus_url: str | None,
+    timeout: float = 5.0,
+    exporter_url: str | None = None,
+    exporter_options: dict | None = None,
+) -> Source:
+    """The named source; 'auto' is the exporter if its URL is set, else Prometheus if a URL is
+    set, else NVML, else nvidia-smi.
 
     `timeout`: seconds one read may take (the query, the NVML calls, the nvidia-smi run).
-    The NVML source is the process's shared one (NvmlSource.shared)."""
+    `exporter_options`: ExporterSource's keyword arguments (ca_file, username, password,
+    password_file). The NVML source is the process's shared one (NvmlSource.shared)."""
     if kind not in SOURCES:
         raise GateConfigError(f"source {kind!r} must be one of {', '.join(SOURCES)}")
+    if kind == "exporter" or (kind == "auto" and exporter_url):
+        if not exporter_url:
+            raise GateConfigError(f"the exporter source needs a URL (--exporter-url or ${EXPORTER_ENV})")
+        from gate.exporter_source import ExporterSource
+
+        try:
+            return ExporterSource(exporter_url, timeout=timeout, **(exporter_options or {}))
+        except SourceError as exc:
+            raise GateConfigError(str(exc)) from None
     if kind == "prometheus" or (kind == "auto" and prometheus_url):
         if not prometheus_url:
             raise GateConfigError(f"the prometheus source needs a URL (--prometheus-url or ${PROMETHEUS_ENV})")
@@ -184,8 +210,31 @@ def build_source(kind: str, prometheus_url: str | None, timeout: float = 5.0) ->
             return NvidiaSmiSource(timeout=timeout)
         except SourceError:
             raise GateConfigError(
-                f"no source available: {exc}; no nvidia-smi either; set a Prometheus URL (${PROMETHEUS_ENV})"
+                f"no source available: {exc}; no nvidia-smi either; set an exporter URL (${EXPORTER_ENV}) "
+                f"or a Prometheus URL (${PROMETHEUS_ENV})"
             ) from None
+
+
+class _Pace:
+    """How long a wait sleeps before its next look: `fast` while the GPUs are close to clearing, or
+    early in the wait (waits begin right after a release was announced), or while memory falls;
+    otherwise, and while the source fails, twice as long each look, up to `slow`."""
+
+    def __init__(self, fast: float, slow: float, eager_s: float, near_bytes: int) -> None:
+        self.fast, self.slow, self.eager_s, self.near_bytes = fast, slow, eager_s, near_bytes
+        self.delay = fast
+        self._last_max: int | None = None
+
+    def next(self, decision: Decision, elapsed: float) -> float:
+        measured = [v.measured_bytes for v in decision.gpus]
+        top = max(measured) if measured and None not in measured else None
+        falling = top is not None and self._last_max is not None and top <= self._last_max - FALLING_BYTES
+        self._last_max = top
+        if top is not None and (elapsed < self.eager_s or top < self.near_bytes or falling):
+            self.delay = self.fast
+        else:  # far and steady, or nothing measured (a failing source is not hammered)
+            self.delay = min(self.slow, max(self.fast, self.delay * 2))
+        return self.delay
 
 
 class ResidualGate:
@@ -199,19 +248,37 @@ class ResidualGate:
         clear_samples: int = 1,
         poll_s: float = 0.5,
         record_dir: str | os.PathLike | None = None,
+        exporter_url: str | None = None,
+        exporter_options: dict | None = None,
+        fast_poll_s: float = DEFAULT_FAST_POLL_S,
+        eager_s: float = DEFAULT_EAGER_S,
+        near_gb: float = DEFAULT_NEAR_GB,
     ) -> None:
+        """`poll_s`: the longest a wait sleeps between looks (far from clearing); `fast_poll_s`: the
+        shortest, used for `eager_s` seconds after the wait starts, while the max used is within
+        `near_gb` of the threshold, and while it falls. A source's own floor (`poll_floor_s`:
+        0.5 s for nvidia-smi, 0.1 s for Prometheus) raises `fast_poll_s`."""
         self.threshold_bytes = int(parse_threshold(threshold_gb, "threshold_gb") * GIB)
         if not max_age_s > 0:
             raise GateConfigError(f"max_age_s={max_age_s!r} must be > 0")
         if isinstance(clear_samples, bool) or not isinstance(clear_samples, int) or clear_samples < 1:
             raise GateConfigError(f"clear_samples={clear_samples!r} must be an integer >= 1")
-        if not poll_s > 0:
-            raise GateConfigError(f"poll_s={poll_s!r} must be > 0")
-        self.source = build_source(source, prometheus_url) if isinstance(source, str) else source
+        for name, value in (("poll_s", poll_s), ("fast_poll_s", fast_poll_s)):
+            if not value > 0:
+                raise GateConfigError(f"{name}={value!r} must be > 0")
+        for name, value in (("eager_s", eager_s), ("near_gb", near_gb)):
+            if not value >= 0:
+                raise GateConfigError(f"{name}={value!r} must be >= 0")
+        if isinstance(source, str):
+            source = build_source(source, prometheus_url, exporter_url=exporter_url, exporter_options=exporter_options)
+        self.source = source
         self.max_age_s = max_age_s
         self.fail_open = fail_open
         self.clear_samples = clear_samples
         self.poll_s = poll_s
+        self.fast_poll_s = min(poll_s, max(fast_poll_s, getattr(self.source, "poll_floor_s", 0.0)))
+        self.eager_s = eager_s
+        self.near_bytes = self.threshold_bytes + int(near_gb * GIB)
         self.record_dir = Path(record_dir) if record_dir else None
 
     @classmethod
@@ -219,6 +286,8 @@ class ResidualGate:
         """Settings from the environment; explicit arguments win.
 
         Threshold: $GPU_RESIDENCY_GATE_THRESHOLD_GB, else $MILES_MAX_RESIDUAL_GPU_MEM_GB, else 2.
+        Source: $GPU_RESIDENCY_GATE_SOURCE, else auto: the exporter at $GPU_RESIDENCY_EXPORTER_URL,
+        else Prometheus at $GPU_RESIDENCY_PROMETHEUS_URL, else NVML, else nvidia-smi.
         """
         if "threshold_gb" not in overrides:
             for name in (THRESHOLD_ENV, LEGACY_THRESHOLD_ENV):
@@ -227,6 +296,7 @@ class ResidualGate:
                     break
         overrides.setdefault("source", os.environ.get(SOURCE_ENV) or "auto")
         overrides.setdefault("prometheus_url", os.environ.get(PROMETHEUS_ENV) or None)
+        overrides.setdefault("exporter_url", os.environ.get(EXPORTER_ENV) or None)
         overrides.setdefault("max_age_s", _env_number(MAX_AGE_ENV, DEFAULT_MAX_AGE_S))
         overrides.setdefault("fail_open", os.environ.get(FAIL_OPEN_ENV, "").lower() in ("1", "true", "yes"))
         overrides.setdefault("clear_samples", int(_env_number(CLEAR_SAMPLES_ENV, 1, minimum=0)))
@@ -259,14 +329,22 @@ class ResidualGate:
             write_atomic(ensure_dir(self.record_dir / "gate") / f"{engine}.json", json.dumps(body))
 
     def _look(self, gpus: Sequence[int | str], node: str | None, waiting_for: str | None) -> Decision:
+        names = self._names(gpus)
+        return self._decide(names, lambda: self.source.read(node or default_node()), waiting_for)
+
+    @staticmethod
+    def _names(gpus: Sequence[int | str]) -> list[str]:
         try:
             names = [normalise(gpu) for gpu in gpus]
         except ValueError as exc:
             raise GateConfigError(str(exc)) from None
         if not names:
             raise GateConfigError("no GPUs given")
+        return names
+
+    def _decide(self, names: list[str], read: Callable[[], list[GpuSample]], waiting_for: str | None) -> Decision:
         try:
-            samples = self.source.read(node or default_node())
+            samples = read()
         except SourceError as exc:
             return Decision(
                 ok=self.fail_open,
@@ -315,22 +393,59 @@ class ResidualGate:
         wake: str | None = None,
         waiting_for: str | None = None,
     ) -> Decision:
-        """Poll until `clear_samples` consecutive looks are clear; raise GateTimeout otherwise.
+        """Look until `clear_samples` consecutive looks are clear; raise GateTimeout otherwise.
 
-        `wake` and `waiting_for` as in check().
+        The pace adapts (see __init__): every `fast_poll_s` while close to clearing, backing off
+        to `poll_s` while far; after a clear look the next comes `poll_s` later, so
+        `clear_samples` holds the GPUs clear for as long as it always did. With a source that
+        reads used memory alone (NVML) the repeated looks skip the holders; a timeout looks once
+        more in full, so its explanation names them. With a long-polling source (the exporter)
+        each look waits at the source. `wake` and `waiting_for` as in check(); with `wake` the
+        decision is recorded on the first look, whenever it changes, and at the end, not on
+        every look.
         """
         if not timeout > 0:
             raise GateConfigError(f"timeout={timeout!r} must be > 0")
+        names = self._names(gpus)
+        node = node or default_node()
+        long_poll = getattr(self.source, "wait_until_under", None)
+        read_used = getattr(self.source, "read_used", None)
+        pace = _Pace(self.fast_poll_s, self.poll_s, self.eager_s, self.near_bytes)
         started = time.monotonic()
         streak = 0
+        recorded: bool | None = None
         while True:
-            decision = self.check(gpus, node, wake=wake, waiting_for=waiting_for)
-            elapsed = time.monotonic() - started
+            budget = 0.0
+            if long_poll is not None:
+                # One long poll per look, a few seconds at most so a hung exporter is noticed; while
+                # confirming a clear streak, a look that answers at once.
+                budget = 0.0 if streak else max(0.0, min(timeout - (time.monotonic() - started), LONG_POLL_S))
+                read = lambda b=budget: long_poll(node, names, self.threshold_bytes, b)  # noqa: E731
+            elif read_used is not None:
+                read = lambda: read_used(node)  # noqa: E731
+            else:
+                read = lambda: self.source.read(node)  # noqa: E731
+            looked = time.monotonic()
+            decision = self._decide(names, read, waiting_for)
+            now = time.monotonic()
+            elapsed = now - started
             streak = streak + 1 if decision.ok else 0
+            done = streak >= self.clear_samples
+            if not done and elapsed >= timeout and read_used is not None and long_poll is None:
+                decision = self._look(names, node, waiting_for)  # in full: the explanation names the holders
+                streak = streak + 1 if decision.ok else 0
+                done = streak >= self.clear_samples
+            if wake and self.record_dir is not None and (decision.ok != recorded or done or elapsed >= timeout):
+                self._record(wake, decision)
+                recorded = decision.ok
             if on_poll is not None:
                 on_poll(decision, elapsed)
-            if streak >= self.clear_samples:
+            if done:
                 return decision
-            if elapsed + self.poll_s > timeout:
+            if elapsed >= timeout:
                 raise GateTimeout(decision, elapsed)
-            time.sleep(self.poll_s)
+            if long_poll is not None and not decision.ok and not decision.reasons and now - looked >= 0.9 * budget > 0:
+                continue  # the long poll waited its time out: ask again at once
+            # A clear streak is confirmed at poll_s, as before: clear_samples buys the same hold time.
+            delay = self.poll_s if decision.ok else pace.next(decision, elapsed)
+            time.sleep(min(delay, timeout - elapsed))

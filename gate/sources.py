@@ -21,6 +21,15 @@ DEFAULT_NVML_TIMEOUT_S = 5.0
 
 
 class Source(Protocol):
+    """What every source has. A source may also have (the gate uses them when present):
+
+    - `read_used(node)`: like read(), used memory only (no holders), cheap enough to repeat
+      every few milliseconds while a wait is close to clearing;
+    - `wait_until_under(node, names, threshold_bytes, timeout)`: one long poll, answered as
+      soon as every named GPU is under the threshold or at `timeout`, with the samples;
+    - `poll_floor_s`: the shortest sensible time between two looks (a process per look,
+      a scrape interval behind the data)."""
+
     name: str
 
     def read(self, node: str) -> list[GpuSample]: ...
@@ -36,6 +45,7 @@ class NvmlSource:
     hanging the scheduler that imported it."""
 
     name = "nvml"
+    poll_floor_s = 0.0  # a memory-only read costs ~0.1 ms for 8 GPUs: the gate's own pace decides
 
     _shared: ClassVar[dict[float, NvmlSource]] = {}
     _shared_lock = threading.Lock()
@@ -59,6 +69,9 @@ class NvmlSource:
         self._nvml = pynvml
         self._timeout = timeout
         self._runner = DeadlineRunner("gate-nvml")
+        # index -> (handle, uuid, bus id): fixed while NVML stays initialised (the gate never shuts it
+        # down); only the worker thread touches it.
+        self._identities: dict[int, tuple[object, str, str]] = {}
         try:
             self._runner.call(pynvml.nvmlInit, timeout)
         except DeadlineExceeded as exc:
@@ -71,6 +84,45 @@ class NvmlSource:
             return self._runner.call(self._read, self._timeout)
         except DeadlineExceeded as exc:
             raise SourceError(f"nvml source: {exc} (a GPU or the driver hangs)") from None
+
+    def read_used(self, node: str) -> list[GpuSample]:
+        """Used memory only, no holders: what a wait repeats every few milliseconds."""
+        try:
+            return self._runner.call(self._read_used, self._timeout)
+        except DeadlineExceeded as exc:
+            raise SourceError(f"nvml source: {exc} (a GPU or the driver hangs)") from None
+
+    def _read_used(self) -> list[GpuSample]:
+        nvml = self._nvml
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as exc:
+            raise SourceError(f"nvml source: {exc}") from None
+        if any(index >= count for index in self._identities):
+            self._identities.clear()  # GPUs went away: indices may now name other cards
+        samples = []
+        for index in range(count):
+            identity = self._identities.get(index)
+            try:
+                identity = identity or self._identify(index)
+                used = read_memory(nvml, identity[0]).used
+            except nvml.NVMLError_NotSupported:
+                if identity is None:
+                    continue
+                used = None  # the GPU answers but has no figure: nvidia-smi shows "[N/A]"
+            except nvml.NVMLError:
+                self._identities.pop(index, None)  # named afresh next time (a GPU lost and back)
+                continue  # this GPU cannot be read: a request for it finds no sample and blocks
+            samples.append(GpuSample(index=index, uuid=identity[1], pci_bus_id=identity[2], used_bytes=used))
+        return samples
+
+    def _identify(self, index: int) -> tuple[object, str, str]:
+        nvml = self._nvml
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        bus = nvml.nvmlDeviceGetPciInfo(handle).busId
+        identity = (handle, str(nvml.nvmlDeviceGetUUID(handle)), bus.decode() if isinstance(bus, bytes) else str(bus))
+        self._identities[index] = identity
+        return identity
 
     def _read(self) -> list[GpuSample]:
         nvml = self._nvml
@@ -162,6 +214,7 @@ class PrometheusSource:
     """One instant query per poll against the Prometheus HTTP API; samples carry their age."""
 
     name = "prometheus"
+    poll_floor_s = 0.1  # its data changes once per scrape interval; faster looks only load Prometheus
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         import urllib.parse  # here, not at the top: `import gate` stays fast where this source is unused
@@ -295,6 +348,7 @@ class NvidiaSmiSource:
     """For hosts with neither an NVML binding nor Prometheus: whole-GPU memory.used, as RLix reads it today."""
 
     name = "nvidia-smi"
+    poll_floor_s = 0.5  # a process per look: RLix's pace, never faster
 
     def __init__(self, binary: str = "nvidia-smi", timeout: float = 5.0) -> None:
         import shutil

@@ -341,7 +341,7 @@ def test_no_command_line_argument_or_environment_ever_reaches_output(exporter_fa
         bodies = [
             requests.get(e.url + path, timeout=10).text
             for e in (exporter, other)
-            for path in ("/metrics", "/", "/healthz")
+            for path in ("/metrics", "/", "/healthz", "/api/v1/gpus", "/api/v1/wait?gpus=0&threshold_bytes=1&timeout=0")
         ]
         assert one(other.scrape(), "gpu_residency_engine_up", engine="sglang-31999") == 1
         for text in [*bodies, exporter.log(), other.log()]:
