@@ -382,6 +382,7 @@ class Exporter:
     exits: ExitLog
     vllm: VllmPoller | None = None
     forensics: Forensics | None = None
+    nvml: NvmlSource | None = None  # the collector's, shared with the JSON API's long poll
     loops: list[SupervisedLoop] = field(default_factory=list)
     routes: dict[str, Route] = field(default_factory=dict)
     _watched: dict = field(default_factory=dict)
@@ -492,7 +493,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         disabled=disabled,
         observers=[forensics.record] if forensics is not None else [],
     )
-    exporter = Exporter(collector, catalog, poller, transitions, exits, vllm, forensics)
+    exporter = Exporter(collector, catalog, poller, transitions, exits, vllm, forensics, nvml)
     # The JSON API for gates on other nodes: the collector's NVML source serves its long poll.
     exporter.routes.update(
         GpuApi(
