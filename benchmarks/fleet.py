@@ -46,7 +46,7 @@ PHASE = 120  # engines and trainer swap every two minutes
 CHURN = 600  # one engine's PIDs change every ten minutes
 RELEASE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 VARIABLES = {"$node": ".*", "$gpu": ".*", "$engine": ".*", "$threshold_gib": "2", "$__rate_interval": "1m",
-             "$kind": ".*"}  # fmt: skip
+             "$kind": ".*", "$top": "10"}  # fmt: skip
 # The heaviest panels as the node dashboard drew them before the recording rules (issue 20's measurements).
 BEFORE = {
     "residency by engine state (join per refresh)": 'sum by (engine, state) (gpu_residency_engine_memory_bytes{node=~".*", engine=~".*"} * on (node, engine) group_left (state) (gpu_residency_engine_state{node=~".*", engine=~".*"} == 1))',
