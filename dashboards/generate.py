@@ -3,7 +3,7 @@
     python dashboards/generate.py              # dashboards/gpu-residency.json, dashboards/gpu-residency-fleet.json
     python dashboards/generate.py --out DIR    # the same files into DIR
 
-- gpu-residency: one node (or a few) in detail: who holds each GPU, engines, sleep/wake, exits.
+- gpu-residency: one node in detail: who holds each GPU, engines, sleep/wake, exits.
 - gpu-residency-fleet: every node at once, read from the recording rules (rules.yaml) so a refresh
   stays fast at a thousand nodes; each panel links to the node dashboard for the node it shows.
 
@@ -92,14 +92,15 @@ def stat_panel(title: str, grid: tuple[int, int, int, int], *targets: tuple[str,
     )
 
 
-def variable(name: str, label: str, query: str) -> dashboard.QueryVariable:
+def variable(name: str, label: str, query: str, many: bool = True) -> dashboard.QueryVariable:
+    """A query variable; `many`: several values or All may be chosen (else exactly one)."""
     return (
         dashboard.QueryVariable(name)
         .label(label)
         .datasource(DS)
         .query(query)
-        .multi(True)
-        .include_all(True)
+        .multi(many)
+        .include_all(many)
         .all_value(".*")
         .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
     )
@@ -121,7 +122,9 @@ def node_dashboard() -> dashboard.Dashboard:
         .tooltip(DashboardCursorSync.CROSSHAIR)
         .link(dashboard.DashboardLink("Fleet").url("/d/gpu-residency-fleet/gpu-residency-fleet").keep_time(True))
         .with_variable(datasource_variable())
-        .with_variable(variable("node", "Node", "label_values(gpu_residency_memory_used_bytes, node)"))
+        # One node at a time: every node at once is the fleet dashboard's job (8,000 GPU series
+        # at a thousand nodes draw nothing a person can read).
+        .with_variable(variable("node", "Node", "label_values(gpu_residency_memory_used_bytes, node)", many=False))
         .with_variable(variable("gpu", "GPU", 'label_values(gpu_residency_memory_used_bytes{node=~"$node"}, gpu)'))
         .with_variable(variable("engine", "Engine", 'label_values(gpu_residency_engine_up{node=~"$node"}, engine)'))
         .with_variable(
@@ -242,7 +245,7 @@ def fleet_dashboard() -> dashboard.Dashboard:
     for panel in [
         series(
             "Top nodes by memory outside engines", (9, 12, 0, 0),
-            ("topk($top, sum by (node) (node_gpu:gpu_residency_residual_outside_engines_bytes:sum))", "{{node}}"),
+            ("topk($top, node:gpu_residency_residual_outside_engines_bytes:sum)", "{{node}}"),
             to_node=True,
             desc="Used minus what engines hold, summed over each node's GPUs: trainers, orphans and unlisted memory. Click a series for its node.",
         ),
@@ -281,7 +284,7 @@ def fleet_dashboard() -> dashboard.Dashboard:
             "Nodes", (5, 24, 0, 27),
             ("count(gpu_residency_nvml_up == 1)", "NVML up"),
             ("count(gpu_residency_nvml_up == 0) or vector(0)", "NVML down"),
-            ("count(count by (node) (gpu_residency_engine_up == 1))", "with live engines"),
+            ("count(node:gpu_residency_engine_up:sum > 0)", "with live engines"),
         ),
     ]:  # fmt: skip
         board = board.with_panel(panel)
