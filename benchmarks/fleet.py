@@ -37,6 +37,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.sections import splice
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
 GIB = 1024**3
@@ -379,18 +381,6 @@ def report(results: list[dict], stopped: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace (or add) this benchmark's section of BENCHMARKS.md, leaving the others."""
-    begin, end = "<!-- fleet:begin -->", "<!-- fleet:end -->"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{begin}\n{text}{end}\n"
-    if begin in body:
-        body = body[: body.index(begin)] + section + body[body.index(end) + len(end) + 1 :]
-    else:
-        body = body.rstrip("\n") + "\n\n" + section
-    path.write_text(body)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", default="100,300,1000", help="fleet sizes, comma-separated (default 100,300,1000)")
@@ -415,7 +405,7 @@ def main() -> int:
             results.append(measure(shape, nodes, Path(workdir)))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "panels"}, indent=1), flush=True)
     text = report(results, stopped)
-    write_section(text, args.out)
+    splice(args.out, "fleet", text)
     print(text)
     return 0
 

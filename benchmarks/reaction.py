@@ -33,12 +33,11 @@ from pathlib import Path
 
 import fakenvml
 from benchmarks.node import ROOT, SimulatedNode
+from benchmarks.sections import splice
 
 GIB = 1024**3
 THRESHOLD_GB = 2.0
 GPUS = 8
-START = "<!-- reaction:start -->"
-END = "<!-- reaction:end -->"
 
 # ---------- the waiter, in its own process ----------
 
@@ -424,7 +423,6 @@ def plot(results: dict, path: Path) -> None:
 def section(results: dict, command: str) -> str:
     counts = results["counts"]
     lines = [
-        START,
         "## Reaction: how soon a waiting gate sees the memory drop",
         "",
         f"Measured by `{command}` in one run ({results['elapsed'] / 60:.1f} min) on "
@@ -491,20 +489,8 @@ def section(results: dict, command: str) -> str:
         f"At the default 15 s that is seconds{'' if counts['prom15'] else ' (not run in a quick run)'}: use it "
         "only where Prometheus is all a cluster exposes.",
         "",
-        END,
     ]
     return "\n".join(lines)
-
-
-def splice(document: Path, text: str) -> None:
-    """Put `text` in place of the reaction section of `document` (or at its end)."""
-    current = document.read_text() if document.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        current = head + text + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + text + "\n"
-    document.write_text(current)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -524,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         plot(results, args.out / "reaction.png")
-        splice(args.out / "BENCHMARKS.md", text)
+        splice(args.out / "BENCHMARKS.md", "reaction", text)
     print(text)
     return 0
 

@@ -32,6 +32,7 @@ import fakenvml
 from benchmarks import reaction
 from benchmarks.baseline import TodaysProbe
 from benchmarks.node import ROOT, HostProcesses, SimulatedNode
+from benchmarks.sections import splice
 from exporter.cli import build_exporter, build_parser
 from exporter.errors import ErrorCounter
 from exporter.proctable import scan_pids
@@ -298,8 +299,6 @@ PROFILING = [
 def report(side, scale, memory, gate, command: str, elapsed: float) -> str:
     ours = side[0]["cpu_per_collection"]
     lines = [
-        "# Benchmarks",
-        "",
         f"Measured by `{command}` in one run ({elapsed / 60:.1f} min) on {platform.node() or 'this machine'}:",
         f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
         f"{len(scan_pids())} host processes at the end. A shared, noisy machine: read the ratios, "
@@ -391,7 +390,7 @@ def main() -> int:
     plot(side, scale, args.out / "benchmarks.png")
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     text = report(side, scale, memory, gate, command, time.monotonic() - started)
-    (args.out / "BENCHMARKS.md").write_text(text)
+    splice(args.out / "BENCHMARKS.md", "node", text)
     print(text)
     print("reaction ...", flush=True)
     return reaction.main(["--out", str(args.out), *(["--quick"] if args.quick else [])])
