@@ -17,7 +17,7 @@ import time
 import bcrypt
 import pytest
 import requests
-from conftest import ROOT, require_tool
+from conftest import ROOT
 
 import fakenvml
 from fakenvml import GIB, GPU_IS_LOST, NOT_SUPPORTED
@@ -325,18 +325,6 @@ def test_api_refuses_every_long_poll_with_no_places_and_the_gate_still_reads(api
     gate = ResidualGate(2, source=ExporterSource(exporter.url), poll_s=0.1)
     threading.Timer(0.3, lambda: (setattr(scenario.gpus[0], "used", GIB), scenario.write())).start()
     assert gate.wait([0], timeout=20).ok, "429: the source reads /api/v1/gpus instead, at the gate's pace"
-
-
-@pytest.fixture
-def tls_files(tmp_path):
-    openssl = require_tool("openssl")
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 def test_api_has_the_same_tls_and_basic_auth_as_metrics(api_exporter, tls_files, tmp_path, monkeypatch):
