@@ -424,9 +424,6 @@ def evaluate_rules_live(shape: list[Series], nodes: int, start: float, data: Pat
                 seen[(name, group["at"])] = dict(group, name=name)
             time.sleep(STEP / 3)
         missed = prometheus.own_metric("prometheus_rule_group_iterations_missed_total")
-        scrape = prometheus.own_metric("prometheus_target_interval_length_seconds_sum") / max(
-            1.0, prometheus.own_metric("prometheus_target_interval_length_seconds_count")
-        )
     finally:
         prometheus.stop()
         fleet.stop()
@@ -442,7 +439,6 @@ def evaluate_rules_live(shape: list[Series], nodes: int, start: float, data: Pat
         "rules_groups": len(groups),
         "rules_evaluations": min(sum(1 for e in seen.values() if e["name"] == name) for name in groups),
         "rules_missed": missed,
-        "scrape_interval_s": scrape,
         "slowest_rules": {name: seconds for seconds, name in slowest},
     }
 
