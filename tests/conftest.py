@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,59 @@ from fakenvml.tree import start as start_tree
 ROOT = Path(__file__).resolve().parent.parent
 # CI sets this so that a missing system tool fails the suite instead of skipping.
 REQUIRE_TOOLS = os.environ.get("GPU_RESIDENCY_REQUIRE_TOOLS") == "1"
+
+
+# Every process the suite starts inherits this mark in its environment (children are started
+# with os.environ as their base); at the end, any process still carrying it outlived its test.
+SESSION_MARK = "GPU_RESIDENCY_TEST_SESSION"
+# How long processes that are stopping anyway get before they count as left behind.
+LEFTOVER_GRACE_S = float(os.environ.get("GPU_RESIDENCY_LEFTOVER_GRACE_S", "15"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ[SESSION_MARK] = f"{os.getpid()}-{time.time_ns()}"
+
+
+def processes_marked(mark: str) -> dict[int, str]:
+    """PID -> command line of every live process (not a zombie) whose environment carries `mark`."""
+    wanted = f"{SESSION_MARK}={mark}".encode()
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            if wanted not in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
+                continue
+            stat = Path(f"/proc/{name}/stat").read_text()
+            if stat[stat.rfind(")") + 2] in "ZX":
+                continue
+            found[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run, naming them, if processes started by the suite are still alive at its end."""
+    mark = os.environ.get(SESSION_MARK)
+    if not mark:
+        return
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while (left := processes_marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not left:
+        return
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    lines = "\n".join(f"  pid {pid}: {cmdline}" for pid, cmdline in sorted(left.items()))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"{len(left)} process(es) started by the tests outlived the session (now killed):\n{lines}"
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def require_tool(name: str) -> str:
@@ -215,6 +269,38 @@ def in_container(uid: int = 1000, umask: str = "077", own_network: bool = False)
     network = ["--net"] if own_network else []
     return [unshare, "--pid", "--fork", "--mount-proc", *network, setpriv, f"--reuid={uid}", f"--regid={uid}",
             "--clear-groups", "sh", "-c", f'umask {umask} && exec "$@"', "in-container"]  # fmt: skip
+
+
+PACKAGES = ("exporter", "gate", "fakenvml", "gpu_residency_common")  # what code run as another user imports
+
+
+@pytest.fixture(scope="session")
+def env_for_others() -> Iterator[dict[str, str]]:
+    """The environment for code run as another user (uid 1000 in a pod): PYTHONPATH names a copy of
+    the project's packages in a world-readable directory, made here. The checkout itself may sit in
+    a 0700 home, or have been cloned under umask 077: uid 1000 cannot read it."""
+    base = Path(tempfile.mkdtemp(prefix="gpu-residency-code-"))
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, base / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for directory, _, files in os.walk(base):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+    yield dict(os.environ, PYTHONPATH=str(base))
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def stop_container(proc: subprocess.Popen) -> None:
+    """Stop what in_container() started, with everything in its PID namespace: SIGKILL to the
+    namespace's init (unshare's child) makes the kernel kill every process in it. Killing unshare
+    alone leaves them running (unshare's --kill-child does not survive setpriv's change of user)."""
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for child in children:
+            with contextlib.suppress(OSError):
+                os.kill(int(child), signal.SIGKILL)
+    proc.kill()
+    proc.wait(timeout=10)
 
 
 def python_for_others() -> str:

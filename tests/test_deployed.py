@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    ROOT,
     as_deployed,
     build_local,
     host_pid_of,
@@ -22,6 +21,7 @@ from conftest import (
     one,
     python_for_others,
     scrape_until,
+    stop_container,
     values,
 )
 
@@ -62,10 +62,12 @@ def shared_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def framework_in_pod(registry: Path, own_network: bool = False) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+def framework_in_pod(
+    registry: Path, env: dict[str, str], own_network: bool = False
+) -> Iterator[tuple[subprocess.Popen, list[int]]]:
     proc = subprocess.Popen(
         [*in_container(own_network=own_network), python_for_others(), "-c", FRAMEWORK, str(registry)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
@@ -73,8 +75,7 @@ def framework_in_pod(registry: Path, own_network: bool = False) -> Iterator[tupl
             pytest.fail(f"the framework did not start: {proc.stderr.read()[-2000:]}")
         yield proc, [int(pid) for pid in line.split()]
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        stop_container(proc)
 
 
 def _engine_root(leaf: int) -> int:
@@ -87,14 +88,14 @@ def _engine_root(leaf: int) -> int:
 
 
 def test_engine_from_another_pod_by_uid_1000_is_attributed_by_the_capability_less_exporter(
-    exporter_factory, scenario, shared_dir, tmp_path
+    exporter_factory, scenario, shared_dir, tmp_path, env_for_others
 ):
     registry = shared_dir / "registry"  # made by the framework itself, under umask 077
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     state = tmp_path / "state"
     state.mkdir()
     try:
-        with framework_in_pod(registry) as (framework, inner_leaves):
+        with framework_in_pod(registry, env_for_others) as (framework, inner_leaves):
             leaves = [host_pid_of(pid, under=framework.pid) for pid in inner_leaves]
             assert leaves != inner_leaves, "the framework sees its own PID namespace"
             # Host PID 1 named without proof: it would claim every process on the node.
@@ -144,10 +145,10 @@ def test_engine_from_another_pod_by_uid_1000_is_attributed_by_the_capability_les
 
 
 def test_loopback_url_from_another_network_namespace_is_not_polled_and_says_why(
-    exporter_factory, scenario, shared_dir, tmp_path
+    exporter_factory, scenario, shared_dir, tmp_path, env_for_others
 ):
     registry = shared_dir / "registry"
-    with framework_in_pod(registry, own_network=True):
+    with framework_in_pod(registry, env_for_others, own_network=True):
         exporter = exporter_factory(scenario, "--registry.dir", str(registry), "--no-engines.discover",
                                     "--sglang.poll-interval", "0.2")  # fmt: skip
         m = scrape_until(
@@ -158,7 +159,7 @@ def test_loopback_url_from_another_network_namespace_is_not_polled_and_says_why(
         assert "loopback of another network namespace" in exporter.log()
 
 
-def test_a_registry_shared_by_two_non_root_users_takes_both(local_exporter, shared_dir, fake_nvml_dir):
+def test_a_registry_shared_by_two_non_root_users_takes_both(local_exporter, shared_dir, fake_nvml_dir, env_for_others):
     """A 1777 registry (registry.mode in the chart): uid 1000 and uid 1001 both report exits and record
     gate decisions; the second writes its own events file instead of failing on the first's."""
     registry = shared_dir / "registry"
@@ -173,7 +174,7 @@ def test_a_registry_shared_by_two_non_root_users_takes_both(local_exporter, shar
     for uid in (1000, 1001):
         result = subprocess.run(
             [*in_container(uid=uid), python_for_others(), "-c", code, str(registry), f"engine-{uid}"],
-            capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False,
+            capture_output=True, text=True, timeout=60, env=env_for_others, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in registry.glob("events*.jsonl")) == ["events.1001.jsonl", "events.jsonl"]

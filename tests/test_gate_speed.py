@@ -8,6 +8,7 @@ import ctypes
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -294,16 +295,29 @@ def _raw_long_poll(exporter, timeout: float = 30) -> socket.socket:
     return sock
 
 
+def _answered(sock: socket.socket) -> bool:
+    """The exporter answered (or closed) this long poll: it holds no place any more."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if readable:
+        sock.close()
+    return bool(readable)
+
+
 def test_api_waiter_cap_and_a_disconnect_frees_its_place(api_exporter):
     exporter = api_exporter("--api.max-waiters", "2")
-    first, second = _raw_long_poll(exporter), _raw_long_poll(exporter)
-    deadline = time.monotonic() + 20
+    polls = [_raw_long_poll(exporter), _raw_long_poll(exporter)]
+    deadline = time.monotonic() + 30
     while True:  # both are being held once a third is refused
         refused = requests.get(wait_url(exporter, timeout=0), timeout=10)
-        if refused.status_code == 429 or time.monotonic() > deadline:
+        if refused.status_code == 429:
             break
+        assert time.monotonic() < deadline, f"a third long poll was never refused: {refused.status_code}"
+        # A long poll answered early (its NVML read outran --nvml.timeout on a loaded machine) holds
+        # no place: ask again in its stead.
+        polls = [_raw_long_poll(exporter) if _answered(poll) else poll for poll in polls]
         time.sleep(0.05)
-    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    first, second = polls
+    assert refused.headers["Retry-After"] == "1"
     assert "too many waiters" in refused.json()["error"]
     assert requests.get(exporter.url + "/api/v1/gpus", timeout=10).status_code == 200, "reads are not waiters"
     first.close()

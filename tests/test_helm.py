@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import shutil
 import ssl
@@ -430,7 +429,7 @@ def test_the_documented_web_config_serves_the_scrape_the_service_monitor_describ
         kubelet.close()
 
 
-def test_registry_mode_is_set_by_a_capability_less_init_container_so_other_users_can_register():
+def test_registry_mode_is_set_by_a_capability_less_init_container_so_other_users_can_register(env_for_others):
     objects = render({"registry": {"mode": "1777"}})
     pod = objects["DaemonSet"][0]["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
@@ -460,7 +459,7 @@ def test_registry_mode_is_set_by_a_capability_less_init_container_so_other_users
         register = "import sys; from exporter.registry import register_engine as r; r('e', 1, directory=sys.argv[1])"
         subprocess.run(
             [*in_container(uid=1000), python_for_others(), "-c", register, str(registry)],
-            check=True, capture_output=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            check=True, capture_output=True, timeout=30, env=env_for_others,
         )  # fmt: skip
         assert (registry / "e.json").stat().st_uid == 1000
     finally:

@@ -1,0 +1,56 @@
+"""The suite's own guarantees: nothing it starts outlives it, and CI runs exactly the README's command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, SESSION_MARK
+
+LEAKY_TEST = """
+import subprocess, sys
+
+def test_forgets_its_child():
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "leaked-by-a-test"])
+"""
+
+
+def test_a_process_that_outlives_the_session_fails_the_run_and_is_named(tmp_path):
+    (tmp_path / "test_leaky.py").write_text(LEAKY_TEST)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    env["GPU_RESIDENCY_LEFTOVER_GRACE_S"] = "1"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cloudcoil", "-p", "conftest",
+         "--rootdir", str(tmp_path), str(tmp_path / "test_leaky.py")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 passed" in result.stdout, "the test itself passed: the leftover alone fails the run"
+    assert "outlived the session" in result.stdout and "leaked-by-a-test" in result.stdout, result.stdout
+    assert time.monotonic() - started < 50, "the leftover was killed, not waited out"
+    survivors = [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit() and b"leaked-by-a-test" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert survivors == [], "the check kills what it names"
+
+
+def test_every_process_started_here_carries_the_session_mark():
+    child = subprocess.run(
+        [sys.executable, "-c", f"import os; print(os.environ.get({SESSION_MARK!r}, ''))"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert child.stdout.strip() == os.environ[SESSION_MARK] != ""
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme_block = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    setup_lines = [line for line in readme_block.splitlines() if line.strip()]
+    assert len(setup_lines) == 2, "the README starts with exactly two set-up commands"
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3 ")]
+    assert ci_lines == [setup_lines[1]], (ci_lines, setup_lines[1])
