@@ -90,7 +90,8 @@ def waiter_main(kind: str, url: str, max_age: float) -> int:
     else:
         from gate import ResidualGate
         from gate.exporter_source import ExporterSource
-        from gate.sources import NvmlSource, PrometheusSource
+        from gate.nvml_source import NvmlSource
+        from gate.prometheus_source import PrometheusSource
 
         source = {"nvml": NvmlSource.shared, "exporter": lambda: ExporterSource(url),
                   "prometheus": lambda: PrometheusSource(url)}[kind]()  # fmt: skip

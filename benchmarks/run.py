@@ -213,7 +213,7 @@ def series_and_memory(node: SimulatedNode, scrapes: int) -> dict:
 
 def gate_latency(node: SimulatedNode, checks: int) -> dict:
     from gate import ResidualGate
-    from gate.sources import NvmlSource
+    from gate.nvml_source import NvmlSource
 
     ctypes.CDLL(str(node.lib_dir / fakenvml.SONAME))
     os.environ["FAKE_NVML_SCENARIO"] = str(node.scenario.path)

@@ -14,8 +14,10 @@ from gate.compat import (
     wait_for_residual,
     wait_for_residual_or_proceed,
 )
-from gate.core import Decision, GateConfigError, GateTimeout, GpuVerdict, ResidualGate
+from gate.core import ResidualGate
+from gate.decision import Decision, GateTimeout, GpuVerdict
 from gate.readings import GpuSample, Holder, SourceError
+from gate.settings import GateConfigError
 
 __all__ = [
     "Decision",

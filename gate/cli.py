@@ -10,7 +10,9 @@ import json
 import sys
 import time
 
-from gate.core import (
+from gate.core import ResidualGate
+from gate.decision import Decision, GateTimeout
+from gate.settings import (
     CLEAR_SAMPLES_ENV,
     DEFAULT_FAST_POLL_S,
     DEFAULT_MAX_AGE_S,
@@ -20,10 +22,7 @@ from gate.core import (
     SOURCE_ENV,
     SOURCES,
     THRESHOLD_ENV,
-    Decision,
     GateConfigError,
-    GateTimeout,
-    ResidualGate,
     default_node,
 )
 

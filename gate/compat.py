@@ -20,19 +20,18 @@ import os
 import time
 from collections.abc import Sequence
 
-from gate.core import (
+from gate.core import ResidualGate
+from gate.decision import Decision, GateTimeout
+from gate.readings import GIB, SourceError
+from gate.settings import (
     DEFAULT_THRESHOLD_GB,
     EXPORTER_ENV,
     PROMETHEUS_ENV,
     SOURCE_ENV,
-    Decision,
     GateConfigError,
-    GateTimeout,
-    ResidualGate,
-    build_source,
     parse_threshold,
 )
-from gate.readings import GIB, SourceError
+from gate.sources import build_source
 
 log = logging.getLogger(__name__)
 

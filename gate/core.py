@@ -12,229 +12,34 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from gate.decision import Decision, GateTimeout, GpuVerdict
+from gate.pace import Pace
 from gate.readings import GIB, GpuSample, SourceError, normalise
-from gate.sources import NvidiaSmiSource, NvmlSource, PrometheusSource, Source
+from gate.settings import (
+    CLEAR_SAMPLES_ENV,
+    DEFAULT_EAGER_S,
+    DEFAULT_FAST_POLL_S,
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_NEAR_GB,
+    DEFAULT_THRESHOLD_GB,
+    EXPORTER_ENV,
+    FAIL_OPEN_ENV,
+    LEGACY_THRESHOLD_ENV,
+    LONG_POLL_S,
+    MAX_AGE_ENV,
+    PROMETHEUS_ENV,
+    REGISTRY_ENV,
+    SOURCE_ENV,
+    THRESHOLD_ENV,
+    GateConfigError,
+    default_node,
+    env_number,
+    parse_threshold,
+)
+from gate.sources import Source, build_source
 from gpu_residency_common.files import ensure_dir, write_atomic
-
-THRESHOLD_ENV = "GPU_RESIDENCY_GATE_THRESHOLD_GB"
-LEGACY_THRESHOLD_ENV = "MILES_MAX_RESIDUAL_GPU_MEM_GB"  # honoured for drop-in use
-SOURCE_ENV = "GPU_RESIDENCY_GATE_SOURCE"
-PROMETHEUS_ENV = "GPU_RESIDENCY_PROMETHEUS_URL"
-EXPORTER_ENV = "GPU_RESIDENCY_EXPORTER_URL"  # the node's exporter, for the exporter source
-MAX_AGE_ENV = "GPU_RESIDENCY_GATE_MAX_AGE_S"
-FAIL_OPEN_ENV = "GPU_RESIDENCY_GATE_FAIL_OPEN"
-CLEAR_SAMPLES_ENV = "GPU_RESIDENCY_GATE_CLEAR_SAMPLES"
-REGISTRY_ENV = "GPU_RESIDENCY_REGISTRY"  # where the gate records its decisions for the exporter
-DEFAULT_THRESHOLD_GB = 2.0
-DEFAULT_MAX_AGE_S = 15.0
-# A wait's pace (see _Pace): looks this often while close to clearing, for this long after the
-# wait starts, within this much of the threshold; a fall of this much since the last look counts
-# as a release under way.
-DEFAULT_FAST_POLL_S = 0.005
-DEFAULT_EAGER_S = 5.0
-DEFAULT_NEAR_GB = 2.0
-FALLING_BYTES = 256 * 1024**2
-LONG_POLL_S = 5.0  # the longest one long poll of a wait lasts
-SOURCES = ("auto", "exporter", "nvml", "prometheus", "nvidia-smi")
-
-
-class GateConfigError(ValueError):
-    """A threshold, source or option that cannot work; raised at construction, not mid-wait."""
-
-
-def parse_threshold(value: object, where: str) -> float:
-    """GiB > 0, as RLix's own parser demands ('must be a number', 'must be > 0')."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise GateConfigError(f"{where}={value!r} must be a number") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise GateConfigError(f"{where}={value!r} must be a number")
-    if number <= 0:
-        raise GateConfigError(f"{where}={value!r} must be > 0")
-    return number
-
-
-def _env_number(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise GateConfigError(f"{name}={raw!r} must be a number") from None
-    if not value > minimum:
-        raise GateConfigError(f"{name}={raw!r} must be > {minimum:g}")
-    return value
-
-
-@dataclass(frozen=True)
-class GpuVerdict:
-    requested: str
-    sample: GpuSample | None
-    clear: bool
-    reason: str
-    stale: bool = False  # the sample is too old to be believed
-
-    @property
-    def measured_bytes(self) -> int | None:
-        """The GPU's used memory, when the gate believes the sample (present and fresh)."""
-        return None if self.sample is None or self.stale else self.sample.used_bytes
-
-    def describe(self, threshold_bytes: int) -> str:
-        if self.sample is None or self.sample.used_bytes is None:
-            return f"GPU {self.requested}: {self.reason}"
-        used = self.sample.used_bytes / GIB
-        line = f"GPU {self.requested}: {used:.2f} GiB used vs threshold {threshold_bytes / GIB:.2f} GiB"
-        if not self.clear:
-            line += f" ({self.reason})"
-            # Engine totals and processes outside engines; an engine's processes are in its total.
-            top = [h for h in self.sample.holders if not (h.kind == "process" and h.engine)]
-            holders = ", ".join(str(h) for h in top[:3])
-            if holders:
-                line += f"; top holders: {holders}"
-        return line
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One look at the GPUs: clear or not, and why."""
-
-    ok: bool
-    gpus: tuple[GpuVerdict, ...]
-    threshold_bytes: int
-    source: str
-    reasons: tuple[str, ...] = field(default=())
-    fail_open: bool = False  # cleared only because the source failed and fail-open was asked for
-    waiting_for: str | None = None  # the engine whose release this wait is for
-
-    @property
-    def used_bytes(self) -> dict[str, int | None]:
-        return {v.requested: (v.sample.used_bytes if v.sample else None) for v in self.gpus}
-
-    @property
-    def max_used_gb(self) -> float | None:
-        """Max GiB over the requested GPUs; None unless every one was measured and fresh."""
-        used = [v.measured_bytes for v in self.gpus]
-        return max(used) / GIB if used and None not in used else None
-
-    def explain(self) -> str:
-        head = "clear" if self.ok else "blocked"
-        if self.fail_open:
-            head = "clear (fail-open: the source failed)"
-        lines = [f"{head} [source={self.source}]", *self.reasons]
-        if self.waiting_for and not self.ok:
-            lines.append(self._release_line())
-        lines += [v.describe(self.threshold_bytes) for v in self.gpus]
-        return "\n".join(line for line in lines if line)
-
-    def _release_line(self) -> str:
-        """ "waiting for engine X's release: X still holds 9.4 GiB on GPU 3 (pid 4121 sglang::scheduler)"."""
-        engine = self.waiting_for
-        held = []
-        for verdict in self.gpus:
-            if verdict.sample is None:
-                continue
-            mine = [h for h in verdict.sample.holders if h.engine == engine and h.kind == "process"]
-            total = next(
-                (h.used_bytes for h in verdict.sample.holders if h.kind == "engine" and h.name == engine), None
-            )
-            if total is None and mine:
-                total = sum(h.used_bytes for h in mine)
-            if total:
-                who = ", ".join(f"pid {h.pid} {h.name}" if h.pid is not None else h.name for h in mine[:3])
-                held.append(f"{total / GIB:.1f} GiB on GPU {verdict.requested}" + (f" ({who})" if who else ""))
-        if not held:
-            return f"waiting for engine {engine}'s release: it holds nothing measured on these GPUs"
-        return f"waiting for engine {engine}'s release: {engine} still holds " + "; ".join(held)
-
-
-class GateTimeout(TimeoutError):
-    """wait() ran out of time; `.decision` is the last look, with its explanation."""
-
-    def __init__(self, decision: Decision, waited: float) -> None:
-        super().__init__(f"GPUs not clear after {waited:.1f}s: {decision.explain()}")
-        self.decision = decision
-        self.waited = waited
-
-
-def default_node() -> str:
-    return os.environ.get("NODE_NAME") or os.uname().nodename  # = gethostname(), without importing socket
-
-
-def build_source(
-    kind: str,
-    prometheus_url: str | None,
-    timeout: float = 5.0,
-    exporter_url: str | None = None,
-    exporter_options: dict | None = None,
-) -> Source:
-    """The named source; 'auto' is the exporter if its URL is set, else Prometheus if a URL is
-    set, else NVML, else nvidia-smi.
-
-    `timeout`: seconds one read may take (the query, the NVML calls, the nvidia-smi run).
-    `exporter_options`: ExporterSource's keyword arguments (ca_file, username, password,
-    password_file). The NVML source is the process's shared one (NvmlSource.shared)."""
-    if kind not in SOURCES:
-        raise GateConfigError(f"source {kind!r} must be one of {', '.join(SOURCES)}")
-    if kind == "exporter" or (kind == "auto" and exporter_url):
-        if not exporter_url:
-            raise GateConfigError(f"the exporter source needs a URL (--exporter-url or ${EXPORTER_ENV})")
-        from gate.exporter_source import ExporterSource
-
-        try:
-            return ExporterSource(exporter_url, timeout=timeout, **(exporter_options or {}))
-        except SourceError as exc:
-            raise GateConfigError(str(exc)) from None
-    if kind == "prometheus" or (kind == "auto" and prometheus_url):
-        if not prometheus_url:
-            raise GateConfigError(f"the prometheus source needs a URL (--prometheus-url or ${PROMETHEUS_ENV})")
-        try:
-            return PrometheusSource(prometheus_url, timeout=timeout)
-        except SourceError as exc:
-            raise GateConfigError(str(exc)) from None
-    if kind == "nvidia-smi":
-        try:
-            return NvidiaSmiSource(timeout=timeout)
-        except SourceError as exc:
-            raise GateConfigError(str(exc)) from None
-    try:
-        return NvmlSource.shared(timeout)
-    except SourceError as exc:
-        if kind == "nvml":
-            raise GateConfigError(str(exc)) from None
-        try:
-            return NvidiaSmiSource(timeout=timeout)
-        except SourceError:
-            raise GateConfigError(
-                f"no source available: {exc}; no nvidia-smi either; set an exporter URL (${EXPORTER_ENV}) "
-                f"or a Prometheus URL (${PROMETHEUS_ENV})"
-            ) from None
-
-
-class _Pace:
-    """How long a wait sleeps before its next look: `fast` while the GPUs are close to clearing, or
-    early in the wait (waits begin right after a release was announced), or while memory falls;
-    otherwise, and while the source fails, twice as long each look, up to `slow`."""
-
-    def __init__(self, fast: float, slow: float, eager_s: float, near_bytes: int) -> None:
-        self.fast, self.slow, self.eager_s, self.near_bytes = fast, slow, eager_s, near_bytes
-        self.delay = fast
-        self._last_max: int | None = None
-
-    def next(self, decision: Decision, elapsed: float) -> float:
-        measured = [v.measured_bytes for v in decision.gpus]
-        top = max(measured) if measured and None not in measured else None
-        falling = top is not None and self._last_max is not None and top <= self._last_max - FALLING_BYTES
-        self._last_max = top
-        if top is not None and (elapsed < self.eager_s or top < self.near_bytes or falling):
-            self.delay = self.fast
-        else:  # far and steady, or nothing measured (a failing source is not hammered)
-            self.delay = min(self.slow, max(self.fast, self.delay * 2))
-        return self.delay
 
 
 class ResidualGate:
@@ -297,9 +102,9 @@ class ResidualGate:
         overrides.setdefault("source", os.environ.get(SOURCE_ENV) or "auto")
         overrides.setdefault("prometheus_url", os.environ.get(PROMETHEUS_ENV) or None)
         overrides.setdefault("exporter_url", os.environ.get(EXPORTER_ENV) or None)
-        overrides.setdefault("max_age_s", _env_number(MAX_AGE_ENV, DEFAULT_MAX_AGE_S))
+        overrides.setdefault("max_age_s", env_number(MAX_AGE_ENV, DEFAULT_MAX_AGE_S))
         overrides.setdefault("fail_open", os.environ.get(FAIL_OPEN_ENV, "").lower() in ("1", "true", "yes"))
-        overrides.setdefault("clear_samples", int(_env_number(CLEAR_SAMPLES_ENV, 1, minimum=0)))
+        overrides.setdefault("clear_samples", int(env_number(CLEAR_SAMPLES_ENV, 1, minimum=0)))
         overrides.setdefault("record_dir", os.environ.get(REGISTRY_ENV) or None)
         return cls(**overrides)
 
@@ -410,7 +215,7 @@ class ResidualGate:
         node = node or default_node()
         long_poll = getattr(self.source, "wait_until_under", None)
         read_used = getattr(self.source, "read_used", None)
-        pace = _Pace(self.fast_poll_s, self.poll_s, self.eager_s, self.near_bytes)
+        pace = Pace(self.fast_poll_s, self.poll_s, self.eager_s, self.near_bytes)
         started = time.monotonic()
         streak = 0
         recorded: bool | None = None

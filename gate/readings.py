@@ -38,6 +38,12 @@ class GpuSample:
     used_bytes: int | None  # None: the GPU answered but cannot say (nvidia-smi's "[N/A]", NVML's NOT_SUPPORTED)
     age_seconds: float | None = None  # None: read just now (local sources)
     holders: tuple[Holder, ...] = field(default=())
+    # Where this reading came from when a source holds several of one GPU (HA replicas, two scrape
+    # jobs): the labels that tell the copies apart, e.g. (("replica", "r2"),). Empty for one copy.
+    origin: tuple[tuple[str, str], ...] = field(default=())
+    # The source listed this GPU's processes and named their engines: an engine absent from
+    # `holders` really holds nothing here. False: it cannot tell.
+    holders_known: bool = False
 
     def matches(self, name: str) -> bool:
         """A GPU is named by its NVML index, UUID or PCI bus id (any case, short bus id too)."""

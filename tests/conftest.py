@@ -37,6 +37,7 @@ REQUIRE_TOOLS = os.environ.get("GPU_RESIDENCY_REQUIRE_TOOLS") == "1"
 # with os.environ as their base); at the end, any process still carrying it outlived its test.
 SESSION_MARK = "GPU_RESIDENCY_TEST_SESSION"
 # How long processes that are stopping anyway get before they count as left behind.
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"
 LEFTOVER_GRACE_S = float(os.environ.get("GPU_RESIDENCY_LEFTOVER_GRACE_S", "15"))
 
 
@@ -57,7 +58,10 @@ def processes_marked(mark: str) -> dict[int, str]:
             stat = Path(f"/proc/{name}/stat").read_text()
             if stat[stat.rfind(")") + 2] in "ZX":
                 continue
-            found[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+            if RESOURCE_TRACKER in cmdline and int(stat[stat.rfind(")") + 2 :].split()[1]) == os.getpid():
+                continue  # multiprocessing's helper of this very process: it ends when the session does
+            found[int(name)] = cmdline
         except (OSError, IndexError):
             continue  # gone meanwhile, or not ours to read
     return found

@@ -24,8 +24,8 @@ from exporter.supervisor import SupervisedLoop
 from exporter.url_policy import UrlPolicy
 from fakenvml import GIB, NOT_SUPPORTED
 from gate import GateConfigError, ResidualGate, probe_max_used_gpu_mem_gb
+from gate.nvml_source import NvmlSource as GateNvmlSource
 from gate.readings import GpuSample
-from gate.sources import NvmlSource as GateNvmlSource
 from gpu_residency_common.files import UntrustedFileError, append_record, parse_json, read_untrusted
 
 DEEP = "[" * 5000 + "]" * 5000
@@ -284,7 +284,7 @@ def test_the_gate_nvml_source_blocks_with_the_reason_when_nvml_hangs(fake_nvml_d
     scenario.gpus[1].hangs = {"memory"}
     scenario.write()
     code = (
-        "import time; from gate import ResidualGate; from gate.sources import NvmlSource;"
+        "import time; from gate import ResidualGate; from gate.nvml_source import NvmlSource;"
         "gate = ResidualGate(2, source=NvmlSource(timeout=1.0)); t = time.monotonic();"
         "d = gate.check([0]); print(round(time.monotonic() - t, 1), d.ok); print(d.explain())"
     )

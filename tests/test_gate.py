@@ -16,8 +16,9 @@ from conftest import ROOT
 import fakenvml
 from fakenvml import GIB, GPU_IS_LOST
 from gate import GateConfigError, GateTimeout, ResidualGate, probe_max_used_gpu_mem_gb, wait_for_residual
+from gate.nvml_source import NvmlSource
+from gate.prometheus_source import build_query, escape_label_value
 from gate.readings import GpuSample, Holder
-from gate.sources import NvmlSource, build_query, escape_label_value
 
 
 class FixedSource:

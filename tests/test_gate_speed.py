@@ -24,9 +24,11 @@ import fakenvml
 from fakenvml import GIB, GPU_IS_LOST, NOT_SUPPORTED
 from fakenvml.prometheus import free_port
 from gate import Decision, GateConfigError, GateTimeout, GpuSample, GpuVerdict, Holder, ResidualGate
-from gate.core import LONG_POLL_S, _Pace, build_source
 from gate.exporter_source import ExporterSource
-from gate.sources import NvmlSource
+from gate.nvml_source import NvmlSource
+from gate.pace import Pace
+from gate.settings import LONG_POLL_S
+from gate.sources import build_source
 
 # ---------- the adaptive pace ----------
 
@@ -39,7 +41,7 @@ def _decision(used_gb: float | None, failed: bool = False) -> Decision:
 
 
 def test_pace_fast_early_near_and_falling_backs_off_when_far():
-    pace = _Pace(fast=0.005, slow=0.5, eager_s=5.0, near_bytes=4 * GIB)
+    pace = Pace(fast=0.005, slow=0.5, eager_s=5.0, near_bytes=4 * GIB)
     assert pace.next(_decision(60), elapsed=0.1) == 0.005, "early in the wait: fast, however far"
     far = [pace.next(_decision(60), elapsed=6 + i) for i in range(10)]
     assert far[:4] == [0.01, 0.02, 0.04, 0.08] and far[-1] == 0.5, "far and steady: doubling up to poll_s"
@@ -50,7 +52,7 @@ def test_pace_fast_early_near_and_falling_backs_off_when_far():
 
 
 def test_pace_backs_off_while_the_source_fails_even_early():
-    pace = _Pace(fast=0.005, slow=0.5, eager_s=5.0, near_bytes=4 * GIB)
+    pace = Pace(fast=0.005, slow=0.5, eager_s=5.0, near_bytes=4 * GIB)
     delays = [pace.next(_decision(None, failed=True), elapsed=0.1 * i) for i in range(9)]
     assert delays == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.5, 0.5, 0.5], "a failing source is not hammered"
     assert pace.next(_decision(None), elapsed=1) == 0.5, "a GPU without a figure is not 'near'"

@@ -25,7 +25,7 @@ from exporter.exits import ExitEvent, report_exit
 from exporter.registry import EngineEntry, RegistryError, register_engine, unregister_engine
 from exporter.sglang import ShapeError, parse_server_info
 from fakenvml import GIB, GPU_IS_LOST
-from gate.sources import METRICS, build_query
+from gate.prometheus_source import METRICS, build_query
 
 # Families whose series legitimately accumulate (counters of events) or change every scrape.
 COUNTED = ("gpu_residency_engine_exits", "gpu_residency_errors", "gpu_residency_collections", "gpu_residency_scrape")
@@ -275,7 +275,7 @@ prometheus_results = st.lists(
 @given(st.fixed_dictionaries({"status": st.sampled_from(["success", "error"]), "data": st.fixed_dictionaries(
     {"resultType": st.sampled_from(["vector", "matrix"]), "result": prometheus_results})}) | json_values)  # fmt: skip
 def test_gate_prometheus_answers_of_any_shape_are_samples_or_a_source_error(payload):
-    from gate.sources import SourceError, samples_from_answer
+    from gate.prometheus_source import SourceError, samples_from_answer
 
     try:
         samples = samples_from_answer(payload)

@@ -227,7 +227,7 @@ def test_the_gate_names_unregistered_holders(fake_nvml_dir, scenario, spawned, m
     import ctypes
 
     import fakenvml
-    from gate.sources import NvmlSource
+    from gate.nvml_source import NvmlSource
 
     trainer = _titled("ray::MegatronTrainRayActor.train")
     spawned.append(trainer)
