@@ -34,6 +34,7 @@ from pathlib import Path
 import fakenvml
 from benchmarks.node import ROOT, SimulatedNode
 from benchmarks.sections import splice
+from fakenvml.interpreter import shebang_python
 
 GIB = 1024**3
 THRESHOLD_GB = 2.0
@@ -360,7 +361,7 @@ def run(quick: bool = False, seed: int = 18) -> dict:
         bindir = node.workdir / "bin"
         bindir.mkdir(exist_ok=True)
         smi = bindir / "nvidia-smi"
-        smi.write_text(FAKE_NVIDIA_SMI.format(python=sys.executable))
+        smi.write_text(FAKE_NVIDIA_SMI.format(python=shebang_python()))
         smi.chmod(0o755)
         smi_env = dict(env, PATH=f"{bindir}{os.pathsep}{env['PATH']}")
         results["smi_wall"], results["smi_cpu"] = smi_cost(smi_env, 5 if quick else 20)

@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from fakenvml.fake_http import FakeHttpServer, stop_process
+from fakenvml.interpreter import shebang_python
 
 VERSIONS = ("0.10.2", "0.11.1", "0.33.0")
 HOSTILE = ("hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape",
@@ -284,7 +285,7 @@ def console_script(directory: Path) -> Path:
     """A `vllm` console script running this fake, as pip installs vLLM's (a Python shebang)."""
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "vllm"
-    script.write_text(f"#!{sys.executable}\nimport sys\nfrom fakenvml.vllm import main\nsys.exit(main())\n")
+    script.write_text(f"#!{shebang_python()}\nimport sys\nfrom fakenvml.vllm import main\nsys.exit(main())\n")
     script.chmod(0o755)
     return script
 

@@ -27,6 +27,7 @@ from conftest import ROOT
 import fakenvml
 import fakenvml.sglang
 from fakenvml import NOT_SUPPORTED
+from fakenvml.interpreter import shebang_python
 from fakenvml.sglang import FakeSglang
 from gate import GateConfigError, GateTimeout, ResidualGate
 from gate.compat import parse_env_positive_float, probe_max_used_gpu_mem_gb, wait_for_residual_or_proceed
@@ -67,7 +68,7 @@ class FakeSmi:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.path = directory / "nvidia-smi"
-        self.path.write_text(FAKE_NVIDIA_SMI.format(python=sys.executable))
+        self.path.write_text(FAKE_NVIDIA_SMI.format(python=shebang_python()))
         self.path.chmod(0o755)
         self.set()
 

@@ -17,6 +17,7 @@ from conftest import ROOT, one, values
 from exporter.proctable import parse_container, parse_pod_uid
 from exporter.registry import register_engine
 from fakenvml import GIB
+from fakenvml.interpreter import shebang_python
 from gate import ResidualGate
 from gpu_residency_common.holders import HolderId, classify_title, holder_of, launcher_of, title_from_cmdline
 
@@ -142,7 +143,7 @@ def _torchrun(tmp_path: Path, ranks: int) -> tuple[subprocess.Popen, list[int]]:
     script.write_text("import time\ntime.sleep(120)\n")
     launcher = tmp_path / "torchrun"
     launcher.write_text(
-        f"#!{sys.executable}\nimport subprocess, sys, time\n"
+        f"#!{shebang_python()}\nimport subprocess, sys, time\n"
         "ranks = [subprocess.Popen([sys.executable, '-u', sys.argv[-1], '--num-layers', '96'])"
         " for _ in range(int(sys.argv[2]))]\n"
         "print(*[r.pid for r in ranks], flush=True)\ntime.sleep(120)\n"
