@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from exporter.errors import ErrorCounter
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
-from gpu_residency_common.nvml_memory import read_memory
+from gpu_residency_common.nvml_memory import read_memory, read_processes
 
 log = logging.getLogger(__name__)
 
@@ -203,33 +203,13 @@ class NvmlSource:
         return info.used, info.total, info.reserved, info.reserved is None
 
     def _processes(self, handle: object) -> tuple[GpuProcess, ...] | None:
-        """Compute and graphics processes merged by PID (a process in both lists is one holder)."""
-        nvml = self._nvml
-        merged: dict[int, int | None] = {}
-        for calls in (
-            (nvml.nvmlDeviceGetComputeRunningProcesses_v3, nvml.nvmlDeviceGetComputeRunningProcesses_v2),
-            (nvml.nvmlDeviceGetGraphicsRunningProcesses_v3, nvml.nvmlDeviceGetGraphicsRunningProcesses_v2),
-        ):
-            listed = self._first_supported(calls, handle)
-            if listed is None:
-                return None
-            for proc in listed:
-                known = [v for v in (merged.get(proc.pid), proc.usedGpuMemory) if v is not None]
-                merged[proc.pid] = max(known) if known else None
+        """Compute and graphics processes merged by PID; None when the lists cannot be read."""
+        try:
+            merged = read_processes(self._nvml, handle)
+        except self._nvml.NVMLError as exc:
+            self._errors.inc("nvml", _reason(exc))
+            return None
         return tuple(GpuProcess(pid=pid, used_bytes=used) for pid, used in merged.items())
-
-    def _first_supported(self, calls: tuple, handle: object) -> list | None:
-        nvml = self._nvml
-        for call in calls:
-            try:
-                return call(handle)
-            except nvml.NVMLError_FunctionNotFound:
-                continue
-            except nvml.NVMLError as exc:
-                self._errors.inc("nvml", _reason(exc))
-                return None
-        self._errors.inc("nvml", "function_not_found")
-        return None
 
 
 def _text(value: object) -> str:

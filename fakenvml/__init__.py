@@ -69,14 +69,19 @@ class FakeGpu:
     errors: dict[str, int] = field(default_factory=dict)
     delays_ms: dict[str, int] = field(default_factory=dict)  # call -> how long it takes
     hangs: set[str] = field(default_factory=set)  # calls that do not return while listed
+    # The physical card (its UUID and bus id) when this view numbers it otherwise: a pod given
+    # the host's GPUs 4-7 sees card 4 as its GPU 0.
+    card: int | None = None
 
     @property
     def uuid(self) -> str:
-        return f"GPU-{self.index:08x}-fake-4000-8000-{self.index:012x}"
+        card = self.index if self.card is None else self.card
+        return f"GPU-{card:08x}-fake-4000-8000-{card:012x}"
 
     @property
     def pci_bus_id(self) -> str:
-        return f"00000000:{0x18 + 0x10 * self.index:02X}:00.0"
+        card = self.index if self.card is None else self.card
+        return f"00000000:{0x18 + 0x10 * card:02X}:00.0"
 
     def to_json(self) -> dict:
         return {

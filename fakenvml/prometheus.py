@@ -48,22 +48,48 @@ class PrometheusServer:
 
 
 def start_prometheus(
-    binary: str, workdir: Path, targets: list[str], rule_files: list[Path] = (), interval: str = "1s"
+    binary: str,
+    workdir: Path,
+    targets: list[str],
+    rule_files: list[Path] = (),
+    interval: str = "1s",
+    *,
+    agent: bool = False,
+    remote_write: str | None = None,
+    external_labels: dict[str, str] | None = None,
+    receiver: bool = False,
 ) -> PrometheusServer:
+    """A Prometheus scraping `targets` (none: it only receives). `agent`: agent mode (scrape and
+    remote_write, no queries, no rules), as a cluster's collector in front of a central store;
+    `remote_write`: the URL it sends everything to, with `external_labels`; `receiver`: it
+    accepts remote_write (--web.enable-remote-write-receiver), as a central store does."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    targets_yaml = ", ".join(f"'{t}'" for t in targets)
-    rules_yaml = "".join(f"\n  - '{p}'" for p in rule_files)
-    config.write_text(
-        f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n"
-        f"rule_files:{rules_yaml or ' []'}\n"
-        f"scrape_configs:\n  - job_name: gpu-residency\n    static_configs:\n      - targets: [{targets_yaml}]\n"
-    )
+    lines = [f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n"]
+    if external_labels:
+        lines.append("  external_labels:\n" + "".join(f"    {k}: '{v}'\n" for k, v in external_labels.items()))
+    if not agent:
+        rules_yaml = "".join(f"\n  - '{p}'" for p in rule_files)
+        lines.append(f"rule_files:{rules_yaml or ' []'}\n")
+    if targets:
+        targets_yaml = ", ".join(f"'{t}'" for t in targets)
+        lines.append(
+            f"scrape_configs:\n  - job_name: gpu-residency\n    static_configs:\n      - targets: [{targets_yaml}]\n"
+        )
+    if remote_write:
+        # Sent at once, a few samples at a time: tests and the gate read the store seconds later.
+        lines.append(f"remote_write:\n  - url: '{remote_write}'\n    queue_config:\n      batch_send_deadline: 1s\n")
+    config.write_text("".join(lines))
     port = free_port()
     log_path = workdir / "prometheus.log"
+    storage = (
+        ["--enable-feature=agent", f"--storage.agent.path={workdir / 'wal'}"]
+        if agent
+        else [f"--storage.tsdb.path={workdir / 'data'}", "--storage.tsdb.retention.time=1h"]
+    )
     proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+        [binary, f"--config.file={config}", *storage, f"--web.listen-address=127.0.0.1:{port}",
+         *(["--web.enable-remote-write-receiver"] if receiver else [])],
         stdout=log_path.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     server = PrometheusServer(proc, f"http://127.0.0.1:{port}", log_path)

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 decision = exc.decision
                 if progress:
                     sys.stderr.write("\n")
-                print(f"timed out after {exc.waited:.1f}s", file=sys.stderr)
+                held = f" ({exc.held})" if exc.held else ""
+                print(f"timed out after {exc.waited:.1f}s{held}", file=sys.stderr)
                 print(_as_json(decision) if args.json else decision.explain())
                 return 1  # not clear for long enough, whatever the last look said
             else:

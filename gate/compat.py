@@ -91,8 +91,9 @@ def _measure(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -
         log.warning("GPU memory probe: %s", exc)
         return None, str(exc)
     try:
-        decision = gate.check(ids, node)
-    except GateConfigError as exc:  # an id that names no GPU at all ("", -1, a MIG instance)
+        decision = gate.check(ids, node, holders=False)
+    except GateConfigError as exc:  # an id that names no GPU ("", -1, a MIG instance, an index it cannot resolve)
+        log.warning("GPU memory probe: %s", exc)
         return None, str(exc)
     if decision.reasons:
         return None, "; ".join(decision.reasons)

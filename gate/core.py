@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gate.decision import Decision, GateTimeout, GpuVerdict
+from gate.identity import LocalView, UnresolvedGpu, local_view, resolve
 from gate.pace import Pace
 from gate.readings import GIB, GpuSample, SourceError, normalise
 from gate.settings import (
@@ -39,7 +40,10 @@ from gate.settings import (
     parse_threshold,
 )
 from gate.sources import Source, build_source
+from gate.verdicts import verdict
 from gpu_residency_common.files import ensure_dir, write_atomic
+
+STREAK_SLACK_S = 0.001  # a clear look poll_s after the last one counts even if the clock reads a hair less
 
 
 class ResidualGate:
@@ -85,6 +89,8 @@ class ResidualGate:
         self.eager_s = eager_s
         self.near_bytes = self.threshold_bytes + int(near_gb * GIB)
         self.record_dir = Path(record_dir) if record_dir else None
+        self._view: list[LocalView | None] | None = None  # this process's view of its GPUs, read once
+        self._resolved: dict[tuple[str, ...], list[str]] = {}
 
     @classmethod
     def from_env(cls, **overrides) -> ResidualGate:
@@ -114,14 +120,16 @@ class ResidualGate:
         node: str | None = None,
         wake: str | None = None,
         waiting_for: str | None = None,
+        holders: bool = True,
     ) -> Decision:
         """One look: clear only if every requested GPU has a fresh sample under the threshold.
 
         `wake`: the engine this decision guards; with a record directory the decision is
         written for the exporter (an engine woken while its gate said no is alerted on).
         `waiting_for`: the engine whose release is awaited, named in the explanation.
+        `holders=False`: used memory only, where the source can read it alone (a probe).
         """
-        decision = self._look(gpus, node, waiting_for)
+        decision = self._look(self._names(gpus), node or default_node(), waiting_for, holders)
         if wake and self.record_dir is not None:
             self._record(wake, decision)
         return decision
@@ -133,9 +141,39 @@ class ResidualGate:
         with contextlib.suppress(OSError):
             write_atomic(ensure_dir(self.record_dir / "gate") / f"{engine}.json", json.dumps(body))
 
-    def _look(self, gpus: Sequence[int | str], node: str | None, waiting_for: str | None) -> Decision:
-        names = self._names(gpus)
-        return self._decide(names, lambda: self.source.read(node or default_node()), waiting_for)
+    def _look(self, names: list[str], node: str, waiting_for: str | None, holders: bool = True) -> Decision:
+        read_used = getattr(self.source, "read_used", None)
+        if not holders and read_used is not None:
+            return self._decide(names, node, lambda targets: read_used(node), waiting_for)
+        read_named = getattr(self.source, "read_named", None)
+        if read_named is not None:
+            return self._decide(names, node, lambda targets: read_named(node, targets), waiting_for)
+        return self._decide(names, node, lambda targets: self.source.read(node), waiting_for)
+
+    def _targets(self, names: list[str], node: str) -> list[str]:
+        """What each name is matched against in the source's samples: itself for a local source;
+        for a remote one, an index becomes the UUID of that card in this process's view (a pod
+        given host GPUs 4-7 calls them 0-3; the exporter calls them 4-7). Kept per gate: a
+        process's cards do not change. SourceError when the view needs the source and it fails."""
+        if not getattr(self.source, "remote", False):
+            return names
+        key = tuple(names)
+        if key not in self._resolved:
+            if self._view is None:
+                self._view = [local_view()]
+            view = self._view[0]
+            try:
+                try:
+                    targets = resolve(names, view, None)
+                except LookupError:  # the view numbers its cards by bus id: the source has them
+                    read_named = getattr(self.source, "read_named", None)
+                    wanted = list(view.visible_uuids) if view else []
+                    samples = read_named("", wanted) if read_named and wanted else self.source.read(node)
+                    targets = resolve(names, view, samples)
+            except UnresolvedGpu as exc:
+                raise GateConfigError(str(exc)) from None
+            self._resolved[key] = targets
+        return self._resolved[key]
 
     @staticmethod
     def _names(gpus: Sequence[int | str]) -> list[str]:
@@ -147,9 +185,12 @@ class ResidualGate:
             raise GateConfigError("no GPUs given")
         return names
 
-    def _decide(self, names: list[str], read: Callable[[], list[GpuSample]], waiting_for: str | None) -> Decision:
+    def _decide(
+        self, names: list[str], node: str, read: Callable[[list[str]], list[GpuSample]], waiting_for: str | None
+    ) -> Decision:
         try:
-            samples = read()
+            targets = self._targets(names, node)
+            samples = read(targets)
         except SourceError as exc:
             return Decision(
                 ok=self.fail_open,
@@ -160,7 +201,10 @@ class ResidualGate:
                 fail_open=self.fail_open,
                 waiting_for=waiting_for,
             )
-        verdicts = tuple(self._verdict(name, samples) for name in names)
+        verdicts = tuple(
+            verdict(name, target, samples, self.threshold_bytes, self.max_age_s)
+            for name, target in zip(names, targets, strict=True)
+        )
         return Decision(
             ok=all(v.clear for v in verdicts),
             gpus=verdicts,
@@ -168,26 +212,6 @@ class ResidualGate:
             source=self.source.name,
             waiting_for=waiting_for,
         )
-
-    def _verdict(self, name: str, samples: list[GpuSample]) -> GpuVerdict:
-        found = [s for s in samples if s.matches(name)]
-        if len(found) != 1:
-            reason = "no sample for this GPU" if not found else f"ambiguous: matches {len(found)} GPUs"
-            return GpuVerdict(name, None, False, reason)
-        sample = found[0]
-        if sample.age_seconds is not None and sample.age_seconds > self.max_age_s:
-            return GpuVerdict(
-                name,
-                sample,
-                False,
-                f"stale: last sample {sample.age_seconds:.1f}s old > {self.max_age_s:g}s",
-                stale=True,
-            )
-        if sample.used_bytes is None:
-            return GpuVerdict(name, sample, False, "used memory not available ([N/A])")
-        if sample.used_bytes >= self.threshold_bytes:
-            return GpuVerdict(name, sample, False, "over threshold")
-        return GpuVerdict(name, sample, True, "under threshold")
 
     def wait(
         self,
@@ -217,7 +241,7 @@ class ResidualGate:
         read_used = getattr(self.source, "read_used", None)
         pace = Pace(self.fast_poll_s, self.poll_s, self.eager_s, self.near_bytes)
         started = time.monotonic()
-        streak = 0
+        streak, counted_at = 0, 0.0
         recorded: bool | None = None
         while True:
             budget = 0.0
@@ -225,20 +249,21 @@ class ResidualGate:
                 # One long poll per look, a few seconds at most so a hung exporter is noticed; while
                 # confirming a clear streak, a look that answers at once.
                 budget = 0.0 if streak else max(0.0, min(timeout - (time.monotonic() - started), LONG_POLL_S))
-                read = lambda b=budget: long_poll(node, names, self.threshold_bytes, b)  # noqa: E731
+                read = lambda targets, b=budget: long_poll(node, targets, self.threshold_bytes, b)  # noqa: E731
             elif read_used is not None:
-                read = lambda: read_used(node)  # noqa: E731
+                read = lambda targets: read_used(node)  # noqa: E731
             else:
-                read = lambda: self.source.read(node)  # noqa: E731
+                read = lambda targets: self.source.read(node)  # noqa: E731
             looked = time.monotonic()
-            decision = self._decide(names, read, waiting_for)
+            decision = self._decide(names, node, read, waiting_for)
             now = time.monotonic()
             elapsed = now - started
-            streak = streak + 1 if decision.ok else 0
+            streak, counted_at = self._streak(streak, counted_at, decision.ok, looked)
             done = streak >= self.clear_samples
             if not done and elapsed >= timeout and read_used is not None and long_poll is None:
+                looked = time.monotonic()
                 decision = self._look(names, node, waiting_for)  # in full: the explanation names the holders
-                streak = streak + 1 if decision.ok else 0
+                streak, counted_at = self._streak(streak, counted_at, decision.ok, looked)
                 done = streak >= self.clear_samples
             if wake and self.record_dir is not None and (decision.ok != recorded or done or elapsed >= timeout):
                 self._record(wake, decision)
@@ -248,9 +273,26 @@ class ResidualGate:
             if done:
                 return decision
             if elapsed >= timeout:
-                raise GateTimeout(decision, elapsed)
+                raise GateTimeout(decision, elapsed, self._held(streak))
             if long_poll is not None and not decision.ok and not decision.reasons and now - looked >= 0.9 * budget > 0:
                 continue  # the long poll waited its time out: ask again at once
-            # A clear streak is confirmed at poll_s, as before: clear_samples buys the same hold time.
+            # A clear streak is confirmed at poll_s: clear_samples buys a hold of (clear_samples - 1) * poll_s.
             delay = self.poll_s if decision.ok else pace.next(decision, elapsed)
+            if decision.ok and elapsed + delay > timeout:
+                raise GateTimeout(decision, elapsed, self._held(streak))  # the streak cannot end in time
             time.sleep(min(delay, timeout - elapsed))
+
+    def _streak(self, streak: int, counted_at: float, clear: bool, looked: float) -> tuple[int, float]:
+        """(clear looks in a row, when the last one counted): a clear look counts only poll_s or
+        more after the last counted one; a look sooner (the full look at the timeout) counts for
+        nothing, and a look that is not clear starts over."""
+        if not clear:
+            return 0, 0.0
+        if streak == 0 or looked - counted_at >= self.poll_s - STREAK_SLACK_S:
+            return streak + 1, looked
+        return streak, counted_at
+
+    def _held(self, streak: int) -> str:
+        if self.clear_samples == 1 or streak == 0:
+            return ""
+        return f"clear on {streak} of the {self.clear_samples} looks {self.poll_s:g}s apart it needs"

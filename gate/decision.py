@@ -84,14 +84,23 @@ class Decision:
                 who = ", ".join(f"pid {h.pid} {h.name}" if h.pid is not None else h.name for h in mine[:3])
                 held.append(f"{total / GIB:.1f} GiB on GPU {verdict.requested}" + (f" ({who})" if who else ""))
         if not held:
-            return f"waiting for engine {engine}'s release: it holds nothing measured on these GPUs"
+            unknown = [v.requested for v in self.gpus if v.sample is None or not v.sample.holders_known]
+            if unknown:
+                return (
+                    f"waiting for engine {engine}'s release: cannot tell what it holds on GPU {', '.join(unknown)} "
+                    f"(the {self.source} source did not list and attribute those GPUs' processes)"
+                )
+            return f"waiting for engine {engine}'s release: it holds nothing on these GPUs"
         return f"waiting for engine {engine}'s release: {engine} still holds " + "; ".join(held)
 
 
 class GateTimeout(TimeoutError):
     """wait() ran out of time; `.decision` is the last look, with its explanation."""
 
-    def __init__(self, decision: Decision, waited: float) -> None:
-        super().__init__(f"GPUs not clear after {waited:.1f}s: {decision.explain()}")
+    def __init__(self, decision: Decision, waited: float, held: str = "") -> None:
+        """`held`: how far a clear streak got when time ran out ("clear on 1 of the 3 looks ...")."""
+        why = f" ({held})" if held else ""
+        super().__init__(f"GPUs not clear after {waited:.1f}s{why}: {decision.explain()}")
         self.decision = decision
         self.waited = waited
+        self.held = held

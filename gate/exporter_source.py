@@ -31,6 +31,7 @@ class ExporterSource:
     """A fresh reading per look from the exporter's JSON API; waits by long poll."""
 
     name = "exporter"
+    remote = True  # the exporter's view of the node: asked by UUID
     poll_floor_s = 0.0
 
     def __init__(
@@ -205,4 +206,5 @@ def _sample(gpu: dict, age: float) -> GpuSample:
         used_bytes=used,
         age_seconds=age,
         holders=tuple(sorted(holders, key=lambda h: -h.used_bytes)),
+        holders_known=gpu.get("processes_known") is True,
     )

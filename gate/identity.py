@@ -50,8 +50,8 @@ class LocalView:
     host_indices: tuple[int, ...] = ()  # the host's indices of this container's cards
 
     def uuid_of(self, index: int, samples: list[GpuSample] | None) -> str:
-        """The UUID of the card this view numbers `index`; `samples` (the source's, every GPU of
-        the node) order visible UUIDs by bus id and name host indices."""
+        """The UUID of the card this view numbers `index`; `samples` (the source's) order visible
+        UUIDs by bus id and name host indices. SourceError when they lack a card of this view."""
         if self.uuids is not None:
             if index not in self.uuids:
                 raise UnresolvedGpu(f"GPU {index}: no such GPU in this process's view ({self.how})")
@@ -65,12 +65,12 @@ class LocalView:
             buses = {s.uuid.lower(): s.pci_bus_id.lower() for s in samples}
             missing = [u for u in self.visible_uuids if u.lower() not in buses]
             if missing:
-                raise UnresolvedGpu(f"GPU {index}: {missing[0]} ({self.how}) is not among the source's GPUs")
+                raise SourceError(f"GPU {index}: {missing[0]} ({self.how}) is not among the source's GPUs")
             return sorted(self.visible_uuids, key=lambda u: buses[u.lower()])[index]
         host = sorted(self.host_indices)[index]
         found = [s.uuid for s in samples if s.index == host]
         if len(found) != 1:
-            raise UnresolvedGpu(f"GPU {index}: host GPU {host} ({self.how}) is not among the source's GPUs")
+            raise SourceError(f"GPU {index}: host GPU {host} ({self.how}) is not among the source's GPUs")
         return found[0]
 
     @property

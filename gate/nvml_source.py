@@ -5,15 +5,15 @@ from __future__ import annotations
 import threading
 from typing import ClassVar
 
-from gate.readings import GpuSample, Holder, SourceError
+from gate.readings import GpuSample, SourceError
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
-from gpu_residency_common.nvml_memory import read_memory
+from gpu_residency_common.nvml_memory import read_memory, read_processes
 
 DEFAULT_NVML_TIMEOUT_S = 5.0
 
 
 class NvmlSource:
-    """In-process NVML (nvidia-ml-py), no exporter needed; holders are the GPU processes.
+    """In-process NVML (nvidia-ml-py), no exporter needed; holders named as the exporter names them.
 
     Every read has a deadline: a hung driver makes the gate block with that reason instead of
     hanging the scheduler that imported it."""
@@ -99,53 +99,16 @@ class NvmlSource:
         return identity
 
     def _read(self) -> list[GpuSample]:
+        """Every GPU with its holders: engines from the registry, as the exporter names them."""
+        from gate.local_holders import with_holders
+
         nvml = self._nvml
-        try:
-            count = nvml.nvmlDeviceGetCount()
-        except nvml.NVMLError as exc:
-            raise SourceError(f"nvml source: {exc}") from None
-        samples = []
-        for index in range(count):
+        samples = self._read_used()
+        processes = {}
+        for sample in samples:
             try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                uuid = str(nvml.nvmlDeviceGetUUID(handle))
-                bus = nvml.nvmlDeviceGetPciInfo(handle).busId
-            except nvml.NVMLError:
-                continue  # this GPU cannot be read: a request for it finds no sample and blocks
-            try:
-                used = read_memory(nvml, handle).used
-            except nvml.NVMLError_NotSupported:
-                used = None  # the GPU answers but has no figure: nvidia-smi shows "[N/A]"
-            except nvml.NVMLError:
-                continue
-            samples.append(
-                GpuSample(
-                    index=index,
-                    uuid=uuid,
-                    pci_bus_id=bus.decode() if isinstance(bus, bytes) else str(bus),
-                    used_bytes=used,
-                    holders=self._holders(handle),
-                )
-            )
-        return samples
-
-    def _holders(self, handle: object) -> tuple[Holder, ...]:
-        """The GPU's processes, named as the exporter names them (title, launcher, else comm)."""
-        from exporter.proctable import ProcView  # standard library only; here so `import gate` stays light
-        from gpu_residency_common.holders import holder_of
-
-        try:
-            processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        except self._nvml.NVMLError:
-            return ()
-        view, holders = ProcView(), []
-        for process in processes:
-            if process.usedGpuMemory is None:
-                continue
-            info = view.info(process.pid)
-            who = holder_of(view.title(process.pid), info.comm, list(view.launchers(process.pid))) if info else None
-            holders.append(
-                Holder("process", who.name if who else "", int(process.usedGpuMemory), pid=process.pid,
-                       role=who.kind if who else "")
-            )  # fmt: skip
-        return tuple(sorted(holders, key=lambda h: -h.used_bytes))
+                handle = self._identities[sample.index][0]
+                processes[sample.uuid] = read_processes(nvml, handle)
+            except (KeyError, nvml.NVMLError):
+                processes[sample.uuid] = None  # the holders cannot be told: "cannot tell", never "nothing"
+        return with_holders(samples, processes, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from gate.readings import GpuSample, Holder, SourceError
 
@@ -26,17 +27,29 @@ METRICS = (
 SAMPLE_TIME_LABEL = "gate_field"  # marks the series that carry each GPU's sample time
 
 
-def build_query(node: str) -> str:
-    """One instant query for a poll: the node's used, engine, process and unattributed memory, and
-    the time of each GPU's used sample (timestamp(), tagged so `or` keeps it beside the value).
+UUID_PATTERN = re.compile(r"^GPU-[0-9A-Za-z-]+$")
+# Labels that name a series within one reading, not the reading: the rest (replica, job,
+# instance, prometheus...) tell copies of one GPU's reading apart.
+SERIES_LABELS = ("__name__", SAMPLE_TIME_LABEL, "engine", "pid", "comm", "holder", "holder_kind", "container",
+                 "container_id", "pod_uid", "kind")  # fmt: skip
+
+
+def build_query(node: str, uuids: list[str] = ()) -> str:
+    """One instant query for a poll: used, engine, process and unattributed memory, and the time
+    of each GPU's used sample (timestamp(), tagged so `or` keeps it beside the value). By UUID
+    when every GPU asked for is named by one (a UUID names the card in every cluster, whatever
+    the node is called), else the node's GPUs.
 
     An instant query honours Prometheus' own staleness: once the exporter's target is down (or a
     series vanished), its series are absent rather than their last value."""
     names = "|".join(METRICS)
-    node_literal = escape_label_value(node)
+    if uuids and all(UUID_PATTERN.match(uuid) for uuid in uuids):
+        selector = f'uuid=~"(?i){"|".join(uuids)}"'
+    else:
+        selector = f'node="{escape_label_value(node)}"'
     return (
-        f'{{__name__=~"{names}",node="{node_literal}"}} or label_replace(timestamp('
-        f'gpu_residency_memory_used_bytes{{node="{node_literal}"}}), "{SAMPLE_TIME_LABEL}", "sample_time", "", "")'
+        f'{{__name__=~"{names}",{selector}}} or label_replace(timestamp('
+        f'gpu_residency_memory_used_bytes{{{selector}}}), "{SAMPLE_TIME_LABEL}", "sample_time", "", "")'
     )
 
 
@@ -44,6 +57,7 @@ class PrometheusSource:
     """One instant query per poll against the Prometheus HTTP API; samples carry their age."""
 
     name = "prometheus"
+    remote = True  # the exporter's view of the node: asked by UUID
     poll_floor_s = 0.1  # its data changes once per scrape interval; faster looks only load Prometheus
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
@@ -56,11 +70,15 @@ class PrometheusSource:
         self._timeout = timeout
 
     def read(self, node: str) -> list[GpuSample]:
+        return self.read_named(node, [])
+
+    def read_named(self, node: str, names: list[str]) -> list[GpuSample]:
+        """The GPUs named (by UUID: asked by UUID), else the node's."""
         import urllib.error
         import urllib.parse
         import urllib.request
 
-        body = urllib.parse.urlencode({"query": build_query(node)}).encode()
+        body = urllib.parse.urlencode({"query": build_query(node, names)}).encode()
         request = urllib.request.Request(self._endpoint, data=body, method="POST")
         request.add_header("Content-Type", "application/x-www-form-urlencoded")
         try:
@@ -77,11 +95,12 @@ class PrometheusSource:
 
     @staticmethod
     def _samples(result: list) -> list[GpuSample]:
-        """Samples from an instant query's result; KeyError/TypeError/ValueError/IndexError on a bad shape."""
-        used: dict[str, tuple[dict, float]] = {}
-        sampled_at: dict[str, float] = {}
+        """Samples from an instant query's result, one per copy of a GPU's reading (HA replicas, two
+        scrape jobs: told apart by `origin`); KeyError/TypeError/ValueError/IndexError on a bad shape."""
+        used: dict[str, list[dict]] = {}
+        sampled_at: dict[frozenset, float] = {}
         evaluated_at = 0.0
-        holders: dict[str, list[Holder]] = {}
+        holder_series: dict[str, list[tuple[dict, Holder]]] = {}
         for series in result:
             labels = series["metric"]
             stamp, value = float(series["value"][0]), float(series["value"][1])
@@ -90,29 +109,44 @@ class PrometheusSource:
                 continue
             name, uuid = labels.get("__name__"), labels.get("uuid", "")
             if labels.get(SAMPLE_TIME_LABEL) == "sample_time":
-                sampled_at[uuid] = value
+                sampled_at[_reading_key(labels)] = value
             elif name == "gpu_residency_memory_used_bytes":
-                used[uuid] = (labels, value)
+                used.setdefault(uuid, []).append({**labels, "__value__": value})
             else:
                 holder = _holder(name, labels, int(value))
                 if holder is not None:
-                    holders.setdefault(uuid, []).append(holder)
+                    holder_series.setdefault(uuid, []).append((labels, holder))
         samples = []
-        for uuid, (labels, value) in used.items():
-            gpu = labels.get("gpu", "")
-            # Age against Prometheus' own evaluation time: no clock skew between this host and it.
-            age = evaluated_at - sampled_at[uuid] if uuid in sampled_at else math.inf
-            samples.append(
-                GpuSample(
-                    index=int(gpu) if gpu.isdigit() else None,
-                    uuid=uuid,
-                    pci_bus_id=labels.get("pci_bus_id", ""),
-                    used_bytes=int(value),
-                    age_seconds=max(0.0, age),
-                    holders=tuple(sorted(holders.get(uuid, []), key=lambda h: -h.used_bytes)),
+        for uuid, copies in used.items():
+            keys = sorted({key for copy in copies for key in copy} - {"__value__", *SERIES_LABELS})
+            differing = [key for key in keys if len({copy.get(key, "") for copy in copies}) > 1]
+            for copy in copies:
+                origin = tuple((key, copy.get(key, "")) for key in differing)
+                mine = [h for lbl, h in holder_series.get(uuid, ()) if all(lbl.get(k, "") == v for k, v in origin)]
+                sampled = sampled_at.get(_reading_key(copy))
+                # Age against Prometheus' own evaluation time: no clock skew between this host and it.
+                age = evaluated_at - sampled if sampled is not None else math.inf
+                gpu = copy.get("gpu", "")
+                samples.append(
+                    GpuSample(
+                        index=int(gpu) if gpu.isdigit() else None,
+                        uuid=uuid,
+                        pci_bus_id=copy.get("pci_bus_id", ""),
+                        used_bytes=int(copy["__value__"]),
+                        age_seconds=max(0.0, age),
+                        holders=tuple(sorted(mine, key=lambda h: -h.used_bytes)),
+                        origin=origin,
+                        # The exporter publishes a GPU's processes, and what they leave unattributed, only
+                        # once it has listed them: with neither series, who holds the GPU is not known.
+                        holders_known=any(h.kind in ("unattributed", "process") for h in mine),
+                    )
                 )
-            )
         return samples
+
+
+def _reading_key(labels: dict) -> frozenset:
+    """What pairs a used series with its sample time: every label but the metric name and our tag."""
+    return frozenset((k, v) for k, v in labels.items() if k not in ("__name__", SAMPLE_TIME_LABEL, "__value__"))
 
 
 def samples_from_answer(payload: object) -> list[GpuSample]:

@@ -46,10 +46,27 @@ class NvidiaSmiSource:
             raise SourceError(f"nvidia-smi source: {binary} not found on PATH")
         self._binary, self._timeout = path, timeout
 
+    def read_used(self, node: str) -> list[GpuSample]:
+        """Used memory only: one nvidia-smi run, what a wait repeats."""
+        stdout = self._run("--query-gpu=index,uuid,pci.bus_id,memory.used")
+        return [sample for line in stdout.splitlines() if (sample := parse_smi_line(line)) is not None]
+
     def read(self, node: str) -> list[GpuSample]:
+        """With holders: the compute apps (a second run), attributed as the exporter does."""
+        from gate.local_holders import with_holders
+
+        samples = self.read_used(node)
+        try:
+            apps = parse_compute_apps(self._run("--query-compute-apps=gpu_uuid,pid,used_memory"))
+        except SourceError:
+            apps = None  # the GPUs were read; who holds them cannot be told
+        processes = {s.uuid: None if apps is None else apps.get(s.uuid.lower(), {}) for s in samples}
+        return with_holders(samples, processes, None)
+
+    def _run(self, query: str) -> str:
         import subprocess
 
-        command = [self._binary, "--query-gpu=index,uuid,pci.bus_id,memory.used", "--format=csv,noheader,nounits"]
+        command = [self._binary, query, "--format=csv,noheader,nounits"]
         try:
             result = subprocess.run(command, capture_output=True, timeout=self._timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -61,4 +78,28 @@ class NvidiaSmiSource:
         if result.returncode != 0:
             detail = (stderr.strip() or stdout.strip())[:200]
             raise SourceError(f"nvidia-smi source: exit {result.returncode}" + (f": {detail}" if detail else ""))
-        return [sample for line in stdout.splitlines() if (sample := parse_smi_line(line)) is not None]
+        return stdout
+
+
+def parse_compute_apps(stdout: str) -> dict[str, dict[int, int | None]] | None:
+    """uuid (lower case) -> {pid: bytes} from `--query-compute-apps=gpu_uuid,pid,used_memory`
+    (MiB; "[N/A]" is a process whose memory is unknown). None when a line does not parse: a
+    list that cannot be read whole says nothing about who holds what."""
+    apps: dict[str, dict[int, int | None]] = {}
+    for line in stdout.splitlines():
+        if not line.strip() or line.strip().startswith("No running"):
+            continue
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) != 3 or not fields[1].isdigit():
+            return None
+        used: int | None = None
+        if fields[2] not in NOT_AVAILABLE:
+            try:
+                mib = float(fields[2])
+            except ValueError:
+                return None
+            if not math.isfinite(mib) or mib < 0:
+                return None
+            used = round(mib * MIB)
+        apps.setdefault(fields[0].lower(), {})[int(fields[1])] = used
+    return apps

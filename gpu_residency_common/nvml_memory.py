@@ -24,3 +24,25 @@ def read_memory(nvml, handle: object) -> MemoryInfo:
         pass
     info = nvml.nvmlDeviceGetMemoryInfo(handle)
     return MemoryInfo(int(info.used), int(info.total), None)
+
+
+def read_processes(nvml, handle: object) -> dict[int, int | None]:
+    """PID -> used bytes (None: NVML cannot say) of the GPU's compute and graphics processes,
+    merged by PID (a process in both lists is one holder), each list from the newest call the
+    driver has. NVMLError propagates (NVMLError_FunctionNotFound when no version exists)."""
+    merged: dict[int, int | None] = {}
+    for calls in (
+        (nvml.nvmlDeviceGetComputeRunningProcesses_v3, nvml.nvmlDeviceGetComputeRunningProcesses_v2),
+        (nvml.nvmlDeviceGetGraphicsRunningProcesses_v3, nvml.nvmlDeviceGetGraphicsRunningProcesses_v2),
+    ):
+        for position, call in enumerate(calls):
+            try:
+                listed = call(handle)
+                break
+            except nvml.NVMLError_FunctionNotFound:
+                if position == len(calls) - 1:
+                    raise
+        for proc in listed:
+            known = [v for v in (merged.get(proc.pid), proc.usedGpuMemory) if v is not None]
+            merged[proc.pid] = max(known) if known else None
+    return merged

@@ -114,6 +114,12 @@ def scenario(tmp_path) -> Scenario:
     return s
 
 
+def visible_devices(scenario: Scenario) -> str:
+    """$NVIDIA_VISIBLE_DEVICES as the device plugin sets it for a pod given every GPU of `scenario`:
+    a gate reading the node's exporter or Prometheus numbers its GPUs by it."""
+    return ",".join(gpu.uuid for gpu in scenario.gpus)
+
+
 @pytest.fixture
 def spawn_tree() -> Iterator:
     """Real process trees (root -> child -> leaves) stopped after the test."""
@@ -294,15 +300,30 @@ def env_for_others() -> Iterator[dict[str, str]]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def stop_container(proc: subprocess.Popen) -> None:
-    """Stop what in_container() started, with everything in its PID namespace: SIGKILL to the
-    namespace's init (unshare's child) makes the kernel kill every process in it. Killing unshare
-    alone leaves them running (unshare's --kill-child does not survive setpriv's change of user)."""
-    with contextlib.suppress(OSError):
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        for child in children:
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, children first (from /proc/<pid>/task/*/children)."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop(0)
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
             with contextlib.suppress(OSError):
-                os.kill(int(child), signal.SIGKILL)
+                children = [int(c) for c in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+                found += children
+                queue += children
+    return found
+
+
+def kill_with_descendants(proc: subprocess.Popen) -> None:
+    """SIGKILL a process a test started and everything it started: a launcher's children outlive it
+    otherwise. Killing a PID namespace's init (in_container's) makes the kernel kill the whole
+    namespace: unshare's --kill-child does not survive setpriv's change of user."""
+    for pid in [*descendants(proc.pid)]:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     proc.kill()
     proc.wait(timeout=10)
 
@@ -486,8 +507,10 @@ def prometheus_factory(tmp_path) -> Iterator:
     binary = require_tool("prometheus")
     started: list[PrometheusServer] = []
 
-    def factory(targets: list[str], rule_files: list[Path] = (), interval: str = "1s") -> PrometheusServer:
-        server = start_prometheus(binary, tmp_path / f"prometheus-{len(started)}", targets, rule_files, interval)
+    def factory(targets: list[str], rule_files: list[Path] = (), interval: str = "1s", **mode) -> PrometheusServer:
+        """`mode`: agent, remote_write, external_labels, receiver (fakenvml.prometheus.start_prometheus)."""
+        workdir = tmp_path / f"prometheus-{len(started)}"
+        server = start_prometheus(binary, workdir, targets, rule_files, interval, **mode)
         started.append(server)
         return server
 

@@ -18,10 +18,10 @@ from conftest import (
     build_local,
     host_pid_of,
     in_container,
+    kill_with_descendants,
     one,
     python_for_others,
     scrape_until,
-    stop_container,
     values,
 )
 
@@ -75,7 +75,7 @@ def framework_in_pod(
             pytest.fail(f"the framework did not start: {proc.stderr.read()[-2000:]}")
         yield proc, [int(pid) for pid in line.split()]
     finally:
-        stop_container(proc)
+        kill_with_descendants(proc)
 
 
 def _engine_root(leaf: int) -> int:

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, visible_devices
 
 import fakenvml
 from fakenvml import GIB, GPU_IS_LOST
@@ -115,8 +115,10 @@ def test_hostile_strings_are_escaped_in_the_query():
 
 
 @pytest.fixture
-def stack(exporter_factory, prometheus_factory, scenario, spawn_tree, tmp_path):
+def stack(exporter_factory, prometheus_factory, scenario, spawn_tree, tmp_path, monkeypatch):
     from exporter.registry import register_engine
+
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", visible_devices(scenario))  # the gate sees every GPU
 
     tree = spawn_tree()
     register_engine("rollout-0", root_pid=tree.pid, directory=tmp_path / "reg")
@@ -169,14 +171,17 @@ def test_e2e_uuid_and_index_give_the_same_decision(stack):
 
 
 def test_e2e_hostile_node_or_gpu_cannot_widen_the_query(stack):
-    _, prometheus, _ = stack
+    _, prometheus, scenario = stack
     gate = ResidualGate(100, source="prometheus", prometheus_url=prometheus.url, max_age_s=5)
-    assert gate.check([1], node="test-node").ok
+    bus = scenario.gpus[1].pci_bus_id  # a bus id is asked of the node's GPUs: the node is in the query
+    assert gate.check([bus], node="test-node").ok
     for node in ('x",node=~".*', 'x"} or gpu_residency_memory_used_bytes{node=~".*', "x\\", "test-node\n"):
-        decision = gate.check([1], node=node)
+        decision = gate.check([bus], node=node)
         assert not decision.ok and "no sample for this GPU" in decision.explain(), node
     decision = gate.check(['1"} or vector(1)'], node="test-node")
     assert not decision.ok
+    # An index is resolved to its UUID and asked by it: which node the caller names does not matter.
+    assert gate.check([1], node='x",node=~".*').ok
 
 
 def test_e2e_stopped_exporter_blocks_at_once_on_prometheus_staleness(stack):

@@ -18,7 +18,7 @@ import time
 import bcrypt
 import pytest
 import requests
-from conftest import ROOT
+from conftest import ROOT, visible_devices
 
 import fakenvml
 from fakenvml import GIB, GPU_IS_LOST, NOT_SUPPORTED
@@ -199,9 +199,11 @@ def test_nvml_wait_clears_and_a_hang_blocks_with_the_reason(nvml_env):
 
 
 @pytest.fixture
-def node(scenario, spawn_tree, tmp_path):
-    """GPU 0 held by engine rollout-0 (9 GiB of 10), GPU 1 nearly empty."""
+def node(scenario, spawn_tree, tmp_path, monkeypatch):
+    """GPU 0 held by engine rollout-0 (9 GiB of 10), GPU 1 nearly empty; the gate sees both."""
     from exporter.registry import register_engine
+
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", visible_devices(scenario))
 
     tree = spawn_tree()
     register_engine("rollout-0", root_pid=tree.pid, directory=tmp_path / "reg")

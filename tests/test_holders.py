@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, one, values
+from conftest import ROOT, kill_with_descendants, one, values
 
 from exporter.proctable import parse_container, parse_pod_uid
 from exporter.registry import register_engine
@@ -159,8 +159,7 @@ def spawned():
     procs: list[subprocess.Popen] = []
     yield procs
     for proc in procs:
-        proc.kill()
-        proc.wait()
+        kill_with_descendants(proc)
 
 
 def test_a_miles_like_node_with_no_registry_names_every_gpu_process(

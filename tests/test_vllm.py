@@ -5,6 +5,7 @@ on /metrics), hostile ones included."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import time
 
 import pytest
 import requests
-from conftest import ROOT, one, polled, scrape_families, scrape_until, values
+from conftest import ROOT, one, polled, scrape_families, scrape_until, values, visible_devices
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening import hostile_text
@@ -442,6 +443,7 @@ def test_a_vllm_engine_asleep_while_its_memory_stays_times_out_naming_its_proces
         [sys.executable, "-m", "gate", "check", "--gpus", "0,1", "--source", "prometheus", "--prometheus-url",
          prometheus.url, "--node", "test-node", "--threshold-gb", "2", "--waiting-for", name],
         capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+        env=dict(os.environ, NVIDIA_VISIBLE_DEVICES=visible_devices(scenario)),
     )  # fmt: skip
     assert gate.returncode == 1, gate.stdout + gate.stderr
     w0, w1 = served.workers

@@ -1,0 +1,165 @@
+"""The gate never says "clear" while the card is held (issue 33): one physical card whatever view
+names it, the freshest of several readings, a clear streak that really holds, engines named on
+every source."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+import fakenvml
+from fakenvml import GIB, FakeGpu, Scenario
+from fakenvml.smi import install as install_smi
+from gate import GateConfigError, GateTimeout, GpuSample, ResidualGate, probe_max_used_gpu_mem_gb
+from gate.exporter_source import ExporterSource
+
+POD_CARDS = (6, 4, 7, 5)  # the device plugin's order is not the cards' bus order
+
+
+@pytest.fixture
+def node(tmp_path, exporter_factory, prometheus_factory):
+    """A host of 8 GPUs: card 0 nearly empty (1 GiB), card 4 held (30 GiB), card 5 at 0.5 GiB; its
+    exporter, and a Prometheus scraping it. `pod` is the view of a pod given cards 4-7."""
+    host = Scenario.with_gpus(tmp_path / "host.json", 8)
+    host.gpus[0].used, host.gpus[4].used, host.gpus[5].used = GIB, 30 * GIB, GIB // 2
+    host.write()
+    exporter = exporter_factory(host, "--registry.dir", str(tmp_path / "reg"), "--no-engines.discover")
+    prometheus = prometheus_factory([exporter.url.removeprefix("http://")])
+    prometheus.wait_for('gpu_residency_memory_used_bytes{gpu="4"}')
+    pod = Scenario(tmp_path / "pod.json", [FakeGpu(index=i, card=4 + i, used=host.gpus[4 + i].used) for i in range(4)])
+    pod.write()
+    return host, pod, exporter, prometheus
+
+
+def pod_env(pod: Scenario, fake_nvml_dir: Path, tmp_path: Path, *, nvml=True, smi=True, visible=True) -> dict:
+    """The environment of a framework in that pod: its NVML, its nvidia-smi, its $NVIDIA_VISIBLE_DEVICES
+    (each can be left out, to show the gate reading its view from the others)."""
+    env = pod.environ(fake_nvml_dir) if nvml else {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    env.pop("NVIDIA_VISIBLE_DEVICES", None)
+    if visible:
+        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(FakeGpu(index=card).uuid for card in POD_CARDS)
+    bin_dir = tmp_path / "pod-bin"
+    if smi:
+        install_smi(bin_dir, fake_nvml_dir / fakenvml.SONAME, pod.path)
+    env["PATH"] = os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"])
+    return env
+
+
+def gate_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gate", "check", "--threshold-gb", "2", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_every_source_judges_the_pods_gpu_0_as_host_card_4(node, fake_nvml_dir, tmp_path):
+    _, pod, exporter, prometheus = node
+    env = pod_env(pod, fake_nvml_dir, tmp_path)
+    sources = {
+        "exporter": ["--exporter-url", exporter.url],
+        "prometheus": ["--prometheus-url", prometheus.url, "--node", "test-node"],
+        "nvml": [],
+        "nvidia-smi": [],
+    }
+    for source, extra in sources.items():
+        held = gate_cli(env, "--source", source, "--gpus", "0", *extra)
+        assert held.returncode == 1 and "30.00 GiB used" in held.stdout, (source, held.stdout, held.stderr)
+        free = gate_cli(env, "--source", source, "--gpus", "1", *extra)
+        assert free.returncode == 0 and "0.50 GiB used" in free.stdout, (source, free.stdout, free.stderr)
+
+
+@pytest.mark.parametrize(
+    "view", [{"nvml": False, "smi": False}, {"nvml": False, "visible": False}, {"smi": False, "visible": False}]
+)
+def test_any_one_view_of_the_pods_gpus_resolves_an_index_for_the_exporter(node, fake_nvml_dir, tmp_path, view):
+    """$NVIDIA_VISIBLE_DEVICES alone, nvidia-smi -L alone, NVML alone: each gives the same card."""
+    _, pod, exporter, _ = node
+    held = gate_cli(pod_env(pod, fake_nvml_dir, tmp_path, **view), "--exporter-url", exporter.url, "--gpus", "0")
+    assert held.returncode == 1 and "30.00 GiB used" in held.stdout, held.stdout + held.stderr
+
+
+def test_host_indices_in_nvidia_visible_devices_are_a_view_too(node, tmp_path, fake_nvml_dir):
+    _, pod, exporter, _ = node
+    env = pod_env(pod, fake_nvml_dir, tmp_path, nvml=False, smi=False, visible=False)
+    env["NVIDIA_VISIBLE_DEVICES"] = "5,4,6,7"
+    assert gate_cli(env, "--exporter-url", exporter.url, "--gpus", "0").returncode == 1
+    assert gate_cli(env, "--exporter-url", exporter.url, "--gpus", "1").returncode == 0
+
+
+def test_an_index_with_no_view_is_refused_with_how_to_name_the_gpu(node, tmp_path, fake_nvml_dir):
+    _, pod, exporter, _ = node
+    env = pod_env(pod, fake_nvml_dir, tmp_path, nvml=False, smi=False, visible=False)
+    env["NVIDIA_VISIBLE_DEVICES"] = "all"  # what base images set: proves nothing about this pod
+    refused = gate_cli(env, "--exporter-url", exporter.url, "--gpus", "0")
+    assert refused.returncode == 2 and "by UUID (GPU-" in refused.stderr, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    by_uuid = gate_cli(env, "--exporter-url", exporter.url, "--gpus", FakeGpu(index=4).uuid)
+    assert by_uuid.returncode == 1 and "30.00 GiB used" in by_uuid.stdout
+
+
+def test_the_library_and_the_rlix_probe_judge_the_same_card(node, monkeypatch):
+    _, _, exporter, prometheus = node
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", ",".join(FakeGpu(index=card).uuid for card in POD_CARDS))
+    monkeypatch.setenv("GPU_RESIDENCY_EXPORTER_URL", exporter.url)
+    assert probe_max_used_gpu_mem_gb([0]) == pytest.approx(30.0)
+    assert probe_max_used_gpu_mem_gb([1, 2]) == pytest.approx(0.5)
+    gate = ResidualGate.from_env(threshold_gb=2)
+    assert not gate.check([0]).ok and gate.check([1]).ok
+    on_prometheus = ResidualGate(2, source="prometheus", prometheus_url=prometheus.url)
+    decision = on_prometheus.check([0], node="a pod's host name, not the node's")  # asked by UUID
+    assert not decision.ok and decision.gpus[0].sample.uuid == FakeGpu(index=4).uuid
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "all")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert probe_max_used_gpu_mem_gb([0]) is None, "cannot resolve: cannot measure, never host GPU 0"
+    with pytest.raises(GateConfigError, match="by UUID"):
+        ResidualGate(2, source=ExporterSource(exporter.url)).check([0])
+
+
+# ---------- the clear streak ----------
+
+
+class Clear:
+    """A source whose GPU is always clear; records when it was looked at."""
+
+    name = "clear"
+
+    def __init__(self) -> None:
+        self.looks: list[float] = []
+
+    def read(self, node: str) -> list[GpuSample]:
+        self.looks.append(time.monotonic())
+        return [GpuSample(0, "GPU-0", "00000000:18:00.0", 0)]
+
+
+def test_clear_samples_are_looks_poll_s_apart_whatever_the_timeout():
+    source = Clear()
+    gate = ResidualGate(2, source=source, clear_samples=3, poll_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(GateTimeout, match=r"clear on 2 of the 3 looks 0\.5s apart"):
+        gate.wait([0], timeout=0.6)
+    assert len(source.looks) == 2 and time.monotonic() - started < 1.0, "it never took a look to fill the streak"
+    source.looks.clear()
+    decision = gate.wait([0], timeout=10)
+    assert decision.ok and len(source.looks) == 3
+    gaps = [b - a for a, b in zip(source.looks, source.looks[1:], strict=False)]
+    assert min(gaps) >= 0.5, gaps
+
+
+def test_cli_wait_with_a_streak_longer_than_its_timeout_exits_1(node, fake_nvml_dir, tmp_path):
+    _, pod, _, _ = node
+    env = pod_env(pod, fake_nvml_dir, tmp_path)
+    args = ["wait", "--source", "nvml", "--gpus", "1", "--clear-samples", "3", "--poll", "0.5"]
+    short = subprocess.run([sys.executable, "-m", "gate", *args, "--timeout", "0.6"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)  # fmt: skip
+    assert short.returncode == 1 and "clear on" in short.stderr + short.stdout, short.stdout + short.stderr
+    started = time.monotonic()
+    enough = subprocess.run([sys.executable, "-m", "gate", *args, "--timeout", "20"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)  # fmt: skip
+    assert enough.returncode == 0 and time.monotonic() - started >= 1.0, enough.stdout + enough.stderr
