@@ -19,9 +19,11 @@ from prometheus_client.exposition import gzip_accepted
 
 from exporter import __version__
 from exporter.exposition import CONTENT_TYPE, render
+from exporter.log_limit import LogLimiter
 from exporter.web_config import WebConfig
 
 log = logging.getLogger(__name__)
+AUTH_LOG_INTERVAL_S = 60.0  # refused credentials: one log line a minute at most, with the count
 
 
 class ListenAddressError(ValueError):
@@ -68,7 +70,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             parts = urlsplit(self.path)
-            request = Request(parts.path, parse_qs(parts.query), self.headers, self.connection)
+            request = Request(parts.path, parse_qs(parts.query), self.headers, self.connection, self.client_address[0])
             status, headers, body = self.server.respond(request)
         except Exception:
             # Never an empty reply: a scraper must see that this scrape failed, and why is logged.
@@ -91,6 +93,7 @@ class Request:
     query: dict[str, list[str]]
     headers: Message
     connection: socket.socket | None = None  # a long poll watches it: a client that left ends the wait
+    client: str = ""  # the peer's address, for the log
 
 
 Response = tuple[int, list[tuple[str, str]], bytes]
@@ -112,13 +115,16 @@ def make_responder(
     telemetry_path: str,
     web: WebConfig | None = None,
     routes: dict[str, Route] | None = None,
+    auth_log_interval: float = AUTH_LOG_INTERVAL_S,
 ) -> Responder:
     """request -> (status, headers, body): the telemetry path -> metrics, /healthz -> 'ok', / -> landing page,
     and each of `routes` (the JSON API) to its handler.
 
-    With basic auth users configured, everything but /healthz needs credentials."""
+    With basic auth users configured, everything but /healthz needs credentials; any refusal is a
+    401, logged at most once per `auth_log_interval` seconds (any client can cause it)."""
     routes = dict(routes or {})
     web = web or WebConfig()
+    refused = LogLimiter(log, auth_log_interval)
     landing = (
         "<html><head><title>gpu-residency exporter</title></head><body>"
         f"<h1>gpu-residency exporter {html.escape(__version__)}</h1>"
@@ -131,7 +137,9 @@ def make_responder(
         path, headers = request.path, request.headers
         if path == "/healthz":
             return 200, text, b"ok\n"  # the process serves: that is what liveness means here
-        if not web.authorized(headers.get("Authorization")):
+        why = web.refusal(headers.get("Authorization"))
+        if why is not None:
+            refused.warning(f"refused a request from {request.client or 'a client'} for {path[:100]!r}: {why}")
             return 401, [*text, ("WWW-Authenticate", 'Basic realm="gpu-residency"')], b"unauthorized\n"
         if path == telemetry_path:
             body = render(registry.collect())

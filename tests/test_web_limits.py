@@ -1,0 +1,87 @@
+"""What any client on the network can make the exporter do: refused credentials are a 401 and a
+bounded log, and a crowd of clients costs a bounded number of collections, waiters and threads."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import time
+
+import bcrypt
+import pytest
+import requests
+from prometheus_client import CollectorRegistry
+
+from exporter.server import ExporterServer, make_responder
+from exporter.web_config import BCRYPT_MAX_PASSWORD, load_web_config
+
+REFUSED = "refused a request from"
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+# Every kind of refusal a client can cause, each a 401.
+BAD_CREDENTIALS = [
+    {},
+    {"Authorization": "Bearer token"},
+    {"Authorization": "Basic !!!not-base64"},
+    {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe:x").decode()},
+    _basic("nobody", "s3cret"),
+    _basic("prometheus", "wrong"),
+    _basic("prometheus", "x" * (BCRYPT_MAX_PASSWORD + 1)),
+    _basic("nobody", "é" * BCRYPT_MAX_PASSWORD),
+]
+
+
+@pytest.fixture
+def web_config(tmp_path):
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    return config
+
+
+def test_every_refusal_is_a_401_and_one_log_line_without_a_traceback(exporter_factory, scenario, web_config):
+    exporter = exporter_factory(scenario, "--web.config.file", str(web_config))
+    long_password = _basic("prometheus", "p" * 100)
+    answer = requests.get(exporter.url + "/metrics", headers=long_password, timeout=30)
+    assert answer.status_code == 401 and answer.headers["WWW-Authenticate"].startswith("Basic")
+    started = time.monotonic()
+    for _ in range(10):
+        for headers in BAD_CREDENTIALS:
+            for path in ("/metrics", "/api/v1/gpus", "/"):
+                assert requests.get(exporter.url + path, headers=headers, timeout=30).status_code == 401, headers
+    elapsed = time.monotonic() - started
+    assert requests.get(exporter.url + "/metrics", headers=_basic("prometheus", "s3cret"), timeout=30).ok
+    log = exporter.log()
+    lines = [line for line in log.splitlines() if REFUSED in line]
+    assert lines and "longer than bcrypt's 72 bytes" in lines[0], log[-2000:]
+    assert len(lines) <= 1 + elapsed // 60, f"{len(lines)} lines for 241 refusals in {elapsed:.0f}s"
+    assert "Traceback" not in log and " ERROR " not in log
+    assert "p" * 100 not in log and "s3cret" not in log, "no secret in the log"
+
+
+def test_refusals_left_out_of_the_log_are_counted_on_the_next_line(web_config, caplog):
+    interval = 0.3
+    responder = make_responder(CollectorRegistry(), "/metrics", load_web_config(str(web_config)), None, interval)
+    server = ExporterServer(responder, "127.0.0.1", 0, load_web_config(str(web_config)))
+    server.start()
+    url = "http://{}:{}/metrics".format(*server.address)
+    caplog.set_level(logging.WARNING, logger="exporter.server")
+    sent = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not any("more since the last such line" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "no line ever counted the ones left out"
+            for headers in BAD_CREDENTIALS:
+                assert requests.get(url, headers=headers, timeout=30).status_code == 401
+                sent += 1
+    finally:
+        server.stop()
+    lines = [r.getMessage() for r in caplog.records if REFUSED in r.getMessage()]
+    counted = sum(int(m.group(1)) for line in lines if (m := re.search(r"\((\d+) more since", line)))
+    assert len(lines) < sent / 4, f"{len(lines)} lines for {sent} refusals"
+    assert sent - counted - len(lines) < len(BAD_CREDENTIALS) * 2, "every refusal is a line or in a count"
