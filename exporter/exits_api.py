@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import urllib.error
 from datetime import datetime
 
 from exporter.exit_log import ExitLog
-from exporter.exits import EXPORTER_URL_ENV, fetch_exits
+from exporter.exits import fetch_exits
 from exporter.server import Request, Response, Route, json_response
+from gpu_residency_common.exporter_client import (
+    CA_FILE_ENV,
+    PASSWORD_ENV,
+    PASSWORD_FILE_ENV,
+    TIMEOUT_S,
+    URL_ENV,
+    USER_ENV,
+    ExporterClient,
+    ExporterError,
+)
 
 MAX_WAIT_SECONDS = 10.0
 GIB = 1024**3
+LOCAL_URL = "http://127.0.0.1:9852"
 
 
 def exits_route(exits: ExitLog) -> Route:
@@ -68,33 +77,31 @@ def describe_record(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _holder(holder: dict) -> str:
-    pid = f" pid {holder['pid']}" if holder.get("pid") else ""
-    return f"{holder['kind']} {holder['name']}".strip() + f"{pid} {holder['used_bytes'] / GIB:.1f} GiB"
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gpu-residency-exporter exits",
         description="Print the recent engine exits a running exporter recorded, newest first: the cause it "
-        "found (oom_kill, child_failure, signal, exit_code, unknown), its evidence, and the GPU peak before.",
+        "found (oom_kill, child_failure, signal, exit_code, unknown), its evidence, and the GPU peak before. "
+        f"The exporter's settings, as every client of it takes them: each flag left out is read from "
+        f"${URL_ENV}, ${CA_FILE_ENV}, ${USER_ENV}, ${PASSWORD_FILE_ENV} or ${PASSWORD_ENV}.",
     )
-    parser.add_argument("--url", default=os.environ.get(EXPORTER_URL_ENV, "http://127.0.0.1:9852"),
-                        help=f"the exporter (default ${EXPORTER_URL_ENV} or http://127.0.0.1:9852)")  # fmt: skip
+    parser.add_argument("--url", help=f"the exporter (default ${URL_ENV}, else {LOCAL_URL})")
     parser.add_argument("--engine", help="only this engine")
     parser.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
-    parser.add_argument("--ca-file", help="CA to verify an https exporter")
-    parser.add_argument("--user", help="basic auth user (password from $GPU_RESIDENCY_EXPORTER_PASSWORD)")
+    parser.add_argument("--ca-file", help="CA bundle to verify an https exporter (default: the system's CAs)")
+    parser.add_argument("--user", help="basic auth user")
+    parser.add_argument("--password-file", help="file holding that user's password (never a flag)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds (default {TIMEOUT_S:g})")
     args = parser.parse_args(argv)
     try:
-        records = fetch_exits(args.url, args.engine, limit=args.limit, ca_file=args.ca_file, user=args.user,
-                              password=os.environ.get("GPU_RESIDENCY_EXPORTER_PASSWORD"))  # fmt: skip
-    except urllib.error.HTTPError as exc:
-        print(f"gpu-residency-exporter exits: {args.url}: HTTP {exc.code}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"gpu-residency-exporter exits: cannot ask {args.url}: {exc}", file=sys.stderr)
+        client = ExporterClient(args.url, args.timeout, args.ca_file, args.user, None, args.password_file, LOCAL_URL)
+    except ExporterError as exc:
+        parser.error(str(exc))
+    try:
+        records = fetch_exits(client, args.engine, limit=args.limit)
+    except ExporterError as exc:
+        print(f"gpu-residency-exporter exits: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(records, indent=2))
