@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         metavar="N",
-        help="long polls on /api/v1/wait at once; more are answered 429 (default 16)",
+        help="long polls at once on /api/v1/wait, and on /api/v1/exits?wait=; more are answered 429 (default 16 each)",
     )
     _seconds(api, "--api.max-wait", "api_max_wait", 60.0, "the longest one long poll lasts (default 60)")
     _seconds(
@@ -511,7 +511,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
     if "exits" not in disabled:
         if forensics is not None:
             exporter.loops.append(SupervisedLoop("forensics", exporter.watch_exits, args.forensics_interval, errors))
-        exporter.routes[EXITS_PATH] = exits_route(exits)
+        exporter.routes[EXITS_PATH] = exits_route(exits, args.api_max_waiters)
     return exporter
 
 

@@ -5,7 +5,8 @@
         {"exits": [{"engine": ..., "exitcode": -9, "cause": "oom_kill", "detail": ..., "gpus": [...]}, ...]}
 
 `wait` (seconds, at most 10) holds the answer until an exit newer than `since` is there: a
-framework that just saw its engine die asks once and gets the exporter's evidence.
+framework that just saw its engine die asks once and gets the exporter's evidence. At most
+--api.max-waiters requests wait at once (429 beyond); asking without `wait` is never refused.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from datetime import datetime
 
 from exporter.exit_log import ExitLog
 from exporter.exits import fetch_exits
-from exporter.server import Request, Response, Route, json_response
+from exporter.server import Request, Response, Route, client_gone, json_response
 from gpu_residency_common.exporter_client import (
     CA_FILE_ENV,
     PASSWORD_ENV,
@@ -31,11 +33,16 @@ from gpu_residency_common.exporter_client import (
 )
 
 MAX_WAIT_SECONDS = 10.0
+WAIT_POLL_S = 0.1  # how often a waiter looks for a new exit and at its connection
 GIB = 1024**3
 LOCAL_URL = "http://127.0.0.1:9852"
 
 
-def exits_route(exits: ExitLog) -> Route:
+def exits_route(exits: ExitLog, max_waiters: int) -> Route:
+    """GET /api/v1/exits; at most `max_waiters` requests wait at once (429 beyond, as the gate's
+    long poll answers), and a waiter whose client left frees its place."""
+    places = threading.BoundedSemaphore(max_waiters) if max_waiters > 0 else None
+
     def answer(request: Request) -> Response:
         query = {key: values[-1] for key, values in request.query.items()}
         engine = query.get("engine") or None
@@ -45,14 +52,26 @@ def exits_route(exits: ExitLog) -> Route:
             limit = int(query.get("limit", "50"))
         except ValueError:
             return json_response(400, {"error": "since and wait are seconds, limit an integer"})
-        deadline = time.monotonic() + wait
-        while True:
-            found = [r for r in exits.recent(engine) if float(r.get("time", 0)) > since]
-            if found or time.monotonic() >= deadline:
-                return json_response(200, {"exits": found[: max(0, limit)]})
-            time.sleep(0.1)
+        if not wait:
+            return json_response(200, {"exits": _found(exits, engine, since)[: max(0, limit)]})
+        if places is None or not places.acquire(blocking=False):
+            status, headers, body = json_response(429, {"error": "too many waiters; retry, or ask without wait"})
+            return status, [*headers, ("Retry-After", "1")], body
+        try:
+            deadline = time.monotonic() + wait
+            while not (found := _found(exits, engine, since)) and time.monotonic() < deadline:
+                if client_gone(request.connection):
+                    return json_response(499, {"error": "client closed the connection"})  # nobody reads it
+                time.sleep(WAIT_POLL_S)
+        finally:
+            places.release()
+        return json_response(200, {"exits": found[: max(0, limit)]})
 
     return answer
+
+
+def _found(exits: ExitLog, engine: str | None, since: float) -> list[dict]:
+    return [r for r in exits.recent(engine) if float(r.get("time", 0)) > since]
 
 
 def describe_record(record: dict) -> str:

@@ -6,6 +6,7 @@ import gzip
 import html
 import json
 import logging
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -108,6 +109,22 @@ def json_response(status: int, body: object) -> Response:
         [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
         (json.dumps(body, separators=(",", ":")) + "\n").encode(),
     )
+
+
+def client_gone(connection: socket.socket | None) -> bool:
+    """The client closed or reset its connection (POLLRDHUP: it is gone even with TLS, where a
+    peek would see the close_notify record as data)."""
+    if connection is None:
+        return False
+    try:
+        fd = connection.fileno()
+    except OSError:
+        return True
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
 
 
 def make_responder(

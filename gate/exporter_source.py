@@ -1,4 +1,4 @@
-"""The exporter source: the node's gpu-residency exporter answers with a fresh NVML reading, over
+"""The exporter source: the node's gpu-residency exporter answers with its own NVML reading, over
 HTTP(S), without Prometheus' scrape interval in between.
 
     GET /api/v1/gpus                                        every GPU, with its holders
@@ -21,7 +21,7 @@ from gpu_residency_common.exporter_client import ExporterClient, ExporterError
 
 
 class ExporterSource:
-    """A fresh reading per look from the exporter's JSON API; waits by long poll."""
+    """A reading per look from the exporter's JSON API; waits by long poll."""
 
     name = "exporter"
     poll_floor_s = 0.0
@@ -50,8 +50,9 @@ class ExporterSource:
         return self._client.url
 
     def read(self, node: str) -> list[GpuSample]:
-        """Every GPU of the exporter's node, from a fresh collection, with holders. The node is the
-        exporter's: `node` is not used (a gate in a pod often has another host name)."""
+        """Every GPU of the exporter's node, with holders, from its collection (at most
+        --collection.min-interval old). The node is the exporter's: `node` is not used (a gate in
+        a pod often has another host name)."""
         return samples_from_api(self._get("/api/v1/gpus", {}), self.url)
 
     def wait_until_under(self, node: str, names: list[str], threshold_bytes: int, timeout: float) -> list[GpuSample]:

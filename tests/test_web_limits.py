@@ -7,10 +7,13 @@ import base64
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import bcrypt
 import pytest
 import requests
+from conftest import one
 from prometheus_client import CollectorRegistry
 
 from exporter.server import ExporterServer, make_responder
@@ -85,3 +88,62 @@ def test_refusals_left_out_of_the_log_are_counted_on_the_next_line(web_config, c
     counted = sum(int(m.group(1)) for line in lines if (m := re.search(r"\((\d+) more since", line)))
     assert len(lines) < sent / 4, f"{len(lines)} lines for {sent} refusals"
     assert sent - counted - len(lines) < len(BAD_CREDENTIALS) * 2, "every refusal is a line or in a count"
+
+
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE).group(1))
+
+
+def _collections(exporter) -> float:
+    return one(exporter.scrape(), "gpu_residency_collections_total")
+
+
+CLIENTS = 64
+CLOSE = {"Connection": "close"}
+
+
+def test_64_clients_cost_one_collection_an_interval_and_a_bounded_number_of_waiters(exporter_factory, scenario):
+    interval, places = 2.0, 4
+    exporter = exporter_factory(
+        scenario, "--collection.min-interval", str(interval), "--api.max-waiters", str(places),
+        "--forensics.interval", "0",  # its own collections, once a second, would blur the count
+    )  # fmt: skip
+    url = exporter.url
+
+    def read_gpus(stop: float) -> int:
+        with requests.Session() as session:
+            reads = 0
+            while time.monotonic() < stop:
+                body = session.get(url + "/api/v1/gpus", timeout=30).json()
+                assert body["nvml_up"] and body["gpus"]
+                reads += 1
+            return reads
+
+    before = _collections(exporter)
+    started = time.monotonic()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        reads = sum(pool.map(read_gpus, [started + 3 * interval] * CLIENTS))
+    elapsed = time.monotonic() - started
+    passes = _collections(exporter) - before - 1  # less the scrape that read the count
+    assert reads > 4 * CLIENTS, "the clients were served"
+    assert passes <= elapsed / interval + 2, f"{passes:.0f} NVML and /proc passes for {reads} reads in {elapsed:.1f}s"
+
+    idle = _threads(exporter.proc.pid)
+    wait_url = url + "/api/v1/exits?engine=nobody&wait=10"
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        # Connection: close, as the project's own clients (urllib) do: a turned-away client leaves.
+        answers = [pool.submit(requests.get, wait_url, headers=CLOSE, timeout=60) for _ in range(CLIENTS)]
+        deadline = time.monotonic() + 8  # well inside the waiters' 10 s
+        while sum(a.done() for a in answers) < CLIENTS - places:
+            assert time.monotonic() < deadline, "the waiters beyond the limit were not turned away"
+            time.sleep(0.05)
+        refused = [a for a in answers if a.done()]
+        assert all(a.result().status_code == 429 and a.result().headers["Retry-After"] == "1" for a in refused)
+        while _threads(exporter.proc.pid) > idle + places + 2:
+            assert time.monotonic() < deadline, f"{_threads(exporter.proc.pid)} threads, {idle} idle"
+            time.sleep(0.05)
+        assert sum(not a.done() for a in answers) == places, "the waiters within the limit still wait"
+        assert requests.get(url + "/api/v1/exits", timeout=10).json() == {"exits": []}, "no wait: never refused"
+        held = [a.result() for a in answers if a not in refused]
+    assert all(r.status_code == 200 and r.json() == {"exits": []} for r in held)
