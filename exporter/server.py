@@ -8,6 +8,7 @@ import json
 import logging
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,10 +66,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         web: WebConfig = self.server.web
-        if web.allowed_sans and not web.client_allowed(self.connection.getpeercert()):
-            # client_allowed_sans: a verified certificate that names none of them is refused.
-            self.send_error(403, "client certificate not allowed")
-            return
         try:
             parts = urlsplit(self.path)
             request = Request(parts.path, parse_qs(parts.query), self.headers, self.connection, self.client_address[0])
@@ -152,6 +149,13 @@ def make_responder(
 
     def respond(request: Request) -> Response:
         path, headers = request.path, request.headers
+        if web.allowed_sans:
+            connection = request.connection
+            if not web.client_allowed(connection.getpeercert() if isinstance(connection, ssl.SSLSocket) else None):
+                # client_allowed_sans: a verified certificate that names none of them is refused.
+                refused.warning(f"refused a request from {request.client or 'a client'}: its certificate names "
+                                "none of client_allowed_sans")  # fmt: skip
+                return 403, text, b"client certificate not allowed\n"
         if path == "/healthz":
             return 200, text, b"ok\n"  # the process serves: that is what liveness means here
         why = web.refusal(headers.get("Authorization"))
