@@ -25,7 +25,8 @@ from exporter.log_limit import LogLimiter
 from exporter.web_config import WebConfig
 
 log = logging.getLogger(__name__)
-AUTH_LOG_INTERVAL_S = 60.0  # refused credentials: one log line a minute at most, with the count
+REFUSED_LOG_INTERVAL_S = 60.0  # refused credentials or connections: one log line a minute at most, with the count
+DEFAULT_MAX_CONNECTIONS = 128
 
 
 class ListenAddressError(ValueError):
@@ -44,12 +45,37 @@ def parse_listen_address(value: str) -> tuple[str, int]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], respond: Responder, web: WebConfig) -> None:
+    def __init__(self, address: tuple[str, int], respond: Responder, web: WebConfig, max_connections: int) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.respond = respond
         self.web = web
+        self._max_connections = max_connections
+        self._places = threading.BoundedSemaphore(max_connections)
+        self._refused = LogLimiter(log, REFUSED_LOG_INTERVAL_S)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        """A thread per connection, at most max_connections at once: beyond, the connection is
+        closed unanswered, so no number of idle or slow clients can exhaust the process."""
+        if not self._places.acquire(blocking=False):
+            self._refused.warning(
+                f"closed a connection from {client_address[0]}: {self._max_connections} open already "
+                "(--web.max-connections)"
+            )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: its place is free again
+            self._places.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._places.release()
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         """A client that fails its TLS handshake or drops the connection is not the exporter's
@@ -129,7 +155,7 @@ def make_responder(
     telemetry_path: str,
     web: WebConfig | None = None,
     routes: dict[str, Route] | None = None,
-    auth_log_interval: float = AUTH_LOG_INTERVAL_S,
+    auth_log_interval: float = REFUSED_LOG_INTERVAL_S,
 ) -> Responder:
     """request -> (status, headers, body): the telemetry path -> metrics, /healthz -> 'ok', / -> landing page,
     and each of `routes` (the JSON API) to its handler.
@@ -183,9 +209,16 @@ def make_responder(
 class ExporterServer:
     """A threaded HTTP server on its own thread; `address` is the bound (host, port)."""
 
-    def __init__(self, respond: Responder, host: str, port: int, web: WebConfig | None = None) -> None:
+    def __init__(
+        self,
+        respond: Responder,
+        host: str,
+        port: int,
+        web: WebConfig | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         web = web or WebConfig()
-        self._httpd = _Server((host, port), respond, web)
+        self._httpd = _Server((host, port), respond, web, max_connections)
         if web.tls is not None:
             # The handshake happens in the connection's own thread, so a slow client cannot stall accept().
             self._httpd.socket = web.tls.wrap_socket(

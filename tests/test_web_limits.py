@@ -4,8 +4,11 @@ bounded log, and a crowd of clients costs a bounded number of collections, waite
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import re
+import select
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -147,3 +150,33 @@ def test_64_clients_cost_one_collection_an_interval_and_a_bounded_number_of_wait
         assert requests.get(url + "/api/v1/exits", timeout=10).json() == {"exits": []}, "no wait: never refused"
         held = [a.result() for a in answers if a not in refused]
     assert all(r.status_code == 200 and r.json() == {"exits": []} for r in held)
+
+
+def test_64_idle_connections_hold_no_more_threads_than_the_limit(exporter_factory, scenario):
+    limit = 16
+    exporter = exporter_factory(scenario, "--web.max-connections", str(limit))
+    idle = _threads(exporter.proc.pid)
+    host, port = exporter.url.removeprefix("http://").rsplit(":", 1)
+    clients = [socket.create_connection((host, int(port)), timeout=10) for _ in range(CLIENTS)]  # and say nothing
+    try:
+        deadline = time.monotonic() + 20
+        closed: set[int] = set()
+        while len(closed) < CLIENTS - limit:
+            assert time.monotonic() < deadline, f"{len(closed)} of the connections beyond {limit} closed"
+            for index, client in enumerate(clients):
+                if index not in closed and select.select([client], [], [], 0)[0] and not client.recv(1):
+                    closed.add(index)
+            time.sleep(0.05)
+        assert _threads(exporter.proc.pid) <= idle + limit + 2, f"{_threads(exporter.proc.pid)} threads, {idle} idle"
+    finally:
+        for client in clients:
+            client.close()
+    deadline = time.monotonic() + 20
+    while True:  # the places come back as the clients leave
+        with contextlib.suppress(requests.ConnectionError):
+            if requests.get(exporter.url + "/healthz", headers=CLOSE, timeout=10).ok:
+                break
+        assert time.monotonic() < deadline, "the exporter never served again"
+        time.sleep(0.05)
+    lines = [line for line in exporter.log().splitlines() if "closed a connection from" in line]
+    assert len(lines) == 1 and "--web.max-connections" in lines[0], lines
