@@ -1,8 +1,8 @@
 """The JSON API for gates on other nodes: fresh readings without Prometheus' scrape interval.
 
-    GET /api/v1/gpus    one fresh collection: every GPU's used and total memory, its holders
-                        (processes with their holder, kind and engine), engine totals and
-                        what no process accounts for
+    GET /api/v1/gpus    the scrape's collection (no older than --collection.min-interval):
+                        every GPU's used and total memory, its holders (processes with their
+                        holder, kind and engine), engine totals and what no process accounts for
     GET /api/v1/wait?gpus=0,GPU-…&threshold_bytes=N&timeout=S
                         a long poll: answered as soon as every named GPU is under N bytes, or
                         after S seconds (capped by --api.max-wait) with the last reading and
@@ -19,7 +19,6 @@ paths sit behind the same TLS and basic auth as /metrics (server.make_responder)
 from __future__ import annotations
 
 import math
-import select
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ from exporter.attribution import Snapshot
 from exporter.collector import ResidencyCollector
 from exporter.errors import ErrorCounter
 from exporter.nvml_source import GpuReading, NvmlReading, NvmlSource
-from exporter.server import Request, Response, Route, json_response
+from exporter.server import Request, Response, Route, client_gone, json_response
 from gate.readings import GpuSample, normalise
 
 MAX_GPUS_PER_WAIT = 64
@@ -195,22 +194,6 @@ def nvml_reason(before: dict[tuple[str, str], int], after: dict[tuple[str, str],
     return "; ".join(NVML_REASONS.get(reason, f"NVML error: {reason}") for reason in sorted(reasons))
 
 
-def client_gone(connection: socket.socket | None) -> bool:
-    """The client closed or reset its connection (POLLRDHUP: it is gone even with TLS, where a
-    peek would see the close_notify record as data)."""
-    if connection is None:
-        return False
-    try:
-        fd = connection.fileno()
-    except OSError:
-        return True
-    if fd < 0:
-        return True
-    poller = select.poll()
-    poller.register(fd, getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR)
-    return bool(poller.poll(0))
-
-
 def _match(reading: NvmlReading, name: str) -> list[GpuReading]:
     return [gpu for gpu in reading.gpus if GpuSample(gpu.index, gpu.uuid, gpu.pci_bus_id, None).matches(name)]
 
@@ -273,9 +256,10 @@ class GpuApi:
     def routes(self) -> dict[str, Route]:
         return {"/api/v1/gpus": self.gpus, "/api/v1/wait": self.wait}
 
-    def _collect(self) -> tuple[Snapshot, str]:
+    def _collect(self, max_age: float | None = 0) -> tuple[Snapshot, str]:
+        """A collection no older than `max_age` (None: the scrape's min interval), and why NVML is down."""
         before = self._errors.snapshot()
-        snapshot, _ = self._collector.snapshot(max_age=0)
+        snapshot, _ = self._collector.snapshot(max_age=max_age)
         reason = "" if snapshot.nvml.up else nvml_reason(before, self._errors.snapshot())
         return snapshot, reason
 
@@ -291,7 +275,8 @@ class GpuApi:
         }
 
     def gpus(self, request: Request) -> Response:
-        snapshot, reason = self._collect()
+        # The scrape's collection: any number of clients cost one NVML and /proc pass an interval.
+        snapshot, reason = self._collect(max_age=None)
         return json_response(200, self._body(snapshot, reason))
 
     def wait(self, request: Request) -> Response:

@@ -24,7 +24,7 @@ class ProcessUsage:
     pid: int
     used_bytes: int | None
     comm: str  # the process's own title, else its comm; "" when it left /proc before we looked
-    container: str
+    container_id: str  # from the cgroup path; not `container`, which Prometheus' operator sets
     engine: str  # "" when the process belongs to no known engine
     holder: HolderId = UNKNOWN  # its engine, or who it is without one
     pod_uid: str = ""
@@ -65,7 +65,7 @@ class Snapshot:
 class _Identity:
     """What does not change while a process lives: read once per (pid, start time)."""
 
-    container: str
+    container_id: str
     pod_uid: str
     launchers: tuple[tuple[int, str], ...]  # torchrun / Megatron processes among it and its ancestors
 
@@ -83,8 +83,8 @@ class Attributor:
         self._identities: dict[tuple[int, int], _Identity] = {}
 
     def _identity(self, info: ProcInfo, view: ProcView) -> _Identity:
-        container, pod_uid = view.cgroup(info.pid)
-        return _Identity(container, pod_uid, view.launchers(info.pid))
+        container_id, pod_uid = view.cgroup(info.pid)
+        return _Identity(container_id, pod_uid, view.launchers(info.pid))
 
     def attribute(self, nvml: NvmlReading, engines: list[Engine], view: ProcView) -> Snapshot:
         # An engine is up only if its root PID is, in this same view, the registered process.
@@ -146,7 +146,7 @@ class Attributor:
             proc.pid,
             proc.used_bytes,
             title or info.comm,
-            identity.container,
+            identity.container_id,
             engine.name if engine else "",
             holder,
             identity.pod_uid,

@@ -28,7 +28,14 @@ from exporter.gate_records import GateRecords
 from exporter.nvml_source import DEFAULT_TIMEOUT_SECONDS as DEFAULT_NVML_TIMEOUT
 from exporter.nvml_source import NvmlSource
 from exporter.registry import DEFAULT_DIR, REGISTRY_ENV
-from exporter.server import ExporterServer, ListenAddressError, Route, make_responder, parse_listen_address
+from exporter.server import (
+    DEFAULT_MAX_CONNECTIONS,
+    ExporterServer,
+    ListenAddressError,
+    Route,
+    make_responder,
+    parse_listen_address,
+)
 from exporter.sglang import SglangPoller
 from exporter.supervisor import SupervisedLoop
 from exporter.transitions import TransitionTracker
@@ -90,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TLS and basic auth, in the exporter-toolkit web-config format (tls_server_config: cert_file, "
         "key_file; basic_auth_users: user: bcrypt hash); see docs/SECURITY.md",
+    )
+    web.add_argument(
+        "--web.max-connections",
+        dest="max_connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"connections served at once, a thread each; more are closed unanswered (default "
+        f"{DEFAULT_MAX_CONNECTIONS}; an idle one is closed after 30 s)",
     )
     web.add_argument(
         "--collection.min-interval",
@@ -295,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         metavar="N",
-        help="long polls on /api/v1/wait at once; more are answered 429 (default 16)",
+        help="long polls at once on /api/v1/wait, and on /api/v1/exits?wait=; more are answered 429 (default 16 each)",
     )
     _seconds(api, "--api.max-wait", "api_max_wait", 60.0, "the longest one long poll lasts (default 60)")
     _seconds(
@@ -511,7 +527,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
     if "exits" not in disabled:
         if forensics is not None:
             exporter.loops.append(SupervisedLoop("forensics", exporter.watch_exits, args.forensics_interval, errors))
-        exporter.routes[EXITS_PATH] = exits_route(exits)
+        exporter.routes[EXITS_PATH] = exits_route(exits, args.api_max_waiters)
     return exporter
 
 
@@ -530,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=LOG_LEVELS[args.log_level], format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.max_connections < 1:
+        parser.error(f"--web.max-connections {args.max_connections}: must be >= 1")
     if args.api_max_waiters < 0:
         parser.error(f"--api.max-waiters {args.api_max_waiters}: must be >= 0 (0 refuses every long poll)")
     if not args.telemetry_path.startswith("/") or args.telemetry_path in ("/", "/healthz"):
@@ -559,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     registry.register(exporter.collector)
     try:
         responder = make_responder(registry, args.telemetry_path, web, routes=exporter.routes)
-        server = ExporterServer(responder, host, port, web=web)
+        server = ExporterServer(responder, host, port, web=web, max_connections=args.max_connections)
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         return 1

@@ -141,12 +141,12 @@ class ResidencyCollector(Collector):
             PREFIX + "process_memory_bytes",
             "GPU memory used by one process (NVML); engine is '' for a process in no known engine, holder names it "
             "anyway (its engine, Ray actor class, launcher or title; else its comm).",
-            labels=["node", "gpu", "uuid", "pid", "comm", "engine", "container", "pod_uid", "holder", "holder_kind"],
+            labels=["node", "gpu", "uuid", "pid", "comm", "engine", "container_id", "pod_uid", "holder", "holder_kind"],
         )
         for proc in snapshot.processes:
             if proc.used_bytes is not None:
                 processes.add_metric(
-                    [node, str(proc.gpu.index), proc.gpu.uuid, str(proc.pid), proc.comm, proc.engine, proc.container,
+                    [node, str(proc.gpu.index), proc.gpu.uuid, str(proc.pid), proc.comm, proc.engine, proc.container_id,
                      proc.pod_uid, proc.holder.name, proc.holder.kind],
                     proc.used_bytes,
                 )  # fmt: skip

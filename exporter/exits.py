@@ -20,18 +20,15 @@ rotation loses no count.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import logging
 import os
 import queue
 import signal
-import ssl
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -39,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.registry import ENTRY_SUFFIX, RegistryError, read_entry, registry_dir
+from gpu_residency_common.exporter_client import URL_ENV, ExporterClient, ExporterError
 from gpu_residency_common.files import UntrustedFileError, append_record, ensure_dir, open_regular, parse_json
 
 EVENTS_FILE = "events.jsonl"
@@ -48,8 +46,7 @@ ROTATE_BYTES = 1024 * 1024
 MAX_EVENT_BYTES = 4096  # one write of at most PIPE_BUF-ish size stays whole under O_APPEND
 MAX_TEXT_FIELD = 1024  # an event keeps at most this much of a URL: it is for a human to read
 EXITS_PATH = "/api/v1/exits"
-EXPORTER_URL_ENV = "GPU_RESIDENCY_EXPORTER_URL"
-EVIDENCE_WAIT_S = 5.0  # how long a dying engine's message waits for the exporter's evidence
+EVIDENCE_WAIT_S = 5.0  # how long a dying engine's message waits for the exporter's evidence, all told
 
 log = logging.getLogger(__name__)
 
@@ -243,38 +240,44 @@ def report_exit(
     return event
 
 
-def fetch_exits(url: str, engine: str | None = None, since: float = 0.0, wait: float = 0.0, limit: int = 50,
-                ca_file: str | None = None, user: str | None = None, password: str | None = None,
-                timeout: float = 15.0) -> list[dict]:  # fmt: skip
+def fetch_exits(
+    client: ExporterClient, engine: str | None = None, since: float = 0.0, wait: float = 0.0, limit: int = 50
+) -> list[dict]:
     """The exporter's recent exits with their cause and evidence (newest first; `wait` seconds for one
-    newer than `since`); OSError or ValueError when it cannot be asked."""
-    query = urllib.parse.urlencode(
-        {k: v for k, v in {"engine": engine, "since": since, "wait": wait, "limit": limit}.items() if v}
-    )
-    request = urllib.request.Request(url.rstrip("/") + EXITS_PATH + (f"?{query}" if query else ""))
-    if user is not None:
-        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https") else None
-    with urllib.request.urlopen(request, timeout=timeout + wait, context=context) as response:
-        body = json.loads(response.read(16 * 1024 * 1024))
+    newer than `since`); ExporterError when it cannot be asked."""
+    query = {k: str(v) for k, v in {"engine": engine, "since": since, "wait": wait, "limit": limit}.items() if v}
+    body = client.get_json(EXITS_PATH, query, client.timeout + wait)
     if not isinstance(body, dict) or not isinstance(body.get("exits"), list):
-        raise ValueError("not an /api/v1/exits answer")
+        raise ExporterError(f"{client.url}{EXITS_PATH}: not an exits answer")
     return [record for record in body["exits"] if isinstance(record, dict)]
 
 
 def exporter_evidence(engine: str, since: float, exporter_url: str | None = None) -> dict | None:
     """The exporter's record of this engine's exit since `since`, if an exporter is known
-    (`exporter_url` or $GPU_RESIDENCY_EXPORTER_URL) and has it within EVIDENCE_WAIT_S; never raises."""
-    url = exporter_url or os.environ.get(EXPORTER_URL_ENV)
-    if not url:
+    (`exporter_url` or $GPU_RESIDENCY_EXPORTER_URL, with its CA and credentials from the
+    environment) and has it within EVIDENCE_WAIT_S, all told; never raises."""
+    if not (exporter_url or os.environ.get(URL_ENV)):
         return None
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+
+    def ask() -> None:
+        try:
+            client = ExporterClient(exporter_url, timeout=EVIDENCE_WAIT_S)
+            # The exporter holds the answer until the exit is in, leaving a second to connect and read.
+            answers.put(fetch_exits(client, engine, since=since, wait=EVIDENCE_WAIT_S - 1.0, limit=1))
+        except ExporterError as exc:
+            answers.put(exc)
+
+    # A thread with a deadline: socket timeouts bound each read, not the whole call.
+    threading.Thread(target=ask, name="exporter-evidence", daemon=True).start()
     try:
-        records = fetch_exits(url, engine, since=since, wait=EVIDENCE_WAIT_S, limit=1, timeout=5.0)
-    except (OSError, ValueError) as exc:
-        log.info("no evidence from the exporter at %s: %s", url, exc)
+        answer = answers.get(timeout=EVIDENCE_WAIT_S)
+    except queue.Empty:
+        answer = ExporterError(f"no answer in {EVIDENCE_WAIT_S:g}s")
+    if isinstance(answer, Exception):
+        log.info("no evidence from the exporter: %s", answer)
         return None
-    return records[0] if records else None
+    return answer[0] if answer else None
 
 
 def with_evidence(message: str, record: dict | None) -> str:

@@ -17,6 +17,13 @@ from exporter.errors import ErrorCounter
 from gpu_residency_common.holders import launcher_of, title_from_cmdline
 
 PROC = "/proc"
+# How much of each /proc file is read (docs/SECURITY.md lists each; a test holds the two together).
+STAT_BYTES = 4096
+STATUS_BYTES = 8192  # for its NSpid line
+CGROUP_BYTES = 65536
+TITLE_BYTES = 512  # cmdline of a GPU process: a title (ray::…, sglang::…) is its first field
+LAUNCHER_ARGV_BYTES = 4096  # cmdline of a GPU process and each ancestor: is it torchrun or Megatron?
+DISCOVERY_ARGV_BYTES = 16384  # cmdline of every process, in discovery: an engine launch's --host/--port
 
 # Container ids in cgroup paths: docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope
 # (not crio-conmon-<id>.scope: that is the runtime's monitor), libpod-<id>.scope, /docker/<id>,
@@ -63,7 +70,7 @@ def parse_stat(pid: int, text: str) -> ProcInfo | None:
         return None
 
 
-def _read_bytes(path: str, limit: int = 65536) -> bytes | None:
+def _read_bytes(path: str, limit: int) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -76,17 +83,17 @@ def _read_bytes(path: str, limit: int = 65536) -> bytes | None:
         os.close(fd)
 
 
-def _read(path: str, limit: int = 65536) -> str | None:
+def _read(path: str, limit: int) -> str | None:
     raw = _read_bytes(path, limit)
     return None if raw is None else raw.decode("utf-8", "replace")
 
 
 def read_proc(pid: int, proc_root: str = PROC) -> ProcInfo | None:
-    text = _read(f"{proc_root}/{pid}/stat", 4096)
+    text = _read(f"{proc_root}/{pid}/stat", STAT_BYTES)
     return parse_stat(pid, text) if text else None
 
 
-def read_argv(pid: int, limit: int = 16384, proc_root: str = PROC) -> list[str]:
+def read_argv(pid: int, limit: int = DISCOVERY_ARGV_BYTES, proc_root: str = PROC) -> list[str]:
     """The command line's first `limit` bytes as arguments, to recognise launches; never published."""
     raw = _read_bytes(f"{proc_root}/{pid}/cmdline", limit) or b""
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
@@ -123,7 +130,7 @@ def own_namespace(kind: str) -> int | None:
 
 
 def read_nspid(pid: int, proc_root: str = PROC) -> tuple[int, ...]:
-    text = _read(f"{proc_root}/{pid}/status", 8192)
+    text = _read(f"{proc_root}/{pid}/status", STATUS_BYTES)
     return parse_nspid(text) if text else ()
 
 
@@ -200,11 +207,11 @@ class ProcView:
         """The title the process set for itself (ray::…, sglang::…, VLLM::…), read from its
         cmdline: comm keeps only 15 bytes of it, and only for the thread that set it. None for an
         ordinary command line, which never reaches a label."""
-        raw = _read_bytes(f"{self._root}/{pid}/cmdline", 512)
+        raw = _read_bytes(f"{self._root}/{pid}/cmdline", TITLE_BYTES)
         return title_from_cmdline(raw) if raw else None
 
     def argv(self, pid: int) -> list[str]:
-        return read_argv(pid, 4096, self._root)
+        return read_argv(pid, LAUNCHER_ARGV_BYTES, self._root)
 
     def launchers(self, pid: int) -> tuple[tuple[int, str], ...]:
         """(pid, 'torchrun' | 'megatron') for the process and its ancestors that are launchers, nearest first."""
@@ -213,7 +220,7 @@ class ProcView:
 
     def cgroup(self, pid: int) -> tuple[str, str]:
         """(container id, pod UID) from the process's cgroup path ('' where not in one)."""
-        text = _read(f"{self._root}/{pid}/cgroup")
+        text = _read(f"{self._root}/{pid}/cgroup", CGROUP_BYTES)
         if text is None:
             if self._errors is not None and self.info(pid) is not None:
                 self._errors.inc("proc", "unreadable")

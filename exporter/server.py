@@ -6,7 +6,9 @@ import gzip
 import html
 import json
 import logging
+import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +21,12 @@ from prometheus_client.exposition import gzip_accepted
 
 from exporter import __version__
 from exporter.exposition import CONTENT_TYPE, render
+from exporter.log_limit import LogLimiter
 from exporter.web_config import WebConfig
 
 log = logging.getLogger(__name__)
+REFUSED_LOG_INTERVAL_S = 60.0  # refused credentials or connections: one log line a minute at most, with the count
+DEFAULT_MAX_CONNECTIONS = 128
 
 
 class ListenAddressError(ValueError):
@@ -40,12 +45,37 @@ def parse_listen_address(value: str) -> tuple[str, int]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], respond: Responder, web: WebConfig) -> None:
+    def __init__(self, address: tuple[str, int], respond: Responder, web: WebConfig, max_connections: int) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.respond = respond
         self.web = web
+        self._max_connections = max_connections
+        self._places = threading.BoundedSemaphore(max_connections)
+        self._refused = LogLimiter(log, REFUSED_LOG_INTERVAL_S)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        """A thread per connection, at most max_connections at once: beyond, the connection is
+        closed unanswered, so no number of idle or slow clients can exhaust the process."""
+        if not self._places.acquire(blocking=False):
+            self._refused.warning(
+                f"closed a connection from {client_address[0]}: {self._max_connections} open already "
+                "(--web.max-connections)"
+            )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: its place is free again
+            self._places.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._places.release()
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         """A client that fails its TLS handshake or drops the connection is not the exporter's
@@ -62,13 +92,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         web: WebConfig = self.server.web
-        if web.allowed_sans and not web.client_allowed(self.connection.getpeercert()):
-            # client_allowed_sans: a verified certificate that names none of them is refused.
-            self.send_error(403, "client certificate not allowed")
-            return
         try:
             parts = urlsplit(self.path)
-            request = Request(parts.path, parse_qs(parts.query), self.headers, self.connection)
+            request = Request(parts.path, parse_qs(parts.query), self.headers, self.connection, self.client_address[0])
             status, headers, body = self.server.respond(request)
         except Exception:
             # Never an empty reply: a scraper must see that this scrape failed, and why is logged.
@@ -91,6 +117,7 @@ class Request:
     query: dict[str, list[str]]
     headers: Message
     connection: socket.socket | None = None  # a long poll watches it: a client that left ends the wait
+    client: str = ""  # the peer's address, for the log
 
 
 Response = tuple[int, list[tuple[str, str]], bytes]
@@ -107,18 +134,37 @@ def json_response(status: int, body: object) -> Response:
     )
 
 
+def client_gone(connection: socket.socket | None) -> bool:
+    """The client closed or reset its connection (POLLRDHUP: it is gone even with TLS, where a
+    peek would see the close_notify record as data)."""
+    if connection is None:
+        return False
+    try:
+        fd = connection.fileno()
+    except OSError:
+        return True
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
+
+
 def make_responder(
     registry: CollectorRegistry,
     telemetry_path: str,
     web: WebConfig | None = None,
     routes: dict[str, Route] | None = None,
+    auth_log_interval: float = REFUSED_LOG_INTERVAL_S,
 ) -> Responder:
     """request -> (status, headers, body): the telemetry path -> metrics, /healthz -> 'ok', / -> landing page,
     and each of `routes` (the JSON API) to its handler.
 
-    With basic auth users configured, everything but /healthz needs credentials."""
+    With basic auth users configured, everything but /healthz needs credentials; any refusal is a
+    401, logged at most once per `auth_log_interval` seconds (any client can cause it)."""
     routes = dict(routes or {})
     web = web or WebConfig()
+    refused = LogLimiter(log, auth_log_interval)
     landing = (
         "<html><head><title>gpu-residency exporter</title></head><body>"
         f"<h1>gpu-residency exporter {html.escape(__version__)}</h1>"
@@ -129,9 +175,18 @@ def make_responder(
 
     def respond(request: Request) -> Response:
         path, headers = request.path, request.headers
+        if web.allowed_sans:
+            connection = request.connection
+            if not web.client_allowed(connection.getpeercert() if isinstance(connection, ssl.SSLSocket) else None):
+                # client_allowed_sans: a verified certificate that names none of them is refused.
+                refused.warning(f"refused a request from {request.client or 'a client'}: its certificate names "
+                                "none of client_allowed_sans")  # fmt: skip
+                return 403, text, b"client certificate not allowed\n"
         if path == "/healthz":
             return 200, text, b"ok\n"  # the process serves: that is what liveness means here
-        if not web.authorized(headers.get("Authorization")):
+        why = web.refusal(headers.get("Authorization"))
+        if why is not None:
+            refused.warning(f"refused a request from {request.client or 'a client'} for {path[:100]!r}: {why}")
             return 401, [*text, ("WWW-Authenticate", 'Basic realm="gpu-residency"')], b"unauthorized\n"
         if path == telemetry_path:
             body = render(registry.collect())
@@ -154,9 +209,16 @@ def make_responder(
 class ExporterServer:
     """A threaded HTTP server on its own thread; `address` is the bound (host, port)."""
 
-    def __init__(self, respond: Responder, host: str, port: int, web: WebConfig | None = None) -> None:
+    def __init__(
+        self,
+        respond: Responder,
+        host: str,
+        port: int,
+        web: WebConfig | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         web = web or WebConfig()
-        self._httpd = _Server((host, port), respond, web)
+        self._httpd = _Server((host, port), respond, web, max_connections)
         if web.tls is not None:
             # The handshake happens in the connection's own thread, so a slow client cannot stall accept().
             self._httpd.socket = web.tls.wrap_socket(

@@ -80,6 +80,7 @@ TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "ciph
 INLINE_KEYS = {"cert": "cert_file", "key": "key_file", "client_ca": "client_ca_file"}
 _BCRYPT_COST = re.compile(r"^\$2[aby]\$(\d\d)\$")
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
+BCRYPT_MAX_PASSWORD = 72  # bytes; bcrypt's own limit
 
 
 @dataclass
@@ -92,30 +93,37 @@ class WebConfig:
     _verified: set[bytes] = field(default_factory=set)  # digests of headers already checked
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def authorized(self, header: str | None) -> bool:
-        """True without users configured, else for a valid 'Basic ...' header."""
+    def refusal(self, header: str | None) -> str | None:
+        """None when the request may pass (no users configured, or a valid 'Basic ...' header), else
+        why not, for the log. Never raises: whatever a client sends is a 401, not a 500."""
         if not self.users:
-            return True
-        if not header or not header.startswith("Basic "):
-            return False
+            return None
+        if not header:
+            return "no credentials"
+        if not header.startswith("Basic "):
+            return "not basic auth"
         digest = hashlib.sha256(header.encode()).digest()
         with self._lock:
             if digest in self._verified:  # bcrypt costs ~100 ms: check each credential once
-                return True
+                return None
         try:
             user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
+            return "malformed credentials"
+        secret = password.encode()
+        if len(secret) > BCRYPT_MAX_PASSWORD:
+            # bcrypt 5 refuses these (older releases silently compared the first 72 bytes only).
+            return f"password longer than bcrypt's {BCRYPT_MAX_PASSWORD} bytes"
         hashed = self.users.get(user)
         if hashed is None:
             # A hash of the configured users' cost: an unknown user takes as long as a wrong password.
-            bcrypt.checkpw(password.encode(), self._dummy_hash)
-            return False
-        if not bcrypt.checkpw(password.encode(), hashed):
-            return False
+            _checkpw(secret, self._dummy_hash)
+            return "unknown user"
+        if not _checkpw(secret, hashed):
+            return "wrong password"
         with self._lock:
             self._verified.add(digest)
-        return True
+        return None
 
     def client_allowed(self, peer_cert: dict | None) -> bool:
         """client_allowed_sans: the verified client certificate names one of them."""
@@ -123,6 +131,14 @@ class WebConfig:
             return True
         names = {value for _, value in (peer_cert or {}).get("subjectAltName", ())}
         return bool(names & self.allowed_sans)
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    """bcrypt.checkpw, False for a password bcrypt refuses rather than an exception."""
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:
+        return False
 
 
 def load_web_config(path: str) -> WebConfig:

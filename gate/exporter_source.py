@@ -1,4 +1,4 @@
-"""The exporter source: the node's gpu-residency exporter answers with a fresh NVML reading, over
+"""The exporter source: the node's gpu-residency exporter answers with its own NVML reading, over
 HTTP(S), without Prometheus' scrape interval in between.
 
     GET /api/v1/gpus                                        every GPU, with its holders
@@ -6,29 +6,22 @@ HTTP(S), without Prometheus' scrape interval in between.
                                                             answered as soon as every named GPU is
                                                             under N, or at S with the last reading
 
-Standard library only (urllib), imported when the source is built. Every failure (refused,
-no answer in time, HTTP error, not JSON, the exporter's NVML down) raises SourceError: the gate
-blocks with that reason unless fail-open was asked for.
+Standard library only (gpu_residency_common.exporter_client, the one client every caller of the
+exporter uses), imported when the source is built. Every failure (refused, no answer in time,
+HTTP error, not JSON, the exporter's NVML down) raises SourceError: the gate blocks with that
+reason unless fail-open was asked for.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import math
-import os
 
 from gate.readings import GpuSample, Holder, SourceError
-
-CA_FILE_ENV = "GPU_RESIDENCY_EXPORTER_CA_FILE"
-USER_ENV = "GPU_RESIDENCY_EXPORTER_USER"
-PASSWORD_ENV = "GPU_RESIDENCY_EXPORTER_PASSWORD"
-PASSWORD_FILE_ENV = "GPU_RESIDENCY_EXPORTER_PASSWORD_FILE"
-MAX_BODY = 16 * 1024**2
+from gpu_residency_common.exporter_client import ExporterClient, ExporterError
 
 
 class ExporterSource:
-    """A fresh reading per look from the exporter's JSON API; waits by long poll."""
+    """A reading per look from the exporter's JSON API; waits by long poll."""
 
     name = "exporter"
     remote = True  # the exporter's view of the node: asked by UUID
@@ -45,66 +38,23 @@ class ExporterSource:
     ) -> None:
         """`url`: the exporter's base URL (http://node:9852; a trailing /metrics is dropped).
         `timeout`: seconds a plain read may take, and how long past a long poll's own timeout
-        an answer may be late. HTTPS verifies the exporter's certificate against `ca_file`
-        (else the system's CAs). Basic auth: `username` with `password` or `password_file`.
-        Each option left out is read from the environment ($GPU_RESIDENCY_EXPORTER_CA_FILE,
-        _USER, _PASSWORD, _PASSWORD_FILE)."""
-        import ssl
-        import urllib.parse
-        import urllib.request
-
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-            raise SourceError(f"exporter source: {url!r} is not an http(s) base URL")
-        base = url.rstrip("/")
-        self._base = base.removesuffix("/metrics")
-        if not timeout > 0:
-            raise SourceError(f"exporter source: timeout={timeout!r} must be > 0")
-        self._timeout = timeout
-        if ca_file and parts.scheme != "https":
-            raise SourceError(f"exporter source: a CA file was given for {url!r}, which is not https")
-        handlers: list = []
-        if parts.scheme == "https":
-            ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
-            try:
-                context = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise SourceError(f"exporter source: cannot use CA file {ca_file}: {exc}") from None
-            handlers.append(urllib.request.HTTPSHandler(context=context))
-        self._opener = urllib.request.build_opener(*handlers)
-        self._headers = {"Accept": "application/json"}
-        username = username if username is not None else os.environ.get(USER_ENV) or None
-        if username:
-            secret = self._password(password, password_file)
-            token = base64.b64encode(f"{username}:{secret}".encode()).decode()
-            self._headers["Authorization"] = f"Basic {token}"
-        elif password or password_file:
-            raise SourceError("exporter source: a password was given without a user")
-
-    @staticmethod
-    def _password(password: str | None, password_file: str | None) -> str:
-        if password is not None:
-            return password
-        path = password_file or os.environ.get(PASSWORD_FILE_ENV)
-        if path:
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    return handle.read().rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise SourceError(f"exporter source: cannot read the password file {path}: {exc}") from None
-        if PASSWORD_ENV in os.environ:
-            return os.environ[PASSWORD_ENV]
-        raise SourceError(f"exporter source: a user was given without a password (${PASSWORD_ENV} or a file)")
+        an answer may be late. TLS and basic auth as every exporter client takes them
+        (gpu_residency_common.exporter_client): each option left out is read from the
+        environment ($GPU_RESIDENCY_EXPORTER_CA_FILE, _USER, _PASSWORD, _PASSWORD_FILE)."""
+        try:
+            self._client = ExporterClient(url, timeout, ca_file, username, password, password_file)
+        except ExporterError as exc:
+            raise SourceError(f"exporter source: {exc}") from None
 
     @property
     def url(self) -> str:
-        return self._base
+        return self._client.url
 
     def read(self, node: str) -> list[GpuSample]:
-        """Every GPU of the exporter's node, from a fresh collection, with holders. The node is the
-        exporter's: `node` is not used (a gate in a pod often has another host name)."""
-        body = self._get("/api/v1/gpus", {}, self._timeout)
-        return samples_from_api(body, self._base)
+        """Every GPU of the exporter's node, with holders, from its collection (at most
+        --collection.min-interval old). The node is the exporter's: `node` is not used (a gate in
+        a pod often has another host name)."""
+        return samples_from_api(self._get("/api/v1/gpus", {}), self.url)
 
     def wait_until_under(self, node: str, names: list[str], threshold_bytes: int, timeout: float) -> list[GpuSample]:
         """One long poll: the exporter answers as soon as every GPU in `names` is under
@@ -112,52 +62,22 @@ class ExporterSource:
         limit of waiters (HTTP 429) is read once instead."""
         query = {"gpus": ",".join(names), "threshold_bytes": str(int(threshold_bytes)), "timeout": f"{timeout:.3f}"}
         try:
-            body = self._get("/api/v1/wait", query, timeout + self._timeout)
+            body = self._get("/api/v1/wait", query, timeout + self._client.timeout)
         except _Busy:
             return self.read(node)
-        return samples_from_api(body, self._base)
+        return samples_from_api(body, self.url)
 
-    def _get(self, path: str, query: dict[str, str], timeout: float) -> object:
-        import urllib.error
-        import urllib.parse
-        import urllib.request
-
-        url = self._base + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        request = urllib.request.Request(url, headers=self._headers)
+    def _get(self, path: str, query: dict[str, str], timeout: float | None = None) -> object:
         try:
-            with self._opener.open(request, timeout=timeout) as response:
-                raw = response.read(MAX_BODY + 1)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 429:
+            return self._client.get_json(path, query, timeout)
+        except ExporterError as exc:
+            if exc.status == 429:
                 raise _Busy() from None
-            raise SourceError(f"exporter source: HTTP {exc.code} from {self._base}{path}{_hint(exc.code)}") from None
-        except TimeoutError:
-            raise SourceError(f"exporter source: no answer from {self._base} in {timeout:g}s") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, TimeoutError):
-                raise SourceError(f"exporter source: no answer from {self._base} in {timeout:g}s") from None
-            raise SourceError(f"exporter source: cannot reach {self._base}: {reason}") from None
-        except Exception as exc:  # http.client's own errors (a reply that is not HTTP, cut short)
-            raise SourceError(f"exporter source: bad answer from {self._base}: {exc!r}") from None
-        if len(raw) > MAX_BODY:
-            raise SourceError(f"exporter source: {self._base}{path} answered more than {MAX_BODY} bytes")
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):
-            raise SourceError(f"exporter source: {self._base}{path} did not answer JSON") from None
+            raise SourceError(f"exporter source: {exc}") from None
 
 
 class _Busy(Exception):
     """HTTP 429: the exporter serves its maximum of long polls."""
-
-
-def _hint(code: int) -> str:
-    if code == 401:
-        return f": credentials missing or wrong (${USER_ENV}, ${PASSWORD_ENV})"
-    if code == 404:
-        return ": no such API (an exporter older than the JSON API, or not the exporter's URL)"
-    return ""
 
 
 def samples_from_api(body: object, where: str) -> list[GpuSample]:

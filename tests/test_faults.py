@@ -524,6 +524,7 @@ def test_mutual_tls_with_allowed_sans_versions_ciphers_and_headers(exporter_fact
     assert good.status_code == 200 and good.headers["X-Content-Type-Options"] == "nosniff"
     assert requests.get(exporter.url + "/metrics", verify=ca, cert=(pki / "bad.crt", pki / "bad.key"),
                         timeout=10).status_code == 403  # fmt: skip
+    assert "its certificate names none of client_allowed_sans" in exporter.log(), "refused, and said once"
     with pytest.raises(requests.exceptions.SSLError):
         requests.get(exporter.url + "/metrics", verify=ca, timeout=10)  # no client certificate
     import socket

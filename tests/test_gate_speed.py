@@ -228,7 +228,7 @@ def wait_url(exporter, gpus="0", threshold=2 * GIB, timeout=5.0) -> str:
     return f"{exporter.url}/api/v1/wait?gpus={gpus}&threshold_bytes={threshold}&timeout={timeout}"
 
 
-def test_api_gpus_is_a_fresh_collection_with_holders(api_exporter, node):
+def test_api_gpus_is_the_scrapes_collection_with_holders(api_exporter, node):
     scenario, tree = node
     exporter = api_exporter()
     body = requests.get(exporter.url + "/api/v1/gpus", timeout=10).json()
@@ -243,8 +243,10 @@ def test_api_gpus_is_a_fresh_collection_with_holders(api_exporter, node):
     assert gpu0["unattributed_bytes"] == GIB and gpu1["holders"] == []
     scenario.gpus[0].used = 3 * GIB
     scenario.write()
-    again = requests.get(exporter.url + "/api/v1/gpus", timeout=10).json()
-    assert again["gpus"][0]["used_bytes"] == 3 * GIB, "no collection interval in between: this one is fresh"
+    deadline = time.monotonic() + 10  # the next collection: --collection.min-interval (0.25 s) after the last
+    while (again := requests.get(exporter.url + "/api/v1/gpus", timeout=10).json())["gpus"][0]["used_bytes"] != 3 * GIB:
+        assert time.monotonic() < deadline, "the new reading never came"
+    assert again["age_seconds"] < 5 and again["taken_at"] > body["taken_at"]
 
 
 def test_api_wait_answers_when_clear_or_at_its_timeout(api_exporter, node):

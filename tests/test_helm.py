@@ -183,6 +183,31 @@ def test_everything_on_renders_operator_objects_and_options():
     assert "--no-engines.discover" in args and "--engines.allowed-hosts=$(HOST_IP),10.0.0.0/8" in args
 
 
+# The labels prometheus-operator gives every target of a ServiceMonitor (its promcfg.go:
+# namespace, service, pod, container, endpoint, job; Prometheus adds instance; `node` only for
+# Node endpoints). Without honorLabels a series label of the same name is renamed exported_<name>.
+OPERATOR_TARGET_LABELS = {"namespace", "service", "pod", "container", "endpoint", "job", "instance"}
+
+
+def test_no_series_label_collides_with_the_service_monitors_target_labels(local_exporter, scenario, spawn_tree):
+    tree = spawn_tree()
+    scenario.gpus[0].processes = [(tree.leaves[0], 1024**3)]
+    scenario.write()
+    ours = {name for samples in local_exporter.scrape().values() for labels, _ in samples for name in labels}
+    assert {"pod_uid", "holder_kind", "node"} <= ours, "the process series were scraped"
+    objects = render(EVERYTHING_ON)
+    (monitor,) = objects["ServiceMonitor"]
+    (service,) = objects["Service"]
+    assert service["spec"]["selector"], "endpoints are pods: the operator sets no node label"
+    spec = monitor["spec"]
+    targets = {*OPERATOR_TARGET_LABELS, *spec.get("targetLabels", ()), *spec.get("podTargetLabels", ())}
+    for endpoint in spec["endpoints"]:
+        assert not endpoint.get("honorLabels"), "the target's labels win, so ours must not share their names"
+        relabeled = endpoint.get("relabelings", []) + endpoint.get("metricRelabelings", [])
+        targets |= {rule.get("targetLabel") for rule in relabeled} - {None}
+    assert not ours & targets, f"renamed exported_*: {sorted(ours & targets)}"
+
+
 def test_prometheus_rule_is_the_promtool_tested_file():
     (rule,) = render(EVERYTHING_ON)["PrometheusRule"]
     recording, alerts = (

@@ -201,7 +201,7 @@ def test_a_miles_like_node_with_no_registry_names_every_gpu_process(
     for trainer in trainers:
         assert by_pid[trainer.pid]["holder"] == "ray::MegatronTrainRayActor"
         assert by_pid[trainer.pid]["holder_kind"] == "trainer" and by_pid[trainer.pid]["pod_uid"] == UID
-        assert by_pid[trainer.pid]["container"] == CID
+        assert by_pid[trainer.pid]["container_id"] == CID
         assert by_pid[trainer.pid]["comm"] == "ray::MegatronTrainRayActor.train"
     assert {by_pid[pid]["holder"] for pid in schedulers} == {"sglang-31401"}, "the discovered engine"
     assert {by_pid[pid]["comm"] for pid in schedulers} == {"sglang::scheduler_TP0", "sglang::scheduler_TP1"}

@@ -22,7 +22,7 @@ CONTRACT = {
         "pid",
         "comm",
         "engine",
-        "container",
+        "container_id",
         "pod_uid",
         "holder",
         "holder_kind",
