@@ -14,7 +14,7 @@ import time
 
 import bcrypt
 import pytest
-from conftest import ROOT
+from conftest import ROOT, visible_devices
 
 from exporter.exits import EVIDENCE_WAIT_S, EngineExitedError, exporter_evidence, wait_server_healthy
 from exporter.registry import register_engine
@@ -58,6 +58,7 @@ def test_every_client_gets_through_tls_and_basic_auth(
     )
     registry = tmp_path / "engines"
     exporter = exporter_factory(scenario, "--web.config.file", str(config), "--registry.dir", str(registry))
+    clean_env.setenv("NVIDIA_VISIBLE_DEVICES", visible_devices(scenario))  # the gate sees the node's GPUs
     assert exporter.url.startswith("https://")
     password = tmp_path / "password"
     password.write_text("s3cret\n")

@@ -163,3 +163,87 @@ def test_cli_wait_with_a_streak_longer_than_its_timeout_exits_1(node, fake_nvml_
     enough = subprocess.run([sys.executable, "-m", "gate", *args, "--timeout", "20"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)  # fmt: skip
     assert enough.returncode == 0 and time.monotonic() - started >= 1.0, enough.stdout + enough.stderr
+
+
+# ---------- several readings of one card ----------
+
+
+def test_a_dead_replicas_stale_copy_never_clears_a_held_card(exporter_factory, prometheus_factory, scenario, tmp_path):
+    """Two Prometheus agents (an HA pair, replica r1 and r2) remote-write one exporter to a central
+    store. r2 is killed while the card is at 0.5 GiB; the card then fills to 40 GiB. The store
+    keeps r2's last value (no staleness marker over remote_write) beside r1's fresh one."""
+    uuid = scenario.gpus[0].uuid
+    scenario.gpus[0].used = GIB // 2
+    scenario.write()
+    exporter = exporter_factory(scenario, "--registry.dir", str(tmp_path / "reg"), "--no-engines.discover")
+    central = prometheus_factory([], receiver=True)
+    agents = {
+        replica: prometheus_factory(
+            [exporter.url.removeprefix("http://")],
+            agent=True,
+            remote_write=central.url + "/api/v1/write",
+            external_labels={"cluster": "a", "replica": replica},
+        )
+        for replica in ("r1", "r2")
+    }
+    central.wait_for(f'count(gpu_residency_memory_used_bytes{{uuid="{uuid}"}}) == 2', timeout=60)
+    gate = ResidualGate(2, source="prometheus", prometheus_url=central.url, max_age_s=60)
+    assert gate.check([uuid]).ok, "two fresh copies that agree"
+
+    agents["r2"].proc.kill()
+    agents["r2"].proc.wait(timeout=10)
+    scenario.gpus[0].used = 40 * GIB
+    scenario.write()
+    central.wait_for(f'gpu_residency_memory_used_bytes{{uuid="{uuid}",replica="r1"}} > {30 * GIB}', timeout=60)
+    stale = central.query(f'gpu_residency_memory_used_bytes{{uuid="{uuid}",replica="r2"}}')
+    assert float(stale[0]["value"][1]) == GIB // 2, "the dead replica's copy is still there to mislead"
+
+    decision = gate.check([uuid])
+    assert not decision.ok
+    verdict = decision.gpus[0]
+    assert verdict.sample.used_bytes == 40 * GIB and verdict.sample.origin == (("replica", "r1"),), "the freshest"
+    assert "replica=r1: 40.00 GiB" in verdict.reason and "replica=r2: 0.50 GiB" in verdict.reason, verdict.reason
+    cli = subprocess.run(
+        [sys.executable, "-m", "gate", "check", "--source", "prometheus", "--prometheus-url", central.url,
+         "--gpus", uuid, "--threshold-gb", "2", "--max-age", "60"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert cli.returncode == 1 and "replica=r2" in cli.stdout, cli.stdout + cli.stderr
+
+    # With a bound under r2's age, its copy is stale: the fresh one alone decides.
+    bounded = ResidualGate(2, source="prometheus", prometheus_url=central.url, max_age_s=3)
+    deadline = time.monotonic() + 30
+    while "ambiguous" in (verdict := bounded.check([uuid]).gpus[0]).reason:
+        assert time.monotonic() < deadline, verdict.reason
+        time.sleep(0.2)
+    assert verdict.reason == "over threshold" and verdict.sample.origin == (("replica", "r1"),)
+
+
+# ---------- engines on every source ----------
+
+
+def test_nvml_and_nvidia_smi_sources_name_a_registered_engine_or_say_they_cannot_tell(
+    fake_nvml_dir, scenario, spawn_tree, tmp_path
+):
+    from exporter.registry import register_engine
+
+    tree = spawn_tree(leaves=1)
+    registry = tmp_path / "reg"
+    register_engine("rollout-0", root_pid=tree.pid, directory=registry)
+    scenario.gpus[0].processes = [(tree.leaves[0], 5 * GIB)]
+    scenario.gpus[0].used = 6 * GIB
+    scenario.write()
+    env = dict(scenario.environ(fake_nvml_dir), PYTHONPATH=str(ROOT), GPU_RESIDENCY_REGISTRY=str(registry))
+    env["PATH"] = os.pathsep.join([str(install_smi(tmp_path / "bin").parent), env["PATH"]])
+    for source in ("nvml", "nvidia-smi"):
+        held = gate_cli(env, "--source", source, "--gpus", "0", "--waiting-for", "rollout-0")
+        expected = f"rollout-0 still holds 5.0 GiB on GPU 0 (pid {tree.leaves[0]} sglang::scheduler_TP0)"
+        assert held.returncode == 1 and expected in held.stdout, (source, held.stdout, held.stderr)
+        assert "engine rollout-0: 5.0 GiB" in held.stdout, "top holders name the engine, not an anonymous python"
+
+    scenario.gpus[0].errors = {"processes": fakenvml.NOT_SUPPORTED}  # the process lists cannot be read
+    scenario.write()
+    for source in ("nvml", "nvidia-smi"):
+        blind = gate_cli(env, "--source", source, "--gpus", "0", "--waiting-for", "rollout-0")
+        assert blind.returncode == 1 and "cannot tell what it holds on GPU 0" in blind.stdout, (source, blind.stdout)
+        assert "holds nothing" not in blind.stdout
