@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter import __version__
 from exporter.api import GpuApi
+from exporter.causes import CHILD_WINDOW_SECONDS
 from exporter.collector import ResidencyCollector
 from exporter.engine_state import EngineStates
 from exporter.engines import ConfigError, EngineCatalog, load_static_config
@@ -212,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         "forensics_window",
         DEFAULT_WINDOW_SECONDS,
         f"how far back before a death the GPU peak and its holders are looked for (default {DEFAULT_WINDOW_SECONDS:g})",
+    )
+    _seconds(
+        forensics,
+        "--forensics.child-window",
+        "forensics_child_window",
+        CHILD_WINDOW_SECONDS,
+        "how long before the root's death a process of its tree that failed (non-zero status or a signal) can be its "
+        f"cause (child_failure); an earlier death, or an exit 0, never is (default {CHILD_WINDOW_SECONDS:g})",
     )
     forensics.add_argument(
         "--forensics.cgroup-root",
@@ -448,6 +457,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
             args.node,
             errors,
             window_seconds=args.forensics_window,
+            child_window=args.forensics_child_window,
             cgroup_root=Path(args.forensics_cgroup_root),
             kmsg=args.forensics_kmsg or None,
         )

@@ -35,10 +35,11 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from exporter.attribution import Snapshot
+from exporter.causes import Death, Evidence, determine_cause, evidence_dict
 from exporter.errors import ErrorCounter
 from exporter.event_tail import EventTail, Position
 from exporter.exits import EVENTS_FILE, ROTATED_SUFFIX, ExitEvent, exit_labels
-from exporter.forensics import Death, Evidence, Forensics, determine_cause, evidence_dict
+from exporter.forensics import Forensics
 from gpu_residency_common.files import UntrustedFileError, ensure_dir, read_json, write_atomic
 
 log = logging.getLogger(__name__)

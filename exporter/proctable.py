@@ -36,6 +36,7 @@ class ProcInfo:
     comm: str
     state: str
     start_ticks: int  # since boot; with the PID it names one process for good
+    exit_status: int = 0  # a zombie's wait status; the kernel shows 0 to whoever may not trace it
 
     @property
     def alive(self) -> bool:
@@ -58,6 +59,7 @@ def parse_stat(pid: int, text: str) -> ProcInfo | None:
             comm=text[open_paren + 1 : close_paren],
             state=fields[0],
             start_ticks=int(fields[19]),
+            exit_status=int(fields[49]) if len(fields) > 49 else 0,
         )
     except ValueError:
         return None
