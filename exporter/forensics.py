@@ -40,7 +40,7 @@ from exporter.causes import (
 )
 from exporter.engines import Engine
 from exporter.errors import ErrorCounter
-from exporter.exits import ExitEvent
+from exporter.exit_event import ExitEvent
 from exporter.oom_evidence import KernelLog, memory_counter_files, read_oom_kills
 from exporter.proctable import ProcView, read_proc, scan_pids
 
