@@ -19,7 +19,7 @@ from exporter.api import GpuApi
 from exporter.causes import CHILD_WINDOW_SECONDS
 from exporter.collector import ResidencyCollector
 from exporter.engine_state import EngineStates
-from exporter.engines import ConfigError, EngineCatalog, load_static_config
+from exporter.engines import EngineCatalog
 from exporter.errors import ErrorCounter
 from exporter.exit_log import ExitLog
 from exporter.exits import EXITS_PATH
@@ -31,6 +31,7 @@ from exporter.nvml_source import NvmlSource
 from exporter.registry import DEFAULT_DIR, REGISTRY_ENV
 from exporter.server import ExporterServer, ListenAddressError, Route, make_responder, parse_listen_address
 from exporter.sglang import SglangPoller
+from exporter.static_engines import ConfigError, load_static_config
 from exporter.supervisor import SupervisedLoop
 from exporter.transitions import TransitionTracker
 from exporter.url_policy import UrlPolicy

@@ -190,7 +190,7 @@ def test_a_miles_like_node_with_no_registry_names_every_gpu_process(
 
     exporter = exporter_factory(scenario, "--registry.dir", str(tmp_path / "none"))
     deadline = time.monotonic() + 15
-    while not values(m := exporter.scrape(), "gpu_residency_engine_up", engine="sglang-31401"):
+    while not values(m := exporter.scrape(), "gpu_residency_engine_up", engine=f"sglang-31401-{sglang.pid}"):
         assert time.monotonic() < deadline, "discovery did not find the SGLang launch"
         time.sleep(0.2)
 
@@ -203,7 +203,7 @@ def test_a_miles_like_node_with_no_registry_names_every_gpu_process(
         assert by_pid[trainer.pid]["holder_kind"] == "trainer" and by_pid[trainer.pid]["pod_uid"] == UID
         assert by_pid[trainer.pid]["container"] == CID
         assert by_pid[trainer.pid]["comm"] == "ray::MegatronTrainRayActor.train"
-    assert {by_pid[pid]["holder"] for pid in schedulers} == {"sglang-31401"}, "the discovered engine"
+    assert {by_pid[pid]["holder"] for pid in schedulers} == {f"sglang-31401-{sglang.pid}"}, "the discovered engine"
     assert {by_pid[pid]["comm"] for pid in schedulers} == {"sglang::scheduler_TP0", "sglang::scheduler_TP1"}
     assert (by_pid[vllm.pid]["holder"], by_pid[vllm.pid]["holder_kind"]) == ("VLLM::EngineCore", "vllm")
     assert {by_pid[pid]["holder"] for pid in ranks} == {f"torchrun-{torchrun.pid}"}
