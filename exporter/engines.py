@@ -103,7 +103,6 @@ class EngineCatalog:
         self._discovery_interval = discovery_interval
         self._own_ns = own_namespace("pid")
         self._own_net_ns = own_namespace("net")
-        self._own_net = net_identity("self")
         self._entry_cache: dict[str, _CachedEntry] = {}
         self._translated: dict[tuple[int, int, int], int] = {}  # (pid_ns, inner pid, start) -> host pid
         self._wanted: set[tuple[int, int, int]] = set()
@@ -141,7 +140,7 @@ class EngineCatalog:
         """One pass over the process table: engine discovery and the wanted NSpid translations."""
         pids = scan_pids()
         if self._discover:
-            found = discover_engines(pids, self._own_net)
+            found = discover_engines(pids, net_identity("self"))
             with self._lock:
                 self._discovered = found
         with self._lock:
