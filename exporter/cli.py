@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"rotated events file loses no count (default {DEFAULT_STATE_DIR}; '' keeps it in memory only)",
     )
     forensics = parser.add_argument_group(
-        "crash forensics", "why an engine died (OOM kill, a child's failure, a signal) and what was on its GPUs"
+        "crash forensics", "why an engine died (an OOM kill, a child's failure) and what was on its GPUs"
     )
     forensics.add_argument(
         "--forensics.interval",

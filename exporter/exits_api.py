@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gpu-residency-exporter exits",
         description="Print the recent engine exits a running exporter recorded, newest first: the cause it "
-        "found (oom_kill, child_failure, signal, exit_code, unknown), its evidence, and the GPU peak before.",
+        "found (oom_kill, child_failure, exit_code, unknown), its evidence, and the GPU peak before.",
     )
     parser.add_argument("--url", default=os.environ.get(EXPORTER_URL_ENV, "http://127.0.0.1:9852"),
                         help=f"the exporter (default ${EXPORTER_URL_ENV} or http://127.0.0.1:9852)")  # fmt: skip

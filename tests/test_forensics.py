@@ -77,7 +77,12 @@ class FakeEngine:
              "--secret-arg", "SECRET-ARGV-7"],
             stdout=subprocess.PIPE, text=True, preexec_fn=join, env=dict(os.environ, HF_TOKEN="SECRET-ENV-8"),
         )  # fmt: skip
-        self.child = int(self.proc.stdout.readline())
+        try:
+            self.child = int(self.proc.stdout.readline())
+        except ValueError:  # it failed to start: nothing of it may outlive the test
+            self.proc.kill()
+            self.proc.wait()
+            raise
         # A descriptor for the child itself: the fixture kills that process, never a later one with its PID.
         self.child_fd = os.pidfd_open(self.child) if self.child != self.proc.pid else None
         self.name = name
