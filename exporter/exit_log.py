@@ -10,12 +10,12 @@ file has been read: a rotated-away file, or a restart, loses no count and counts
 twice. Without a writable state directory the counts start again from the files on restart.
 
 Each line is checked on its own (exporter/exit_event.py): a malformed or oversized one costs
-itself and an error count, never the lines after it. Each exit waits (up to
-EVIDENCE_WAIT_SECONDS, MAX_PENDING at most) for the exporter's crash forensics to have seen the
-death, then is counted with the cause the evidence supports (exporter/causes.py) and kept, with
-that evidence, among the recent exits served at /api/v1/exits. Counters are published as
-exporter/exit_counts.py says; series of engines that left the catalog more than
-`--exits.retention` ago are dropped, so churn does not grow the output.
+itself and an error count, never the lines after it. Each exit waits (up to EVIDENCE_WAIT_SECONDS)
+for the exporter's crash forensics to have seen the death, then is counted with the cause the
+evidence supports (exporter/causes.py) and kept, with that evidence, among the recent exits
+served at /api/v1/exits. Counters are published as exporter/exit_counts.py says; series of
+engines that left the catalog more than `--exits.retention` ago are dropped, so churn does not
+grow the output.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 MAX_READ_BYTES = 4 * 1024 * 1024  # per collection: a huge backlog is caught up over several
 RECENT_IDS = 20_000  # ids remembered against a file read twice (replaced in place, restored)
 RECENT_EVENTS = 256
-MAX_PENDING = 1024  # exits waiting for their evidence; past that the oldest are counted without waiting
 SETTLE_SECONDS = 1.0  # after a death is seen, how long late evidence (a kernel log line) may still come
 EVIDENCE_WAIT_SECONDS = 3.0  # how long a reported exit waits for its death to be seen before it is counted
 
@@ -181,14 +180,11 @@ class ExitLog:
         self._dirty = True
 
     def _finalize(self) -> None:
-        overflow = len(self._pending) - MAX_PENDING
         for event_id, (event, received) in list(self._pending.items()):
             death = self._forensics.death_for(event) if self._forensics else None
             waited = time.monotonic() - received
-            overflow -= 1
             if not (
-                overflow >= 0
-                or self._forensics is None
+                self._forensics is None
                 or event.time < self._started  # from before this exporter: no evidence is coming
                 or (death is None and not self._forensics.watching(event.engine))  # nor for an unwatched engine
                 or (death is not None and time.time() >= death.at + SETTLE_SECONDS)
