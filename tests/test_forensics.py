@@ -392,10 +392,31 @@ def test_another_pods_oom_kill_in_a_cgroup_v2_parent_is_no_evidence(tmp_path, en
     assert evidence.cause == "oom_kill" and "memory.events.local" in evidence.facts[0], evidence
 
 
+def test_dead_members_leave_the_tree_after_the_child_window(tmp_path, engines):
+    """A long-lived engine runs helpers; each one's death is kept only as long as it can be a cause."""
+    forensics = Forensics("n", ErrorCounter(), kmsg=None, tree_interval=0.0, child_window=0.5)
+    engine = FakeEngine(tmp_path, "long-lived", "fail", delay=LIFETIME)
+    engines.append(engine)
+    root = Engine("long-lived", "sglang", None, "registry", engine.proc.pid, read_proc(engine.proc.pid).start_ticks,
+                  True)  # fmt: skip
+    forensics.tick([root])
+    engine.start_failing()
+    wait_for(engine.child_ended, what="the child's exit")
+    forensics.tick([root])  # seen gone, with its status
+    seen_gone = time.monotonic()
+    wait_for(lambda: time.monotonic() - seen_gone > 1.0, what="the child window passing")
+    forensics.tick([root])  # let go
+    engine.proc.kill()
+    engine.proc.wait()
+    forensics.tick([dataclasses.replace(root, up=False)])
+    death = forensics.death_for(ExitEvent("id", "long-lived", -9, time.time(), root_pid=engine.proc.pid))
+    assert [member.pid for member in death.members] == [engine.proc.pid], "the helper left the tree"
+
+
 def test_a_helper_that_finished_is_no_cause_of_a_later_stop(exporter_factory, scenario, engines, tmp_path):
-    """The issue's case: a registered engine's helper exits 0; later an operator stops the engine with
-    SIGTERM. And a child that failed longer ago than the child window (2 s here, 10 s by default) is no
-    cause either. Both exits are SIGTERMs with no evidence: cause unknown."""
+    """The issue's case: a registered engine's helper exits 0; seconds later (within the child window,
+    5 s here, 10 s by default) an operator stops the engine with SIGTERM. And a child that failed
+    longer ago than the window is no cause either. Both are SIGTERMs with no evidence: unknown."""
     registry = tmp_path / "reg"
     helper = FakeEngine(tmp_path, "helper", "exit0", delay=LIFETIME)
     stale = FakeEngine(tmp_path, "stale", "fail", delay=LIFETIME)
@@ -407,7 +428,7 @@ def test_a_helper_that_finished_is_no_cause_of_a_later_stop(exporter_factory, sc
     scenario.gpus[0].used = 2 * GIB
     scenario.write()
     exporter = exporter_factory(scenario, "--registry.dir", str(registry), "--forensics.interval", "0.2",
-                                "--forensics.child-window", "2")  # fmt: skip
+                                "--forensics.child-window", "5")  # fmt: skip
 
     def collections_after(count: int) -> None:
         """Wait until the forensics history holds `count` more collections (each after a look)."""
@@ -419,10 +440,11 @@ def test_a_helper_that_finished_is_no_cause_of_a_later_stop(exporter_factory, sc
     stale.start_failing()
     wait_for(stale.child_ended, what="the stale child's exit")
     failed_at = time.monotonic()
+    wait_for(lambda: time.monotonic() - failed_at > 4.0, what="most of the window")
     helper.start_failing()
     wait_for(helper.child_ended, what="the helper's exit")
-    collections_after(2)  # the exporter looked after both deaths
-    wait_for(lambda: time.monotonic() - failed_at > 3.0, what="the child window passing")
+    collections_after(1)  # the exporter looked after the helper's death: a look before the root's
+    wait_for(lambda: time.monotonic() - failed_at > 6.5, what="the stale failure leaving the window")
     for engine in (helper, stale):
         engine.proc.send_signal(signal.SIGTERM)
         report_exit(engine.name, engine.proc.wait(timeout=30), directory=registry)
