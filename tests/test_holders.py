@@ -4,7 +4,9 @@ cgroup paths are real kernel paths (cgroup v1 here) and real fixtures from each 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -131,7 +133,7 @@ def _sglang_launch(port: int, tp: int) -> tuple[subprocess.Popen, list[int]]:
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "-m", "sglang.launch_server", "--port", str(port), str(tp)],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
     )  # fmt: skip
     return proc, [int(pid) for pid in proc.stdout.readline().split()]
 
@@ -149,15 +151,20 @@ def _torchrun(tmp_path: Path, ranks: int) -> tuple[subprocess.Popen, list[int]]:
     )
     launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR)
     proc = subprocess.Popen([str(launcher), "--nproc_per_node", str(ranks), str(script)], stdout=subprocess.PIPE,
-                            text=True, cwd=tmp_path)  # fmt: skip
+                            text=True, cwd=tmp_path, start_new_session=True)  # fmt: skip
     return proc, [int(pid) for pid in proc.stdout.readline().split()]
 
 
 @pytest.fixture
 def spawned():
+    """Processes the test started, killed however it ends; a launcher in a session of its own takes
+    its children (ranks, schedulers) with it, as they would otherwise outlive the test."""
     procs: list[subprocess.Popen] = []
     yield procs
     for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()
         proc.wait()
 
