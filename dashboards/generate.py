@@ -158,7 +158,7 @@ def node_dashboard() -> dashboard.Dashboard:
             "Engine exits by cause", (9, 12, 12, 9),
             ('sum by (engine, exit_code, signal, cause) (increase(gpu_residency_engine_exits_total{node=~"$node", engine=~"$engine"}[$__rate_interval]))', "{{engine}} {{cause}} (exit {{exit_code}} {{signal}})"),
             unit="short", bars=True,
-            desc="cause, from the exporter's crash forensics: oom_kill (kernel OOM killer), child_failure (a process of the tree died first), signal (killed from outside), exit_code, unknown (no report, no evidence). `gpu-residency-exporter exits` shows the evidence.",
+            desc="cause, from the exporter's crash forensics: oom_kill (kernel OOM killer), child_failure (a process of the tree failed first), exit_code (it exited by itself), unknown (a signal, or no report, with no evidence of why). `gpu-residency-exporter exits` shows the evidence.",
         ),
         series(
             "Engine state (framework-set or observed) and residency by state", (9, 12, 0, 18),
@@ -265,7 +265,7 @@ def fleet_dashboard() -> dashboard.Dashboard:
             "Engine exits by cause, fleet", (9, 12, 12, 9),
             ("sum by (cause) (increase(gpu_residency_engine_exits_total[$__rate_interval]))", "{{cause}}"),
             unit="short", bars=True, stack=True,
-            desc="oom_kill, child_failure, signal, exit_code, unknown: from the exporters' crash forensics.",
+            desc="oom_kill, child_failure, exit_code, unknown: from the exporters' crash forensics.",
         ),
         series(
             "Release latency by engine (p95, fleet)", (9, 12, 0, 18),

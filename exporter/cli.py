@@ -16,9 +16,10 @@ from prometheus_client import CollectorRegistry
 
 from exporter import __version__
 from exporter.api import GpuApi
+from exporter.causes import CHILD_WINDOW_SECONDS
 from exporter.collector import ResidencyCollector
 from exporter.engine_state import EngineStates
-from exporter.engines import ConfigError, EngineCatalog, load_static_config
+from exporter.engines import EngineCatalog
 from exporter.errors import ErrorCounter
 from exporter.exit_log import ExitLog
 from exporter.exits import EXITS_PATH
@@ -37,6 +38,7 @@ from exporter.server import (
     parse_listen_address,
 )
 from exporter.sglang import SglangPoller
+from exporter.static_engines import ConfigError, load_static_config
 from exporter.supervisor import SupervisedLoop
 from exporter.transitions import TransitionTracker
 from exporter.url_policy import UrlPolicy
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"rotated events file loses no count (default {DEFAULT_STATE_DIR}; '' keeps it in memory only)",
     )
     forensics = parser.add_argument_group(
-        "crash forensics", "why an engine died (OOM kill, a child's failure, a signal) and what was on its GPUs"
+        "crash forensics", "why an engine died (an OOM kill, a child's failure) and what was on its GPUs"
     )
     forensics.add_argument(
         "--forensics.interval",
@@ -228,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         "forensics_window",
         DEFAULT_WINDOW_SECONDS,
         f"how far back before a death the GPU peak and its holders are looked for (default {DEFAULT_WINDOW_SECONDS:g})",
+    )
+    _seconds(
+        forensics,
+        "--forensics.child-window",
+        "forensics_child_window",
+        CHILD_WINDOW_SECONDS,
+        "how long before the root's death a process of its tree that failed (non-zero status or a signal) can be its "
+        f"cause (child_failure); an earlier death, or an exit 0, never is (default {CHILD_WINDOW_SECONDS:g})",
     )
     forensics.add_argument(
         "--forensics.cgroup-root",
@@ -464,6 +474,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
             args.node,
             errors,
             window_seconds=args.forensics_window,
+            child_window=args.forensics_child_window,
             cgroup_root=Path(args.forensics_cgroup_root),
             kmsg=args.forensics_kmsg or None,
         )

@@ -1,4 +1,5 @@
-"""Which processes are engines: the registry, a static config file, and auto-discovery.
+"""Which processes are engines: the registry, a static config file (exporter/static_engines.py)
+and auto-discovery (exporter/discovery.py).
 
 Every source yields `EngineEntry`s; `EngineCatalog.resolve` turns them into `Engine`s whose
 root is a host PID (through NSpid for entries written in another PID namespace) and says
@@ -8,19 +9,19 @@ whether that root is still the same live process.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import os
 import threading
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from exporter.discovery import Discovered, discover_engines, is_loopback_or_any, net_identity
 from exporter.errors import ErrorCounter
-from exporter.proctable import ProcView, own_namespace, read_argv, read_nspid, read_proc, scan_pids
+from exporter.proctable import ProcView, own_namespace, scan_pids, translate_nspids
 from exporter.registry import ENTRY_SUFFIX, EngineEntry, RegistryError, read_entry
+from exporter.static_engines import StaticEngine, pid_from_file
 from exporter.supervisor import run_supervised
 
 log = logging.getLogger(__name__)
@@ -43,187 +44,6 @@ class Engine:
     url_problem: str | None = None  # why `url` cannot be polled from here (another pod's loopback)
 
 
-class ConfigError(ValueError):
-    """A static engine config that cannot be used; the message names the file and field."""
-
-
-# ---------- static config ----------
-
-
-@dataclass(frozen=True)
-class StaticEngine:
-    """An engine of a fixed deployment, found by a PID file or a fixed PID."""
-
-    name: str
-    kind: str
-    url: str | None
-    pid_file: str | None
-    root_pid: int | None
-
-
-def load_static_config(path: str) -> list[StaticEngine]:
-    """Read `[[engines]]` tables (name, kind, url, pid_file | root_pid) from a TOML file."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    tables = data.get("engines", [])
-    if not isinstance(tables, list):
-        raise ConfigError(f"{path}: 'engines' must be an array of tables ([[engines]])")
-    engines = []
-    for number, table in enumerate(tables, start=1):
-        where = f"{path}: engines #{number}"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: must be a table")
-        unknown = set(table) - {"name", "kind", "url", "pid_file", "root_pid"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-        if ("pid_file" in table) == ("root_pid" in table):
-            raise ConfigError(f"{where}: give exactly one of pid_file or root_pid")
-        try:
-            # Validate name, kind and url with the registry's own rules.
-            EngineEntry(
-                name=table.get("name", ""),
-                root_pid=table.get("root_pid", 1),
-                kind=table.get("kind", "sglang"),
-                url=table.get("url"),
-            ).validate()
-        except RegistryError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        engines.append(
-            StaticEngine(
-                name=table["name"],
-                kind=table.get("kind", "sglang"),
-                url=table.get("url"),
-                pid_file=table.get("pid_file"),
-                root_pid=table.get("root_pid"),
-            )
-        )
-    names = [engine.name for engine in engines]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ConfigError(f"{path}: duplicate engine names {duplicates}")
-    return engines
-
-
-def _pid_from_file(path: str) -> int | None:
-    try:
-        text = Path(path).read_text()[:64].strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-# ---------- auto-discovery ----------
-
-
-@dataclass(frozen=True)
-class LaunchRecogniser:
-    """How one engine kind's server launch looks on a command line."""
-
-    kind: str
-    modules: tuple[str, ...]  # `python -m <module>` launches
-    console: str  # the console script, run as `<console> serve ...` (directly or through its interpreter)
-    default_port: int
-    socket_flag: str | None = None  # a flag that serves on a Unix socket instead of host:port
-
-
-LAUNCHES = (
-    # SGLang: `python -m sglang.launch_server`, `sglang serve`; --host defaults to 127.0.0.1.
-    LaunchRecogniser("sglang", ("sglang.launch_server",), "sglang", 30000),
-    # vLLM: `vllm serve`, `python -m vllm.entrypoints.openai.api_server`; --host defaults to every
-    # interface, --port to 8000, and --uds replaces both.
-    LaunchRecogniser("vllm", ("vllm.entrypoints.openai.api_server",), "vllm", 8000, socket_flag="--uds"),
-)
-DEFAULT_HOST = "127.0.0.1"  # a server listening on every interface is reached on loopback
-
-
-@dataclass(frozen=True)
-class Launch:
-    kind: str
-    host: str | None  # None with port None: served on a Unix socket, no URL to poll
-    port: int | None
-
-
-def _runs_console(argv: list[str], console: str) -> bool:
-    """`<console> serve ...`, or `<python> <path>/<console> serve ...` as the kernel runs a console script."""
-    return any(
-        len(argv) > index + 1 and os.path.basename(argv[index]) == console and argv[index + 1] == "serve"
-        for index in (0, 1)
-    )
-
-
-def _flag_values(argv: list[str], flags: tuple[str, ...]) -> dict[str, str]:
-    values = {}
-    for position, arg in enumerate(argv):
-        for flag in flags:
-            if arg == flag and position + 1 < len(argv):
-                values[flag] = argv[position + 1]
-            elif arg.startswith(flag + "="):
-                values[flag] = arg.split("=", 1)[1]
-    return values
-
-
-def parse_launch(argv: list[str]) -> Launch | None:
-    """The engine server `argv` launches (kind, host, port), else None.
-
-    Only the --host/--port values are kept, nothing else of the command line."""
-    recogniser = next(
-        (r for r in LAUNCHES if any(m in argv for m in r.modules) or _runs_console(argv, r.console)), None
-    )
-    if recogniser is None:
-        return None
-    flags = ("--host", "--port") + ((recogniser.socket_flag,) if recogniser.socket_flag else ())
-    values = _flag_values(argv, flags)
-    if recogniser.socket_flag and recogniser.socket_flag in values:
-        return Launch(recogniser.kind, None, None)
-    port = values.get("--port", str(recogniser.default_port))
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    host = values.get("--host", DEFAULT_HOST)
-    if host in ("0.0.0.0", "", "::"):
-        host = DEFAULT_HOST  # listening everywhere: reach it on loopback
-    return Launch(recogniser.kind, host, int(port))
-
-
-def _format_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def discover_engines(pids: list[int]) -> list[tuple[EngineEntry, int]]:
-    """Engine server launch processes among `pids` (every kind in LAUNCHES), as (entry, start_ticks).
-
-    An engine is named `<kind>-<port>` (`<kind>-pid<pid>` when it serves on a Unix socket)."""
-    found = []
-    for pid in pids:
-        launch = parse_launch(read_argv(pid))
-        info = read_proc(pid) if launch else None
-        if info is None or not info.alive:
-            continue
-        if launch.port is None:
-            entry = EngineEntry(name=f"{launch.kind}-pid{pid}", root_pid=pid, kind=launch.kind)
-        else:
-            url = _format_url(launch.host, launch.port)
-            entry = EngineEntry(name=f"{launch.kind}-{launch.port}", root_pid=pid, kind=launch.kind, url=url)
-        found.append((entry, info.start_ticks))
-    return found
-
-
-# ---------- the catalog ----------
-
-
-def _is_loopback_or_any(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return address.is_loopback or address.is_unspecified
-
-
 def reachable_url(entry: EngineEntry, own_net_ns: int | None) -> tuple[str | None, str | None]:
     """(URL the exporter should use, why it cannot) for an entry's URL.
 
@@ -239,7 +59,7 @@ def reachable_url(entry: EngineEntry, own_net_ns: int | None) -> tuple[str | Non
         port = parts.port
     except ValueError:
         return entry.url, None  # the URL policy explains what is wrong with it
-    if not _is_loopback_or_any(host):
+    if not is_loopback_or_any(host):
         return entry.url, None
     if entry.advertise_host is None:
         return None, (
@@ -287,7 +107,7 @@ class EngineCatalog:
         self._translated: dict[tuple[int, int, int], int] = {}  # (pid_ns, inner pid, start) -> host pid
         self._wanted: set[tuple[int, int, int]] = set()
         self._refused: set[tuple[str, float]] = set()  # (entry name, registered_at) already counted
-        self._discovered: list[tuple[EngineEntry, int]] = []
+        self._discovered: list[Discovered] = []
         self._latest: tuple[float, list[Engine]] | None = None
         self._lock = threading.Lock()
         self._resolve_lock = threading.Lock()  # scrapes and background work both resolve
@@ -320,7 +140,7 @@ class EngineCatalog:
         """One pass over the process table: engine discovery and the wanted NSpid translations."""
         pids = scan_pids()
         if self._discover:
-            found = discover_engines(pids)
+            found = discover_engines(pids, net_identity("self"))
             with self._lock:
                 self._discovered = found
         with self._lock:
@@ -455,41 +275,21 @@ class EngineCatalog:
             if static.name in engines:
                 self._errors.inc("registry", "duplicate_name")
                 continue
-            pid = static.root_pid or (_pid_from_file(static.pid_file) if static.pid_file else None)
+            pid = static.root_pid or (pid_from_file(static.pid_file) if static.pid_file else None)
             engines[static.name] = _engine(view, static.name, static.kind, static.url, "static", pid, None)
         with self._lock:
             discovered = list(self._discovered)
         claimed = {engine.root_pid for engine in engines.values() if engine.up}
-        candidates = {entry.root_pid for entry, _ in discovered}
-        for entry, start_ticks in discovered:
+        candidates = {found.entry.root_pid for found in discovered}
+        for found in discovered:
+            entry = found.entry
             ancestors = [info.pid for info in view.ancestry(entry.root_pid)]
             if entry.name in engines or claimed.intersection(ancestors) or candidates.intersection(ancestors[1:]):
                 continue  # a registered engine's launch process, or a forked child of another launch
-            engine = _engine(view, entry.name, entry.kind, entry.url, "discovered", entry.root_pid, start_ticks)
+            engine = _engine(view, entry.name, entry.kind, entry.url, "discovered", entry.root_pid, found.start_ticks)
             if engine.up:  # a discovered engine that exited is simply gone
-                engines[entry.name] = engine
+                engines[entry.name] = dataclasses.replace(engine, url_problem=found.url_problem)
         return list(engines.values())
-
-
-def translate_nspids(wanted: set[tuple[int, int, int]], pids: list[int]) -> dict[tuple[int, int, int], int]:
-    """Host PIDs for (pid_ns, inner pid, start ticks): the process whose NSpid ends with the
-    inner PID and whose start time matches. Two candidates (two containers' PID 57 started in
-    the same tick) prove nothing: neither is taken."""
-    by_start: dict[int, list[tuple[int, int, int]]] = {}
-    for key in wanted:
-        by_start.setdefault(key[2], []).append(key)
-    matches: dict[tuple[int, int, int], list[int]] = {}
-    for pid in pids:
-        info = read_proc(pid)
-        if info is None or info.start_ticks not in by_start or not info.alive:
-            continue
-        nspid = read_nspid(pid)
-        if len(nspid) < 2:
-            continue  # in our own namespace: not a translation
-        for key in by_start[info.start_ticks]:
-            if nspid[-1] == key[1]:
-                matches.setdefault(key, []).append(pid)
-    return {key: found[0] for key, found in matches.items() if len(found) == 1}
 
 
 def _engine(

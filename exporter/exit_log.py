@@ -9,56 +9,46 @@ The counts live in the exporter's state directory (`--state.dir`), with how far 
 file has been read: a rotated-away file, or a restart, loses no count and counts nothing
 twice. Without a writable state directory the counts start again from the files on restart.
 
-Each exit waits (up to EVIDENCE_WAIT_SECONDS) for the exporter's crash forensics to have seen
-the death, then is counted with the cause the evidence supports (exporter/forensics.py) and kept,
-with that evidence, among the recent exits served at /api/v1/exits.
-
-A counter that first appears already at 1 is invisible to `increase()`: a new series is
-published at 0 first (for `--exits.first-zero-seconds`, at least one scrape), then at its
-count, so an alert on the first exit of an engine fires. Series of engines that left the
-catalog more than `--exits.retention` ago are dropped, so churn does not grow the output.
+Each line is checked on its own (exporter/exit_event.py): a malformed or oversized one costs
+itself and an error count, never the lines after it. Each exit waits (up to EVIDENCE_WAIT_SECONDS)
+for the exporter's crash forensics to have seen the death, then is counted with the cause the
+evidence supports (exporter/causes.py) and kept, with that evidence, among the recent exits
+served at /api/v1/exits. Counters are published as exporter/exit_counts.py says; series of
+engines that left the catalog more than `--exits.retention` ago are dropped, so churn does not
+grow the output.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from exporter.attribution import Snapshot
+from exporter.causes import Death, Evidence, determine_cause, evidence_dict
 from exporter.errors import ErrorCounter
 from exporter.event_tail import EventTail, Position
-from exporter.exits import EVENTS_FILE, ROTATED_SUFFIX, ExitEvent, exit_labels
-from exporter.forensics import Death, Evidence, Forensics, determine_cause, evidence_dict
-from gpu_residency_common.files import UntrustedFileError, ensure_dir, read_json, write_atomic
+from exporter.exit_counts import MAX_SERIES, ExitCounts
+from exporter.exit_event import EventTooLarge, ExitEvent, event_files
+from exporter.exit_state import SavedState, StateTooLarge, load_state, save_state
+from exporter.exits import exit_labels
+from exporter.forensics import Forensics
 
 log = logging.getLogger(__name__)
 
 MAX_READ_BYTES = 4 * 1024 * 1024  # per collection: a huge backlog is caught up over several
-STATE_FILE = "exits.json"
-MAX_STATE_BYTES = 16 * 1024 * 1024
 RECENT_IDS = 20_000  # ids remembered against a file read twice (replaced in place, restored)
 RECENT_EVENTS = 256
-
-CountKey = tuple[str, str, str, str]  # engine, exit_code, signal, cause
 SETTLE_SECONDS = 1.0  # after a death is seen, how long late evidence (a kernel log line) may still come
 EVIDENCE_WAIT_SECONDS = 3.0  # how long a reported exit waits for its death to be seen before it is counted
-
-
-@dataclass
-class _Count:
-    value: int
-    last_time: float  # wall-clock time of the latest event
-    zero_until: float | None = None  # monotonic: published as 0 until then (None: released)
 
 
 class ExitLog:
@@ -76,14 +66,12 @@ class ExitLog:
         self._node = node
         self._forensics = forensics
         self._pending: dict[str, tuple[ExitEvent, float]] = {}  # id -> (event, monotonic time received)
-        self._dir = directory
         self._errors = errors
         self._grace = grace_seconds
         self._state_dir = state_dir
-        self._first_zero = first_zero_seconds
         self._retention = retention_seconds
         self._started = time.time()
-        self._counts: dict[CountKey, _Count] = {}
+        self._counts = ExitCounts(first_zero_seconds)
         self._ids: deque[str] = deque()
         self._id_set: set[str] = set()
         self._recent: deque[dict] = deque(maxlen=RECENT_EVENTS)  # exits with their cause and evidence
@@ -95,64 +83,37 @@ class ExitLog:
         self._dirty = False
         self._lock = threading.Lock()  # concurrent scrapes must not read the same bytes twice
         positions = self._load_state()
-        self._tail = EventTail(self._event_paths, positions)
-
-    def _event_paths(self) -> list[Path]:
-        """events.jsonl and any per-user events.<uid>.jsonl, each after its rotated .1."""
-        if self._dir is None:
-            return []
-        try:
-            names = os.listdir(self._dir)
-        except OSError:
-            return []
-        bases = sorted(n for n in names if n.startswith("events") and n.endswith(".jsonl"))
-        if EVENTS_FILE not in bases:
-            bases.insert(0, EVENTS_FILE)  # a rotated .1 alone is still read
-        return [self._dir / name for base in bases for name in (base + ROTATED_SUFFIX, base)]
+        self._tail = EventTail(lambda: event_files(directory) if directory else [], positions)
 
     # --- state ---
 
     def _load_state(self) -> list[Position]:
-        if self._state_dir is None:
+        state = load_state(self._state_dir, self._errors) if self._state_dir else None
+        if state is None:
             return []
-        try:
-            data = read_json(self._state_dir / STATE_FILE, MAX_STATE_BYTES, max_depth=8)
-        except UntrustedFileError as exc:
-            if exc.reason != "missing":
-                self._errors.inc("exits_state", exc.reason)
-                log.warning("exit state %s ignored (%s): counting again from the events files", self._state_dir, exc)
-            return []
-        try:
-            for row in data["counts"]:
-                engine, code, signal_label, *cause, value, last = row  # version 1 had no cause
-                key = (str(engine), str(code), str(signal_label), str(cause[0]) if cause else "unknown")
-                self._counts[key] = _Count(int(value), float(last))
-            self._recent.extend(record for record in data.get("recent", []) if isinstance(record, dict))
-            for event in data.get("pending", []):
-                self._pending[event["id"]] = (ExitEvent(**event), time.monotonic())
-            for event_id in data.get("ids", []):
-                self._remember(str(event_id))
-            return [Position(int(i), int(o), bytes.fromhex(h)) for i, o, h in data["positions"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            self._counts.clear()
-            self._errors.inc("exits_state", "malformed")
-            log.warning("exit state %s ignored (%s): counting again from the events files", self._state_dir, exc)
-            return []
+        self._counts.restore(state.counts)
+        self._recent.extend(state.recent)
+        self._pending = {event.id: (event, time.monotonic()) for event in state.pending}
+        for event_id in state.ids:
+            self._remember(event_id)
+        return state.positions
 
     def _save_state(self) -> None:
         if self._state_dir is None or not self._dirty:
             return
-        body = {
-            "version": 2,
-            "counts": [[*key, c.value, c.last_time] for key, c in sorted(self._counts.items())],
-            "positions": [[p.inode, p.offset, p.head.hex()] for p in self._tail.positions],
-            "ids": list(self._ids),
-            "recent": list(self._recent),
-            "pending": [asdict(event) for event, _ in self._pending.values()],
-        }
+        state = SavedState(
+            counts=self._counts.saved(),
+            positions=self._tail.positions,
+            pending=[event for event, _ in self._pending.values()],
+            ids=list(self._ids),
+            recent=list(self._recent),
+        )
         try:
-            write_atomic(ensure_dir(self._state_dir) / STATE_FILE, json.dumps(body, separators=(",", ":")))
+            save_state(self._state_dir, state)
             self._dirty = False
+        except StateTooLarge as exc:
+            self._errors.inc("exits_state", "too_large")
+            log.warning("exit state not saved (%s): the previous state stands", exc)
         except OSError as exc:
             self._errors.inc("exits_state", "unwritable")
             log.warning("cannot save exit state in %s: %s (counts survive no restart)", self._state_dir, exc)
@@ -178,9 +139,13 @@ class ExitLog:
             self._dirty = True
 
     def _add_line(self, line: bytes) -> None:
+        """One line, on its own: a bad one costs itself and a count, never the lines after it."""
         try:
             event = ExitEvent.from_json(line)
-        except (ValueError, TypeError):
+        except EventTooLarge:
+            self._errors.inc("events", "too_large")
+            return
+        except ValueError:
             self._errors.inc("events", "malformed")
             return
         self._add(event)
@@ -235,14 +200,10 @@ class ExitLog:
 
     def _count(self, event: ExitEvent, evidence: Evidence, death: Death | None) -> None:
         key = (event.engine, *exit_labels(event.exitcode), evidence.cause)
-        count = self._counts.get(key)
-        if count is None:
-            # Published at 0 first, so that increase() sees this first exit; exits from before
-            # this exporter started were published by an earlier one (or are history).
-            recent = event.time >= self._started
-            count = self._counts[key] = _Count(0, event.time, zero_until=0.0 if recent else None)
-        count.value += 1
-        count.last_time = max(count.last_time, event.time)
+        if not self._counts.add(key, event.time, new_at_zero=event.time >= self._started):
+            self._errors.inc("events", "too_many_series")
+            log.warning("engine %s: exit not counted, %d exit series already", event.engine, MAX_SERIES)
+            return
         self._recent.append({**asdict(event), **evidence_dict(evidence, death)})
         if evidence.cause != "exit_code" or event.exitcode != 0:
             log.warning("engine %s exited (exitcode=%s): %s", event.engine, event.exitcode, evidence.detail)
@@ -265,17 +226,8 @@ class ExitLog:
             if now - first_seen < self._grace:
                 continue
             log.warning("engine %s: root process %s vanished with no exit report", engine.name, engine.root_pid)
-            self._add(
-                ExitEvent(
-                    id=os.urandom(16).hex(),
-                    engine=engine.name,
-                    exitcode=None,
-                    time=time.time(),
-                    url=engine.url,
-                    root_pid=engine.root_pid,
-                    start_ticks=engine.start_ticks,
-                )
-            )
+            root = {"url": engine.url, "root_pid": engine.root_pid, "start_ticks": engine.start_ticks}
+            self._add(ExitEvent(os.urandom(16).hex(), engine.name, None, time.time(), **root))
         for key in set(self._dead_since) - dead_now:
             del self._dead_since[key]
 
@@ -283,7 +235,7 @@ class ExitLog:
         """Drop the counts of engines gone from the catalog for longer than the retention."""
         now = time.time()
         known = {engine.name for engine in snapshot.engines}
-        counted = {key[0] for key in self._counts}
+        counted = self._counts.engines()
         for name in counted - known:
             self._absent_since.setdefault(name, now)
         for name in set(self._absent_since):
@@ -296,7 +248,7 @@ class ExitLog:
         }
         if not gone:
             return
-        self._counts = {key: c for key, c in self._counts.items() if key[0] not in gone}
+        self._counts.drop(gone)
         self._reported = {key: t for key, t in self._reported.items() if key[0] not in gone}
         self._unknown = {key: i for key, i in self._unknown.items() if key[0] not in gone}
         for name in gone:
@@ -324,12 +276,12 @@ class ExitLog:
     def families(self, snapshot: Snapshot) -> Iterable[Metric]:
         self.update(snapshot)
         with self._lock:
-            shown = self._published_values()
+            shown = self._counts.published()
         family = CounterMetricFamily(
             "gpu_residency_engine_exits",
             "Engine exits by exit code, signal and cause (signal='' for a plain exit code; exit_code='unknown' when "
-            "the root vanished with no report; cause: oom_kill, child_failure, signal, exit_code, unknown, from "
-            "evidence only). A new series starts at 0.",
+            "the root vanished with no report; cause: oom_kill, child_failure, exit_code or unknown, from evidence "
+            "only: a signal alone is unknown). A new series starts at 0.",
             labels=["node", "engine", "exit_code", "signal", "cause"],
         )
         for (engine, code, signal_label, cause), value in shown:
@@ -337,14 +289,3 @@ class ExitLog:
         yield family
         if self._forensics is not None:
             yield from self._forensics.families(snapshot)
-
-    def _published_values(self) -> list[tuple[CountKey, int]]:
-        now = time.monotonic()
-        shown = []
-        for key, count in sorted(self._counts.items()):
-            if count.zero_until == 0.0:
-                count.zero_until = now + self._first_zero  # first time on show: hold 0 from now
-            if count.zero_until is not None and now >= count.zero_until:
-                count.zero_until = None
-            shown.append((key, 0 if count.zero_until is not None else count.value))
-        return shown

@@ -21,7 +21,6 @@ rotation loses no count.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import queue
@@ -32,19 +31,15 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from exporter.exit_event import EVENTS_FILE, MAX_EVENT_BYTES, MAX_TEXT_FIELD, ROTATED_SUFFIX, EventTooLarge, ExitEvent
 from exporter.registry import ENTRY_SUFFIX, RegistryError, read_entry, registry_dir
 from gpu_residency_common.exporter_client import URL_ENV, ExporterClient, ExporterError
-from gpu_residency_common.files import UntrustedFileError, append_record, ensure_dir, open_regular, parse_json
+from gpu_residency_common.files import UntrustedFileError, append_record, ensure_dir, open_regular
 
-EVENTS_FILE = "events.jsonl"
-ROTATED_SUFFIX = ".1"
 LOCK_FILE = ".events.lock"
 ROTATE_BYTES = 1024 * 1024
-MAX_EVENT_BYTES = 4096  # one write of at most PIPE_BUF-ish size stays whole under O_APPEND
-MAX_TEXT_FIELD = 1024  # an event keeps at most this much of a URL: it is for a human to read
 EXITS_PATH = "/api/v1/exits"
 EVIDENCE_WAIT_S = 5.0  # how long a dying engine's message waits for the exporter's evidence, all told
 
@@ -129,39 +124,6 @@ def exit_labels(exitcode: int | None) -> tuple[str, str]:
     if exitcode < 0:
         return str(exitcode), signal_name(-exitcode)
     return str(exitcode), ""
-
-
-@dataclass(frozen=True)
-class ExitEvent:
-    id: str
-    engine: str
-    exitcode: int | None  # None: the exporter saw the root vanish with no report
-    time: float
-    elapsed: float | None = None
-    url: str | None = None
-    root_pid: int | None = None
-    start_ticks: int | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, line: str | bytes) -> ExitEvent:
-        data = parse_json(line)
-        if not isinstance(data, dict) or not isinstance(data.get("id"), str) or not isinstance(data.get("engine"), str):
-            raise ValueError("an event needs string id and engine")
-        code = data.get("exitcode")
-        if code is not None and (isinstance(code, bool) or not isinstance(code, int)):
-            raise ValueError("exitcode must be an integer or null")
-        when = data.get("time")
-        if isinstance(when, bool) or not isinstance(when, int | float):
-            raise ValueError("time must be a number")
-        known = {key: data.get(key) for key in cls.__dataclass_fields__}
-        return cls(**known)
-
-
-class EventTooLarge(ValueError):
-    """An event that would not fit one atomic append."""
 
 
 def append_event(event: ExitEvent, directory: str | os.PathLike | None = None) -> Path:

@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gpu-residency-exporter exits",
         description="Print the recent engine exits a running exporter recorded, newest first: the cause it "
-        "found (oom_kill, child_failure, signal, exit_code, unknown), its evidence, and the GPU peak before. "
+        "found (oom_kill, child_failure, exit_code, unknown), its evidence, and the GPU peak before. "
         f"The exporter's settings, as every client of it takes them: each flag left out is read from "
         f"${URL_ENV}, ${CA_FILE_ENV}, ${USER_ENV}, ${PASSWORD_FILE_ENV} or ${PASSWORD_ENV}.",
     )

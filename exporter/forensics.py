@@ -3,14 +3,11 @@
 A framework that sees its engine die knows only an exit code, and -9 means several things: the
 kernel OOM killer (host or cgroup memory), SGLang's launcher killing its own tree after a
 scheduler child failed, or a kill from outside (an operator, Ray). The exporter watches each
-engine's process tree while it lives and decides from evidence only:
-
-- oom_kill: the kernel log names a process of the tree as killed for lack of memory (/dev/kmsg,
-  readable with CAP_SYSLOG), or a memory cgroup of the tree counted an OOM kill
-  (cgroup v1 memory.oom_control, v2 memory.events `oom_kill`) while a process of the tree died;
-- child_failure: a process of the tree died at least one look before the root did;
-- signal / exit_code: the exit status the parent reported, with no other evidence;
-- unknown: no report and no evidence. Never a guess.
+engine's process tree while it lives: which processes die and when, a dead child's exit status
+while it is a zombie (before its parent reaps it), the OOM counters of the tree's own memory
+cgroups and the kernel log. exporter/causes.py names the cause from what belongs to that death.
+A dead process leaves the watched tree once it is older than the child window: it can no longer
+be a cause, and the tree of a long-lived engine does not grow with every helper it ran.
 
 Beside the cause, each exit carries, for every GPU the engine held, the peak used memory in the
 window before the death and the top holders at that peak, from a short bounded history of
@@ -19,87 +16,40 @@ collections. Nothing here holds a command line or an environment: titles, PIDs, 
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.attribution import Snapshot
+from exporter.causes import (
+    CHILD_WINDOW_SECONDS,
+    OOM_MARGIN_SECONDS,
+    Death,
+    Evidence,
+    GpuPeak,
+    HolderAt,
+    Member,
+    determine_cause,
+    zombie_exitcode,
+)
 from exporter.engines import Engine
 from exporter.errors import ErrorCounter
-from exporter.exits import ExitEvent, signal_name
+from exporter.exit_event import ExitEvent
+from exporter.oom_evidence import KernelLog, memory_counter_files, read_oom_kills
 from exporter.proctable import ProcView, read_proc, scan_pids
 
 log = logging.getLogger(__name__)
 
-CAUSES = ("oom_kill", "child_failure", "signal", "exit_code", "unknown")
 DEFAULT_WINDOW_SECONDS = 60.0
 HISTORY_MAX = 240  # collections kept, whatever the rate: the history's memory is bounded
 DEATHS_MAX = 64
 TOP_HOLDERS = 5
-OOM_MARGIN_SECONDS = 5.0  # an OOM kill counted this close before a death (or after: logs lag) is its evidence
-_KMSG_KILL = re.compile(r"(?:Killed process|oom-kill:.*?\bpid=)\s*(\d+)(?:\s+\(([^)]{0,64})\))?")
-
-
-# ---------- what a death looks like ----------
-
-
-@dataclass
-class Member:
-    """A process of an engine's tree, as last seen."""
-
-    pid: int
-    start_ticks: int
-    title: str
-    gone_at: float | None = None  # wall-clock time of the first look that found it gone
-
-
-@dataclass(frozen=True)
-class HolderAt:
-    kind: str  # engine | process | unattributed
-    name: str
-    used_bytes: int
-    pid: int | None = None
-
-
-@dataclass(frozen=True)
-class GpuPeak:
-    gpu: int
-    uuid: str
-    used_bytes: int
-    total_bytes: int | None
-    at: float  # when the peak was seen
-    top_holders: tuple[HolderAt, ...]
-
-
-@dataclass
-class Death:
-    """An engine root the exporter saw die, with what it saw around it."""
-
-    engine: str
-    root_pid: int
-    start_ticks: int | None
-    at: float
-    members: list[Member]
-    gpus: list[GpuPeak]
-    oom_counted: list[tuple[float, str]] = field(default_factory=list)  # (when, cgroup counter file)
-
-
-@dataclass(frozen=True)
-class Evidence:
-    cause: str  # one of CAUSES
-    detail: str  # one line for a human
-    victim_pid: int | None = None
-    victim_title: str = ""
-    facts: tuple[str, ...] = ()  # what was observed, each a short sentence
 
 
 # ---------- the history of collections ----------
@@ -123,9 +73,11 @@ class _Collection:
 
 def _summarise(snapshot: Snapshot) -> _Collection:
     holders: dict[str, list[HolderAt]] = {}
+    engines: dict[str, set[str]] = {}
     for usage in snapshot.engine_usage:
         if usage.used_bytes:
             holders.setdefault(usage.gpu.uuid, []).append(HolderAt("engine", usage.engine, usage.used_bytes))
+            engines.setdefault(usage.engine, set()).add(usage.gpu.uuid)
     for proc in snapshot.processes:
         if proc.used_bytes and not proc.engine:
             holder = HolderAt("process", proc.holder.name, proc.used_bytes, proc.pid)
@@ -133,10 +85,6 @@ def _summarise(snapshot: Snapshot) -> _Collection:
     for gpu, rest in snapshot.unattributed:
         if rest:
             holders.setdefault(gpu.uuid, []).append(HolderAt("unattributed", "", rest))
-    engines: dict[str, set[str]] = {}
-    for usage in snapshot.engine_usage:
-        if usage.used_bytes:
-            engines.setdefault(usage.engine, set()).add(usage.gpu.uuid)
     return _Collection(
         at=snapshot.taken_at or time.time(),
         gpus=tuple(
@@ -151,89 +99,6 @@ def _summarise(snapshot: Snapshot) -> _Collection:
         ),
         engines={name: frozenset(uuids) for name, uuids in engines.items()},
     )
-
-
-# ---------- kernel and cgroup evidence ----------
-
-
-class KernelLog:
-    """OOM-kill lines from /dev/kmsg, read as they come (needs CAP_SYSLOG where dmesg_restrict=1)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.available = False
-        self._fd: int | None = None
-        self.kills: deque[tuple[float, int, str]] = deque(maxlen=256)  # (when read, pid, comm)
-        if path:
-            try:
-                self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                os.lseek(self._fd, 0, os.SEEK_END)  # only what happens from now on
-                self.available = True
-            except OSError as exc:
-                log.info("kernel log %s not readable (%s): OOM kills are told by memory cgroups only", path, exc)
-
-    def read(self) -> None:
-        if self._fd is None:
-            return
-        for _ in range(4096):  # bounded: a flood of kernel messages waits for the next look
-            try:
-                record = os.read(self._fd, 8192)
-            except OSError as exc:
-                if exc.errno == errno.EPIPE:  # records overwritten before we read them: go on
-                    continue
-                return  # EAGAIN: nothing more now
-            if not record:
-                return
-            message = record.decode("utf-8", "replace").split(";", 1)[-1]
-            match = _KMSG_KILL.search(message)
-            if match and ("Killed process" in message or "oom-kill" in message):
-                self.kills.append((time.time(), int(match.group(1)), (match.group(2) or "")[:64]))
-
-
-def memory_counter_files(cgroup_text: str, root: Path) -> list[Path]:
-    """The OOM-kill counter files of a process's memory cgroup and its ancestors: cgroup v1
-    memory.oom_control under <root>/memory, v2 memory.events under the unified root. Paths shown
-    relative to another cgroup namespace (../..) are found by their longest existing tail."""
-    files: list[Path] = []
-    for line in cgroup_text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if "memory" in parts[1].split(","):
-            base, name = root / "memory", "memory.oom_control"
-        elif parts[0] == "0":
-            base = root if (root / "cgroup.controllers").exists() else root / "unified"
-            name = "memory.events"
-        else:
-            continue
-        directory = _resolve(base, parts[2])
-        while directory is not None and base in (directory, *directory.parents):
-            if (directory / name).exists():
-                files.append(directory / name)
-            if directory == base:
-                break
-            directory = directory.parent
-    return files
-
-
-def _resolve(base: Path, path: str) -> Path | None:
-    components = [c for c in path.split("/") if c and c != ".."]
-    for start in range(len(components) + 1):
-        candidate = base.joinpath(*components[start:])
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def read_oom_kills(path: Path) -> int | None:
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill" and value.strip().isdigit():
-            return int(value)
-    return None
 
 
 # ---------- the watcher ----------
@@ -257,10 +122,12 @@ class Forensics:
         cgroup_root: Path = Path("/sys/fs/cgroup"),
         kmsg: str | None = "/dev/kmsg",
         tree_interval: float = 5.0,
+        child_window: float = CHILD_WINDOW_SECONDS,
     ) -> None:
         self._node = node
         self._errors = errors
         self._window = window_seconds
+        self._child_window = child_window
         self._cgroup_root = cgroup_root
         self._kernel = KernelLog(kmsg)
         self._tree_interval = tree_interval
@@ -345,27 +212,34 @@ class Forensics:
                 stack.extend(children.get(pid, ()))
 
     def _look(self, watch: _Watch, now: float) -> None:
-        for (pid, start), member in watch.members.items():
+        """Who died since the last look (with a zombie's exit status, while its parent has not reaped
+        it), what the OOM counters counted; members and counts too old to be a cause are let go."""
+        for (pid, start), member in list(watch.members.items()):
             if member.gone_at is None:
                 info = read_proc(pid)
                 if info is None or not info.alive or info.start_ticks != start:
                     member.gone_at = now
+                    same = info is not None and info.start_ticks == start
+                    member.exitcode = zombie_exitcode(info.exit_status) if same else None
+            elif pid != watch.root_pid and now - member.gone_at > self._child_window:
+                del watch.members[(pid, start)]
         for path, before in list(watch.counters.items()):
             count = read_oom_kills(path)
             if count is not None and before is not None and count > before:
                 watch.oom_counted.append((now, str(path)))
             if count is not None:
                 watch.counters[path] = count
+        keep = now - self._child_window - OOM_MARGIN_SECONDS
+        watch.oom_counted = [(when, path) for when, path in watch.oom_counted if when >= keep]
 
     def _died(self, watch: _Watch, root: Member) -> None:
-        at = root.gone_at
         death = Death(
             engine=watch.engine,
             root_pid=watch.root_pid,
             start_ticks=root.start_ticks,
-            at=at,
+            at=root.gone_at,
             members=list(watch.members.values()),
-            gpus=self._peaks(watch.engine, at),
+            gpus=self._peaks(watch.engine, root.gone_at),
             oom_counted=list(watch.oom_counted),
         )
         self._deaths.append(death)
@@ -403,7 +277,7 @@ class Forensics:
     def explain(self, event: ExitEvent, death: Death | None) -> Evidence:
         with self._lock:
             kills = list(self._kernel.kills)
-        return determine_cause(event.exitcode, death, kills)
+        return determine_cause(event.exitcode, death, kills, self._child_window)
 
     def families(self, snapshot: Snapshot) -> Iterable[Metric]:
         family = GaugeMetricFamily(
@@ -424,67 +298,3 @@ class Forensics:
         )
         history.add_metric([self._node], kept)
         yield history
-
-
-def determine_cause(exitcode: int | None, death: Death | None, kills: list[tuple[float, int, str]] = ()) -> Evidence:
-    """The cause of an exit from its reported code and what was observed; never a guess."""
-    facts: list[str] = []
-    if death is not None:
-        tree = {m.pid: m for m in death.members}
-        first_gone = min((m.gone_at for m in death.members if m.gone_at is not None), default=death.at)
-        since = first_gone - OOM_MARGIN_SECONDS
-        named = [(when, pid, comm) for when, pid, comm in kills if pid in tree and when >= since]
-        if named:
-            _, pid, comm = named[0]
-            title = tree[pid].title or comm
-            facts.append(f"the kernel log says pid {pid} ({comm}) was killed for lack of memory")
-            return Evidence("oom_kill", f"kernel OOM killer killed pid {pid} ({title})", pid, title, tuple(facts))
-        counted = [(when, path) for when, path in death.oom_counted if first_gone - OOM_MARGIN_SECONDS <= when]
-        if counted:
-            # The counter does not name its victim: it is one of the processes gone first. Named
-            # only when that is one process (the kernel log names it, where readable).
-            first = [m for m in death.members if m.gone_at == first_gone]
-            victim = first[0] if len(first) == 1 else None
-            facts.append(f"memory cgroup counter {counted[0][1]} counted an OOM kill as the tree died")
-            who = ", ".join(f"pid {m.pid} ({m.title})" for m in first)
-            return Evidence(
-                "oom_kill",
-                f"an OOM kill in the engine's memory cgroup; gone first: {who}",
-                victim.pid if victim else None,
-                victim.title if victim else "",
-                tuple(facts),
-            )
-        early = sorted(
-            (m for m in death.members if m.gone_at is not None and m.gone_at < death.at and m.pid != death.root_pid),
-            key=lambda m: m.gone_at,
-        )
-        if early:
-            child = early[0]
-            facts.append(f"pid {child.pid} ({child.title}) died {death.at - child.gone_at:.1f}s before the root")
-            return Evidence(
-                "child_failure",
-                f"a process of its tree died first: pid {child.pid} ({child.title})",
-                child.pid,
-                child.title,
-                tuple(facts),
-            )
-    if exitcode is None:
-        return Evidence("unknown", "no exit status was reported and no evidence was found", facts=tuple(facts))
-    signum = -exitcode if exitcode < 0 else exitcode - 128 if 128 < exitcode < 128 + 65 else None
-    if signum is not None:
-        return Evidence(
-            "signal",
-            f"killed by {signal_name(signum)}; no OOM kill and no earlier death in its tree were seen, so the signal "
-            "came from elsewhere (an operator, Ray, Kubernetes, or the process itself)",
-            facts=tuple(facts),
-        )
-    return Evidence("exit_code", f"exited with status {exitcode}", facts=tuple(facts))
-
-
-def evidence_dict(evidence: Evidence, death: Death | None) -> dict:
-    """The evidence as JSON-able data (no command line, no environment: titles, PIDs, cgroup paths)."""
-    body = asdict(evidence)
-    body["facts"] = list(evidence.facts)
-    body["gpus"] = [asdict(peak) for peak in (death.gpus if death else [])]
-    body["observed_death"] = death.at if death else None
-    return body

@@ -43,6 +43,7 @@ class ProcInfo:
     comm: str
     state: str
     start_ticks: int  # since boot; with the PID it names one process for good
+    exit_status: int = 0  # a zombie's wait status; the kernel shows 0 to whoever may not trace it
 
     @property
     def alive(self) -> bool:
@@ -65,6 +66,7 @@ def parse_stat(pid: int, text: str) -> ProcInfo | None:
             comm=text[open_paren + 1 : close_paren],
             state=fields[0],
             start_ticks=int(fields[19]),
+            exit_status=int(fields[49]) if len(fields) > 49 else 0,
         )
     except ValueError:
         return None
@@ -226,3 +228,24 @@ class ProcView:
                 self._errors.inc("proc", "unreadable")
             return "", ""
         return parse_container(text), parse_pod_uid(text)
+
+
+def translate_nspids(wanted: set[tuple[int, int, int]], pids: list[int]) -> dict[tuple[int, int, int], int]:
+    """Host PIDs for (pid_ns, inner pid, start ticks): the process whose NSpid ends with the
+    inner PID and whose start time matches. Two candidates (two containers' PID 57 started in
+    the same tick) prove nothing: neither is taken."""
+    by_start: dict[int, list[tuple[int, int, int]]] = {}
+    for key in wanted:
+        by_start.setdefault(key[2], []).append(key)
+    matches: dict[tuple[int, int, int], list[int]] = {}
+    for pid in pids:
+        info = read_proc(pid)
+        if info is None or info.start_ticks not in by_start or not info.alive:
+            continue
+        nspid = read_nspid(pid)
+        if len(nspid) < 2:
+            continue  # in our own namespace: not a translation
+        for key in by_start[info.start_ticks]:
+            if nspid[-1] == key[1]:
+                matches.setdefault(key, []).append(pid)
+    return {key: found[0] for key, found in matches.items() if len(found) == 1}

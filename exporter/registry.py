@@ -42,7 +42,7 @@ STATES = ("starting", "active", "asleep", "stopped")
 
 class RegistryError(ValueError):
     """An entry that is invalid, with a message that says which field and why; `reason` is the
-    error counter's label (malformed, too_large, refused, unreadable)."""
+    error counter's label (malformed, too_large, refused, unreadable, name_mismatch)."""
 
     def __init__(self, message: str, reason: str = "malformed") -> None:
         super().__init__(message)
@@ -107,13 +107,22 @@ def registry_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def read_entry(path: Path) -> EngineEntry:
-    """One entry file, read as untrusted input (no symlinks, regular file, bounded)."""
+    """One entry file, read as untrusted input (no symlinks, regular file, bounded).
+
+    An entry is valid only in the file named after its engine (`<name>.json`): in a shared (1777)
+    registry the sticky bit keeps another user from replacing that file, and a second file claiming
+    the name must not take the engine over (reason name_mismatch)."""
     try:
-        return EngineEntry.from_json(read_untrusted(path, MAX_ENTRY_BYTES).data)
+        entry = EngineEntry.from_json(read_untrusted(path, MAX_ENTRY_BYTES).data)
     except UntrustedFileError as exc:
         if exc.reason == "missing":
             raise FileNotFoundError(str(exc)) from None
         raise RegistryError(str(exc), exc.reason) from None
+    if path.name != f"{entry.name}{ENTRY_SUFFIX}":
+        raise RegistryError(
+            f"engine {entry.name!r} may only be registered in {entry.name}{ENTRY_SUFFIX}", "name_mismatch"
+        )
+    return entry
 
 
 def register_engine(

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, one, values
+from conftest import ROOT, one, require_root_tools, scrape_until, values
 
-from exporter.engines import ConfigError, EngineCatalog, load_static_config, parse_launch
+from exporter.discovery import parse_launch
+from exporter.engines import EngineCatalog
 from exporter.errors import ErrorCounter
 from exporter.proctable import ProcView, parse_container, parse_nspid, parse_stat
 from exporter.registry import EngineEntry, RegistryError, register_engine, registered_engine
+from exporter.static_engines import ConfigError, load_static_config
 from fakenvml import GIB
 
 
@@ -128,16 +130,18 @@ def test_discovers_an_sglang_launch_and_its_tree(fake_nvml_dir, scenario, monkey
         catalog.scan()
         collector = ResidencyCollector("n", NvmlSource(errors, str(fake_nvml_dir / SONAME)), catalog, errors)
         snapshot, _ = collector.snapshot()
-        engine = next(e for e in snapshot.engines if e.name == "sglang-31234")
+        name = f"sglang-31234-{launch.pid}"
+        engine = next(e for e in snapshot.engines if e.name == name)
         assert engine.url == "http://127.0.0.1:31234" and engine.source == "discovered" and engine.up
-        assert [(u.engine, u.used_bytes) for u in snapshot.engine_usage] == [("sglang-31234", 2 * GIB)]
+        assert engine.url_problem is None, "in the exporter's own network namespace: polled"
+        assert [(u.engine, u.used_bytes) for u in snapshot.engine_usage] == [(name, 2 * GIB)]
 
         # Registered under its own name, the same process is not discovered a second time.
         register_engine("rollout-x", root_pid=launch.pid, directory=tmp_path / "reg")
         catalog = EngineCatalog(errors, registry_dir=tmp_path / "reg", discover=True)
         catalog.scan()
         names = [e.name for e in catalog.resolve(ProcView())]
-        assert "rollout-x" in names and "sglang-31234" not in names
+        assert "rollout-x" in names and name not in names
     finally:
         launch.kill()
         launch.wait()
@@ -224,3 +228,95 @@ def test_entry_from_another_pid_namespace_is_resolved_through_nspid(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_second_file_claiming_a_name_is_refused_and_the_engine_keeps_its_tree(local_exporter, scenario, spawn_tree,
+                                                                                tmp_path):  # fmt: skip
+    """In a shared registry anyone may add a file: `zz-other.json` saying `"name": "x"` beside x.json
+    took engine x over (its root, its memory). An entry counts only in the file named after it."""
+    ours, theirs = spawn_tree(), spawn_tree()
+    registry = local_exporter.registry_dir
+    register_engine("x", root_pid=ours.pid, url="http://127.0.0.1:30000", directory=registry)
+    claim = register_engine("x", root_pid=theirs.pid, url="http://127.0.0.1:30999", directory=tmp_path / "elsewhere")
+    claim.rename(registry / "zz-other.json")
+    scenario.gpus[0].processes = [(ours.leaves[0], 10 * GIB), (theirs.leaves[0], 5 * GIB)]
+    scenario.gpus[0].used = 15 * GIB
+    scenario.write()
+    for _ in range(2):  # counted once, not at every scrape
+        m = local_exporter.scrape()
+        assert one(m, "gpu_residency_engine_memory_bytes", engine="x", gpu=0) == 10 * GIB
+        by_pid = {labels["pid"]: labels["engine"] for labels, _ in m["gpu_residency_process_memory_bytes"]}
+        assert by_pid == {str(ours.leaves[0]): "x", str(theirs.leaves[0]): ""}
+        assert one(m, "gpu_residency_errors_total", source="registry", reason="name_mismatch") == 1
+    (registry / "x.json").unlink()
+    m = local_exporter.scrape()
+    assert values(m, "gpu_residency_engine_up", engine="x") == [], "alone, the misnamed file is still refused"
+
+
+LAUNCH = "import time; time.sleep(60)"  # a process whose command line is an SGLang launch; it serves nothing
+
+
+def _launch(port: int, *prefix: str) -> subprocess.Popen:
+    """Started, and past any `prefix` (unshare) that execs the interpreter in the end."""
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", LAUNCH, "-m", "sglang.launch_server", "--port", str(port)])
+    deadline = time.monotonic() + 20
+    while (
+        os.readlink(f"/proc/{proc.pid}/exe") != os.path.realpath(sys.executable)
+        or "sglang.launch_server" not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+    ):
+        assert time.monotonic() < deadline and proc.poll() is None, "the launch did not start"
+        time.sleep(0.02)
+    return proc
+
+
+def test_discovered_engines_on_one_port_stay_distinct(tmp_path):
+    """Two launches on one port, one in a network namespace of its own, and a third after the first
+    ended (a restart reusing the port): three engines, three names; only ours is polled."""
+    unshare, _ = require_root_tools()
+    first, other_net = _launch(31555), _launch(31555, unshare, "--net")
+    try:
+        catalog = EngineCatalog(ErrorCounter(), registry_dir=None, discover=True)
+        deadline = time.monotonic() + 20
+        while not {first.pid, other_net.pid} <= set(engines := {e.root_pid: e for e in catalog.resolve(ProcView())}):
+            assert time.monotonic() < deadline, "discovery missed a launch"
+            catalog.scan()
+        assert engines[first.pid].name == f"sglang-31555-{first.pid}" and engines[first.pid].url_problem is None
+        assert engines[other_net.pid].name == f"sglang-31555-{other_net.pid}"
+        assert "another network namespace" in engines[other_net.pid].url_problem
+        first.kill()
+        first.wait()
+        restarted = _launch(31555)
+        try:
+            catalog.scan()
+            names = {e.name for e in catalog.resolve(ProcView()) if e.name.startswith("sglang-31555-")}  # not others
+            assert names == {f"sglang-31555-{restarted.pid}", f"sglang-31555-{other_net.pid}"}
+        finally:
+            restarted.kill()
+            restarted.wait()
+    finally:
+        for proc in (first, other_net):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_discovered_engine_in_another_network_namespace_is_measured_not_polled(exporter_factory, scenario, tmp_path):
+    unshare, _ = require_root_tools()
+    ours, other_net = _launch(31556), _launch(31556, unshare, "--net")
+    try:
+        scenario.gpus[0].processes = [(ours.pid, 2 * GIB), (other_net.pid, 3 * GIB)]
+        scenario.gpus[0].used = 5 * GIB
+        scenario.write()
+        exporter = exporter_factory(scenario, "--registry.dir", str(tmp_path / "none"),
+                                    "--engines.discovery-interval", "0.2", "--sglang.poll-interval", "0.2")  # fmt: skip
+        here, there = f"sglang-31556-{ours.pid}", f"sglang-31556-{other_net.pid}"
+        m = scrape_until(exporter, lambda m: values(m, "gpu_residency_sglang_up", engine=here) == [0])
+        m = scrape_until(
+            exporter, lambda m: values(m, "gpu_residency_errors_total", source="sglang", reason="url_unreachable")
+        )
+        assert one(m, "gpu_residency_engine_memory_bytes", engine=there, gpu=0) == 3 * GIB, "measured"
+        assert values(m, "gpu_residency_sglang_up", engine=there) == [], "never polled: its loopback is not ours"
+        assert one(m, "gpu_residency_engine_memory_bytes", engine=here, gpu=0) == 2 * GIB
+    finally:
+        for proc in (ours, other_net):
+            proc.kill()
+            proc.wait()

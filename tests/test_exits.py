@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -11,11 +12,16 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, one, values
+from conftest import ROOT, build_local, one, values
 
+from exporter.event_tail import Position
+from exporter.exit_counts import MAX_SERIES, ExitCounts
+from exporter.exit_event import MAX_EVENT_BYTES, EventTooLarge, ExitEvent
+from exporter.exit_state import STATE_FILE, SavedState, StateTooLarge, decode_state, encode_state
 from exporter.exits import (
     EVENTS_FILE,
     EngineExitedError,
+    append_event,
     describe_exit,
     report_exit,
     wait_server_healthy,
@@ -227,3 +233,108 @@ def test_wait_server_healthy_understands_multiprocessing(tmp_path):
     with pytest.raises(EngineExitedError, match="killed by SIGKILL"):
         wait_server_healthy("http://127.0.0.1:9", proc, timeout=60)
     proc.join()
+
+
+# ---------- the events files are shared input: each line stands alone, the state stays bounded ----------
+
+
+def _line(**fields) -> str:
+    event = {"id": os.urandom(8).hex(), "engine": "x", "exitcode": -9, "time": time.time(), **fields}
+    return json.dumps(event) + "\n"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"root_pid": [1, 2]},  # the issue's case: a list where a number belongs
+        {"root_pid": -4},
+        {"start_ticks": "12"},
+        {"exitcode": True},
+        {"exitcode": 10**30},
+        {"time": "yesterday"},
+        {"time": 10**400},
+        {"elapsed": {"s": 1}},
+        {"url": ["http://x"]},
+        {"url": "http://x/" + "a" * 2000},
+        {"engine": "two words"},  # not a registry name, so never a label
+        {"engine": "x" * 200},
+        {"id": 7},
+    ],
+)
+def test_a_malformed_event_costs_itself_never_the_lines_after_it(local_exporter, bad):
+    events = local_exporter.registry_dir / EVENTS_FILE
+    events.parent.mkdir(parents=True, exist_ok=True)
+    events.write_text(_line(exitcode=3) + _line(**bad) + _line(exitcode=-9))
+    m = local_exporter.scrape()
+    assert one(m, "gpu_residency_engine_exits_total", engine="x", exit_code="3") == 1
+    assert one(m, "gpu_residency_engine_exits_total", engine="x", exit_code="-9", signal="SIGKILL") == 1
+    assert one(m, "gpu_residency_errors_total", source="events", reason="malformed") == 1
+    m = local_exporter.scrape()
+    assert values(m, "gpu_residency_engine_exits_total", engine="x") == [1, 1], "each counted once"
+
+
+def test_the_reader_keeps_the_writers_size_limit(local_exporter):
+    """The writer refuses an event over MAX_EVENT_BYTES; so does the reader, whoever wrote the line."""
+    registry = local_exporter.registry_dir
+    with pytest.raises(EventTooLarge):
+        append_event(ExitEvent("big", "x", -9, time.time(), url="a" * MAX_EVENT_BYTES), registry)
+    events = registry / EVENTS_FILE
+    events.write_text(_line(pad="a" * MAX_EVENT_BYTES) + _line(exitcode=-9))
+    m = local_exporter.scrape()
+    assert one(m, "gpu_residency_errors_total", source="events", reason="too_large") == 1
+    assert one(m, "gpu_residency_engine_exits_total", engine="x", exit_code="-9") == 1
+
+
+def test_huge_events_never_outgrow_the_state_and_a_restart_keeps_every_count(local_exporter, tmp_path, fake_nvml_dir):
+    """The issue's case: six 3 MiB event lines made the state file outgrow its own 16 MiB limit, and
+    the next start threw every count away. They are refused now; the state stays small."""
+    registry = local_exporter.registry_dir
+    report_exit("kept", -9, directory=registry)
+    with (registry / EVENTS_FILE).open("a") as handle:
+        for _ in range(6):
+            handle.write(_line(url="http://x/" + "a" * 3 * 1024 * 1024))
+    report_exit("kept", 3, directory=registry)
+    counted = scrape_until_local(
+        local_exporter, lambda m: values(m, "gpu_residency_errors_total", source="events", reason="too_large") == [6]
+    )
+    assert one(counted, "gpu_residency_engine_exits_total", engine="kept", exit_code="3") == 1
+    state = tmp_path / "state" / STATE_FILE
+    assert state.stat().st_size < 64 * 1024
+    again = build_local(registry, tmp_path / "state", fake_nvml_dir)
+    m = again.scrape()
+    for code in ("-9", "3"):
+        assert one(m, "gpu_residency_engine_exits_total", engine="kept", exit_code=code) == 1
+    assert values(m, "gpu_residency_errors_total", source="exits_state") == []
+
+
+def scrape_until_local(exporter, ready, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while not ready(m := exporter.scrape()):
+        assert time.monotonic() < deadline, "condition not met"
+    return m
+
+
+def test_the_state_file_never_outgrows_its_limit():
+    """Counts, positions and pending exits always fit; the oldest ids and recent records give way."""
+    counts = {(f"e{i}", "-9", "SIGKILL", "unknown"): (i + 1, 1.0) for i in range(50)}
+    positions = [Position(7, 100, b"head")]
+    pending = [ExitEvent("p", "e1", -9, 1.0)]
+    recent = [{"id": str(i), "detail": "d" * 200} for i in range(100)]
+    state = SavedState(counts, positions, pending, [str(i) for i in range(100)], recent)
+    text = encode_state(state, limit=12_000)
+    assert len(text) <= 12_000
+    back = decode_state(json.loads(text))
+    assert back.counts == counts and back.positions == positions and back.pending == pending
+    assert 0 < len(back.recent) < 100 and back.recent[-1] == recent[-1], "the newest records kept"
+    assert back.ids and back.ids[-1] == "99"
+    with pytest.raises(StateTooLarge):
+        encode_state(state, limit=2_000)
+
+
+def test_exit_series_are_capped():
+    counts = ExitCounts(first_zero_seconds=0)
+    for index in range(MAX_SERIES):
+        assert counts.add((f"e{index}", "1", "", "exit_code"), 1.0, new_at_zero=False)
+    assert counts.add(("e0", "1", "", "exit_code"), 2.0, new_at_zero=False), "an existing series still counts"
+    assert not counts.add(("one-more", "1", "", "exit_code"), 2.0, new_at_zero=False)
+    assert len(counts.published()) == MAX_SERIES

@@ -4,6 +4,8 @@ carry the cause the evidence supports, never a guess, and the GPU peak before it
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -14,43 +16,54 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, one, values
+from conftest import ROOT, one, scrape_until, values
 
-from exporter.exits import describe_exit, report_exit, wait_server_healthy
-from exporter.forensics import Death, Member, determine_cause, memory_counter_files, read_oom_kills
+from exporter.causes import Death, Member, determine_cause, zombie_exitcode
+from exporter.engines import Engine
+from exporter.errors import ErrorCounter
+from exporter.exits import ExitEvent, describe_exit, report_exit, wait_server_healthy
+from exporter.forensics import Forensics
+from exporter.oom_evidence import memory_counter_files, read_oom_kills
+from exporter.proctable import read_proc
 from exporter.registry import register_engine
 from fakenvml import GIB
 
 # A launcher (the engine's root) and one titled child, as SGLang's launch_server and its scheduler.
-# The child, once `go` exists: "oom" allocates until killed, "fail" exits 1; "sleep" just waits.
-# The launcher, when its child dies, SIGKILLs itself after `delay` seconds (SGLang kills its tree).
+# The child, once `go` exists: "oom" allocates until killed, "fail" exits 1, "exit0" exits 0 (a helper
+# that finished); "sleep" just waits. The launcher waits for its child without reaping it (as
+# multiprocessing leaves a child until it is joined), so the child's status stays readable, then
+# SIGKILLs itself after `delay` seconds (SGLang kills its tree). Each process ends by itself after
+# LIFETIME seconds whatever happens to the test.
+LIFETIME = 90.0
 ENGINE = r"""
 import os, signal, subprocess, sys, time
-go, child_mode, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+go, child_mode, delay, lifetime = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+deadline = time.monotonic() + lifetime
 if child_mode == "exit3":
     print(os.getpid(), flush=True)
-    while not os.path.exists(go):
+    while not os.path.exists(go) and time.monotonic() < deadline:
         time.sleep(0.05)
     sys.exit(3)
 child = subprocess.Popen([sys.executable, "-c", '''
 import os, sys, time, setproctitle
 setproctitle.setproctitle("sglang::scheduler_TP0")
-go, mode = sys.argv[1], sys.argv[2]
-while not os.path.exists(go):
+go, mode, deadline = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+while not os.path.exists(go) and time.monotonic() < deadline:
     time.sleep(0.05)
 if mode == "oom":
     hold = []
     for _ in range(64):
         hold.append(bytearray(16 * 1024 * 1024))
-    time.sleep(60)
 if mode == "fail":
     sys.exit(1)
-time.sleep(120)
-''', go, child_mode])
+if mode == "exit0":
+    sys.exit(0)
+time.sleep(max(0.0, deadline - time.monotonic()))
+''', go, child_mode, str(lifetime)])
 print(child.pid, flush=True)
-while child.poll() is None:
+while time.monotonic() < deadline and not os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
     time.sleep(0.05)
-time.sleep(delay)
+time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -60,23 +73,57 @@ class FakeEngine:
         self.go = tmp_path / f"{name}.go"
         join = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", ENGINE, str(self.go), child_mode, str(delay), "--secret-arg", "SECRET-ARGV-7"],
+            [sys.executable, "-c", ENGINE, str(self.go), child_mode, str(delay), str(LIFETIME),
+             "--secret-arg", "SECRET-ARGV-7"],
             stdout=subprocess.PIPE, text=True, preexec_fn=join, env=dict(os.environ, HF_TOKEN="SECRET-ENV-8"),
         )  # fmt: skip
-        self.child = int(self.proc.stdout.readline())
+        try:
+            self.child = int(self.proc.stdout.readline())
+        except ValueError:  # it failed to start: nothing of it may outlive the test
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        # A descriptor for the child itself: the fixture kills that process, never a later one with its PID.
+        self.child_fd = os.pidfd_open(self.child) if self.child != self.proc.pid else None
         self.name = name
 
     def start_failing(self) -> None:
         self.go.write_text("go")
 
+    def child_ended(self) -> bool:
+        """The child is a zombie or gone (its own parent decides when it is reaped)."""
+        try:
+            stat = Path(f"/proc/{self.child}/stat").read_text()
+        except OSError:
+            return True
+        return stat[stat.rfind(")") + 2] in "ZX"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.child_fd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.child_fd, signal.SIGKILL)
+            os.close(self.child_fd)
+
 
 @pytest.fixture
 def engines():
+    """The tests' fake engines, launchers and children both, stopped however the test ends."""
     started: list[FakeEngine] = []
-    yield started
-    for engine in started:
-        engine.proc.kill()
-        engine.proc.wait()
+    try:
+        yield started
+    finally:
+        for engine in started:
+            engine.stop()
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `condition` until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met in {timeout}s"
+        time.sleep(0.05)
 
 
 def exits_of(exporter, engine: str, timeout: float = 20.0) -> dict:
@@ -133,8 +180,9 @@ def test_every_cause_from_evidence_on_real_processes(exporter_factory, scenario,
 
         record = exits_of(exporter, "child")
         assert record["cause"] == "child_failure" and record["victim_pid"] == child.child, record
+        assert "exited with status 1" in record["detail"], "the status read from the child's zombie"
         assert "sglang::scheduler_TP0" in record["detail"] and record["gpus"][0]["gpu"] == 1
-        assert exits_of(exporter, "outside")["cause"] == "signal"
+        assert exits_of(exporter, "outside")["cause"] == "unknown", "a SIGKILL alone names no cause"
         assert exits_of(exporter, "plain")["cause"] == "exit_code"
         silent_record = exits_of(exporter, "silent")
         assert silent_record["cause"] == "unknown" and silent_record["exitcode"] is None
@@ -143,7 +191,7 @@ def test_every_cause_from_evidence_on_real_processes(exporter_factory, scenario,
         for engine, code, sig, cause in (
             ("oom", "-9", "SIGKILL", "oom_kill"),
             ("child", "-9", "SIGKILL", "child_failure"),
-            ("outside", "-9", "SIGKILL", "signal"),
+            ("outside", "-9", "SIGKILL", "unknown"),
             ("plain", "3", "", "exit_code"),
             ("silent", "unknown", "", "unknown"),
         ):
@@ -203,7 +251,7 @@ def test_the_start_up_wait_says_what_the_exporter_found(exporter_factory, scenar
                             exporter_url=exporter.url, poll_interval=0.1)  # fmt: skip
     message = str(caught.value)
     assert message.startswith("Server process terminated unexpectedly during health_generate check.")
-    assert "The exporter found: child_failure: a process of its tree died first" in message
+    assert "The exporter found: child_failure: a process of its tree failed first" in message
     assert "sglang::scheduler_TP0" in message
 
 
@@ -231,21 +279,30 @@ def test_a_late_report_of_an_unreported_death_is_the_same_exit(local_exporter, s
     assert values(m, "gpu_residency_engine_exits_total", engine="late") == [1], "one death, counted once"
 
 
+FAILED, KILLED = 1 << 8, 9  # wait statuses as a zombie shows them: exited 1, killed by SIGKILL
+
+
 @pytest.mark.parametrize(
     "code, death, cause",
     [
         (None, None, "unknown"),
-        (-9, None, "signal"),
-        (137, None, "signal"),
+        (-9, None, "unknown"),
+        (137, None, "unknown"),
+        (-15, None, "unknown"),
         (1, None, "exit_code"),
         (0, None, "exit_code"),
         # the root and a child gone at the same look: no order, so no child failure
-        (-9, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "sglang::scheduler_TP0", 100.0)]), "signal"),
-        (None, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "x", 100.5)]), "unknown"),
-        (-9, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "sglang::scheduler_TP0", 98.0)]), "child_failure"),
+        (-9, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "sglang::scheduler_TP0", 100.0, 1)]), "unknown"),
+        (None, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "x", 100.5, 1)]), "unknown"),
+        (-9, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "sglang::scheduler", 98.0, 1)]), "child_failure"),
+        (-9, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "s", 98.0, -11)]), "child_failure"),
+        # a child that exited 0, or whose status nobody could read, failed at nothing
+        (-15, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "helper", 92.0, None)]), "unknown"),
+        # a failure longer ago than the child window is no cause of this death
+        (-15, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "helper", 80.0, 1)]), "unknown"),
         # an OOM kill counted long before the tree died is not its evidence
-        (-9, _death([Member(10, 1, "python3", 100.0)], oom=[(50.0, "/x/memory.events")]), "signal"),
-        (-9, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "s", 99.5)], oom=[(99.5, "/x/memory.events")]),
+        (-9, _death([Member(10, 1, "python3", 100.0)], oom=[(50.0, "/x/memory.events.local")]), "unknown"),
+        (-9, _death([Member(10, 1, "python3", 100.0), Member(11, 2, "s", 99.5)], oom=[(99.5, "/x/oom_control")]),
          "oom_kill"),
     ],
 )  # fmt: skip
@@ -253,8 +310,13 @@ def test_causes_come_from_evidence_never_from_a_guess(code, death, cause):
     assert determine_cause(code, death).cause == cause
 
 
+def test_a_zombie_status_of_zero_proves_nothing():
+    """The kernel shows a zombie's status only to a reader that may trace it, 0 to others."""
+    assert [zombie_exitcode(status) for status in (0, FAILED, KILLED, 2 << 8)] == [None, 1, -9, 2]
+
+
 def test_a_kernel_log_line_naming_a_tree_process_is_an_oom_kill():
-    death = _death([Member(10, 1, "python3", 100.0), Member(11, 2, "sglang::scheduler_TP0", 99.8)])
+    death = _death([Member(10, 1, "python3", 100.0), Member(11, 2, "sglang::scheduler_TP0", 99.8, -9)])
     evidence = determine_cause(-9, death, [(99.9, 11, "python3"), (99.9, 999, "other")])
     assert (
         evidence.cause == "oom_kill" and evidence.victim_pid == 11 and evidence.victim_title == "sglang::scheduler_TP0"
@@ -263,24 +325,135 @@ def test_a_kernel_log_line_naming_a_tree_process_is_an_oom_kill():
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_oom_counters_of_both_cgroup_versions_and_relative_paths(tmp_path, version):
-    """Fixture trees shaped like /sys/fs/cgroup on cgroup v1 (memory controller) and v2 (unified)."""
+def test_oom_counters_are_the_groups_own_never_an_ancestors(tmp_path, version):
+    """Fixture trees shaped like /sys/fs/cgroup on cgroup v1 (memory controller) and v2 (unified): the
+    kubepods.slice above a container counts every pod's kills, so only the container's own counter is read."""
     uid = "pod15513b48_e7a5_48fc_b9e3_92f713f36504"
     path = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-{uid}.slice/cri-containerd-abc.scope"
     if version == "v1":
-        base, name, line = tmp_path / "memory", "memory.oom_control", f"4:memory:/{path}"
+        base, own, line = tmp_path / "memory", "memory.oom_control", f"4:memory:/{path}"
         body = "oom_kill_disable 0\nunder_oom 0\noom_kill {n}\n"
     else:
         (tmp_path / "cgroup.controllers").write_text("memory\n")
-        base, name, line = tmp_path, "memory.events", f"0::/../../{path}"  # seen from another cgroup namespace
+        base, own, line = tmp_path, "memory.events.local", f"0::/../../{path}"  # seen from another cgroup namespace
         body = "low 0\nhigh 0\nmax 3\noom 1\noom_kill {n}\noom_group_kill 0\n"
     leaf = base / path
     leaf.mkdir(parents=True)
-    (leaf / name).write_text(body.format(n=2))
-    (leaf.parent / name).write_text(body.format(n=5))
-    files = memory_counter_files(line + "\n", tmp_path)
-    assert files == [leaf / name, leaf.parent / name]
-    assert [read_oom_kills(f) for f in files] == [2, 5]
+    for directory in (leaf, *leaf.relative_to(base).parents):
+        for name in {own, "memory.events"} if version == "v2" else {own}:
+            (base / directory / name).write_text(body.format(n=5))
+    (leaf / own).write_text(body.format(n=2))
+    assert memory_counter_files(line + "\n", tmp_path) == [leaf / own]
+    assert read_oom_kills(leaf / own) == 2
+    # A group that is not there is nobody's: no parent's or root's counter in its place.
+    assert memory_counter_files(line.replace("abc.scope", "gone.scope") + "\n", tmp_path) == []
+
+
+V2_EVENTS = "low 0\nhigh 0\nmax 0\noom {n}\noom_kill {n}\noom_group_kill 0\n"
+
+
+def test_another_pods_oom_kill_in_a_cgroup_v2_parent_is_no_evidence(tmp_path, engines):
+    """A cgroup v2 hierarchy laid out in a temp dir, real engine processes: the unified line of their
+    /proc/<pid>/cgroup here is `0::/`, the laid-out root. Its hierarchical memory.events counts a kill in
+    another pod below it; its memory.events.local (the group's own) does not. A SIGTERM after that is
+    no OOM kill; a kill counted in the group's own counter is."""
+    (tmp_path / "cgroup.controllers").write_text("memory\n")
+    events, local = tmp_path / "memory.events", tmp_path / "memory.events.local"
+    events.write_text(V2_EVENTS.format(n=0))
+    local.write_text(V2_EVENTS.format(n=0))
+    forensics = Forensics("n", ErrorCounter(), cgroup_root=tmp_path, kmsg=None, tree_interval=0.0)
+
+    def death_of(engine: FakeEngine, code: int):
+        root = Engine(engine.name, "sglang", None, "registry", engine.proc.pid, read_proc(engine.proc.pid).start_ticks,
+                      True)  # fmt: skip
+        forensics.tick([root])
+        assert forensics.watching(engine.name)
+        yield
+        engine.proc.send_signal(signal.SIGTERM if code == -15 else signal.SIGKILL)
+        assert engine.proc.wait(timeout=30) == code
+        forensics.tick([dataclasses.replace(root, up=False)])
+        event = ExitEvent("id-" + engine.name, engine.name, code, time.time(), root_pid=engine.proc.pid)
+        yield forensics.explain(event, forensics.death_for(event))
+
+    stopped = FakeEngine(tmp_path, "stopped", "sleep")
+    engines.append(stopped)
+    steps = death_of(stopped, -15)
+    next(steps)
+    events.write_text(V2_EVENTS.format(n=1))  # another pod, under the same parent, was OOM-killed
+    assert next(steps).cause == "unknown"
+
+    killed = FakeEngine(tmp_path, "killed", "sleep")
+    engines.append(killed)
+    steps = death_of(killed, -9)
+    next(steps)
+    local.write_text(V2_EVENTS.format(n=1))
+    events.write_text(V2_EVENTS.format(n=2))
+    evidence = next(steps)
+    assert evidence.cause == "oom_kill" and "memory.events.local" in evidence.facts[0], evidence
+
+
+def test_dead_members_leave_the_tree_after_the_child_window(tmp_path, engines):
+    """A long-lived engine runs helpers; each one's death is kept only as long as it can be a cause."""
+    forensics = Forensics("n", ErrorCounter(), kmsg=None, tree_interval=0.0, child_window=0.5)
+    engine = FakeEngine(tmp_path, "long-lived", "fail", delay=LIFETIME)
+    engines.append(engine)
+    root = Engine("long-lived", "sglang", None, "registry", engine.proc.pid, read_proc(engine.proc.pid).start_ticks,
+                  True)  # fmt: skip
+    forensics.tick([root])
+    engine.start_failing()
+    wait_for(engine.child_ended, what="the child's exit")
+    forensics.tick([root])  # seen gone, with its status
+    seen_gone = time.monotonic()
+    wait_for(lambda: time.monotonic() - seen_gone > 1.0, what="the child window passing")
+    forensics.tick([root])  # let go
+    engine.proc.kill()
+    engine.proc.wait()
+    forensics.tick([dataclasses.replace(root, up=False)])
+    death = forensics.death_for(ExitEvent("id", "long-lived", -9, time.time(), root_pid=engine.proc.pid))
+    assert [member.pid for member in death.members] == [engine.proc.pid], "the helper left the tree"
+
+
+def test_a_helper_that_finished_is_no_cause_of_a_later_stop(exporter_factory, scenario, engines, tmp_path):
+    """The issue's case: a registered engine's helper exits 0; seconds later (within the child window,
+    5 s here, 10 s by default) an operator stops the engine with SIGTERM. And a child that failed
+    longer ago than the window is no cause either. Both are SIGTERMs with no evidence: unknown."""
+    registry = tmp_path / "reg"
+    helper = FakeEngine(tmp_path, "helper", "exit0", delay=LIFETIME)
+    stale = FakeEngine(tmp_path, "stale", "fail", delay=LIFETIME)
+    engines += [helper, stale]
+    for engine in engines:
+        register_engine(engine.name, root_pid=engine.proc.pid, directory=registry)
+    # Both children hold GPU memory, so each collection makes them members of their engine's tree.
+    scenario.gpus[0].processes = [(helper.child, GIB), (stale.child, GIB)]
+    scenario.gpus[0].used = 2 * GIB
+    scenario.write()
+    exporter = exporter_factory(scenario, "--registry.dir", str(registry), "--forensics.interval", "0.2",
+                                "--forensics.child-window", "5")  # fmt: skip
+
+    def collections_after(count: int) -> None:
+        """Wait until the forensics history holds `count` more collections (each after a look)."""
+        start = one(exporter.scrape(), "gpu_residency_forensics_history_collections")
+        scrape_until(exporter, lambda m: one(m, "gpu_residency_forensics_history_collections") >= start + count)
+
+    scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_memory_bytes", engine="stale") == [GIB])
+    collections_after(2)  # the trees are watched, both children in them
+    stale.start_failing()
+    wait_for(stale.child_ended, what="the stale child's exit")
+    failed_at = time.monotonic()
+    wait_for(lambda: time.monotonic() - failed_at > 4.0, what="most of the window")
+    helper.start_failing()
+    wait_for(helper.child_ended, what="the helper's exit")
+    collections_after(1)  # the exporter looked after the helper's death: a look before the root's
+    wait_for(lambda: time.monotonic() - failed_at > 6.5, what="the stale failure leaving the window")
+    for engine in (helper, stale):
+        engine.proc.send_signal(signal.SIGTERM)
+        report_exit(engine.name, engine.proc.wait(timeout=30), directory=registry)
+    for engine in (helper, stale):
+        record = exits_of(exporter, engine.name)
+        assert record["cause"] == "unknown" and record["exitcode"] == -15, record
+    m = exporter.scrape()
+    assert one(m, "gpu_residency_engine_exits_total", engine="helper", signal="SIGTERM", cause="unknown") == 1
+    assert values(m, "gpu_residency_engine_exits_total", cause="child_failure") == []
 
 
 def test_describe_exit_says_what_the_evidence_says():

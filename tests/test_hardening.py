@@ -17,7 +17,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 import requests
-from conftest import ROOT, one, values
+from conftest import ROOT, one, scrape_until, values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -337,13 +337,13 @@ def test_no_command_line_argument_or_environment_ever_reaches_output(exporter_fa
         other = exporter_factory(
             scenario, "--registry.dir", str(tmp_path / "none"), "--engines.discovery-interval", "0.2"
         )
-        time.sleep(0.5)
+        discovered = f"sglang-31999-{proc.pid}"
+        scrape_until(other, lambda m: values(m, "gpu_residency_engine_up", engine=discovered) == [1])
         bodies = [
             requests.get(e.url + path, timeout=10).text
             for e in (exporter, other)
             for path in ("/metrics", "/", "/healthz", "/api/v1/gpus", "/api/v1/wait?gpus=0&threshold_bytes=1&timeout=0")
         ]
-        assert one(other.scrape(), "gpu_residency_engine_up", engine="sglang-31999") == 1
         for text in [*bodies, exporter.log(), other.log()]:
             assert secret_arg not in text and secret_env not in text and "--api-key" not in text
     finally:

@@ -132,7 +132,7 @@ def _sglang_launch(port: int, tp: int) -> tuple[subprocess.Popen, list[int]]:
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "-m", "sglang.launch_server", "--port", str(port), str(tp)],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
     )  # fmt: skip
     return proc, [int(pid) for pid in proc.stdout.readline().split()]
 
@@ -150,12 +150,14 @@ def _torchrun(tmp_path: Path, ranks: int) -> tuple[subprocess.Popen, list[int]]:
     )
     launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR)
     proc = subprocess.Popen([str(launcher), "--nproc_per_node", str(ranks), str(script)], stdout=subprocess.PIPE,
-                            text=True, cwd=tmp_path)  # fmt: skip
+                            text=True, cwd=tmp_path, start_new_session=True)  # fmt: skip
     return proc, [int(pid) for pid in proc.stdout.readline().split()]
 
 
 @pytest.fixture
 def spawned():
+    """Processes the test started, killed however it ends; a launcher in a session of its own takes
+    its children (ranks, schedulers) with it, as they would otherwise outlive the test."""
     procs: list[subprocess.Popen] = []
     yield procs
     for proc in procs:
@@ -190,7 +192,7 @@ def test_a_miles_like_node_with_no_registry_names_every_gpu_process(
 
     exporter = exporter_factory(scenario, "--registry.dir", str(tmp_path / "none"))
     deadline = time.monotonic() + 15
-    while not values(m := exporter.scrape(), "gpu_residency_engine_up", engine="sglang-31401"):
+    while not values(m := exporter.scrape(), "gpu_residency_engine_up", engine=f"sglang-31401-{sglang.pid}"):
         assert time.monotonic() < deadline, "discovery did not find the SGLang launch"
         time.sleep(0.2)
 
@@ -203,7 +205,7 @@ def test_a_miles_like_node_with_no_registry_names_every_gpu_process(
         assert by_pid[trainer.pid]["holder_kind"] == "trainer" and by_pid[trainer.pid]["pod_uid"] == UID
         assert by_pid[trainer.pid]["container_id"] == CID
         assert by_pid[trainer.pid]["comm"] == "ray::MegatronTrainRayActor.train"
-    assert {by_pid[pid]["holder"] for pid in schedulers} == {"sglang-31401"}, "the discovered engine"
+    assert {by_pid[pid]["holder"] for pid in schedulers} == {f"sglang-31401-{sglang.pid}"}, "the discovered engine"
     assert {by_pid[pid]["comm"] for pid in schedulers} == {"sglang::scheduler_TP0", "sglang::scheduler_TP1"}
     assert (by_pid[vllm.pid]["holder"], by_pid[vllm.pid]["holder_kind"]) == ("VLLM::EngineCore", "vllm")
     assert {by_pid[pid]["holder"] for pid in ranks} == {f"torchrun-{torchrun.pid}"}
