@@ -21,7 +21,10 @@ def verdict(name: str, target: str, samples: list[GpuSample], threshold_bytes: i
     if judged[0].stale or not rivals:
         return judged[0]
     readings = "; ".join(_reading(c) for c in [copies[0], *rivals])
-    return GpuVerdict(name, copies[0], False, f"ambiguous: fresh readings of this GPU disagree: {readings}")
+    # Blocked either way; the reading it carries is the highest, so a caller that only takes the
+    # figure (the RLix probe) errs towards "held".
+    highest = max([copies[0], *rivals], key=lambda c: -1 if c.used_bytes is None else c.used_bytes)
+    return GpuVerdict(name, highest, False, f"ambiguous: fresh readings of this GPU disagree: {readings}")
 
 
 def judge(name: str, sample: GpuSample, threshold_bytes: int, max_age_s: float) -> GpuVerdict:

@@ -247,3 +247,18 @@ def test_nvml_and_nvidia_smi_sources_name_a_registered_engine_or_say_they_cannot
         blind = gate_cli(env, "--source", source, "--gpus", "0", "--waiting-for", "rollout-0")
         assert blind.returncode == 1 and "cannot tell what it holds on GPU 0" in blind.stdout, (source, blind.stdout)
         assert "holds nothing" not in blind.stdout
+
+
+def test_a_fresher_clear_copy_wins_only_once_the_held_copy_is_stale():
+    """The freshest reading decides unless another within the staleness bound says otherwise; then the
+    card is blocked and carries the highest figure (the RLix probe's max errs towards held)."""
+    from gate.verdicts import verdict
+
+    live = GpuSample(0, "GPU-a", "00000000:18:00.0", GIB // 2, age_seconds=1.0, origin=(("replica", "r1"),))
+    dead = GpuSample(0, "GPU-a", "00000000:18:00.0", 40 * GIB, age_seconds=10.0, origin=(("replica", "r2"),))
+    for samples in ([live, dead], [dead, live]):  # whatever order the store answers in
+        held = verdict("0", "GPU-a", samples, 2 * GIB, max_age_s=15)
+        assert not held.clear and held.sample is dead and "replica=r2: 40.00 GiB, 10.0s old" in held.reason
+        fresh = verdict("0", "GPU-a", samples, 2 * GIB, max_age_s=5)
+        assert fresh.clear and fresh.sample is live
+    assert verdict("0", "GPU-a", [dead, live], 100 * GIB, max_age_s=15).clear, "copies that agree are no ambiguity"
