@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 import fakenvml
-from exporter.proctable import scan_pids
 from exporter.registry import register_engine
+from exporter.sources.proctable import scan_pids
 from fakenvml.tree import Tree
 from fakenvml.tree import start as start_tree
 

@@ -33,9 +33,10 @@ from benchmarks import reaction
 from benchmarks.baseline import TodaysProbe
 from benchmarks.node import ROOT, HostProcesses, SimulatedNode
 from benchmarks.sections import splice
-from exporter.cli import build_exporter, build_parser
+from exporter.cli import build_parser
 from exporter.errors import ErrorCounter
-from exporter.proctable import scan_pids
+from exporter.runtime import build_exporter
+from exporter.sources.proctable import scan_pids
 from fakenvml.prometheus import free_port, start_prometheus
 
 PEERS = ROOT / "benchmarks" / ".peers"

@@ -30,15 +30,15 @@ import urllib.request
 from pathlib import Path
 
 import fakenvml
-from exporter.exits import report_exit
-from exporter.registry import register_engine, set_engine_state
+from exporter.engines.registry import register_engine, set_engine_state
+from exporter.exits.report import report_exit
 from fakenvml import GIB, Scenario
 from fakenvml.prometheus import free_port
 from fakenvml.sglang import FakeSglang
 from fakenvml.tree import Tree
 from fakenvml.tree import start as start_tree
-from fakenvml.vllm import VllmProcess, console_script
-from fakenvml.vllm import launch as launch_vllm
+from fakenvml.vllm_serve import VllmProcess, console_script
+from fakenvml.vllm_serve import launch as launch_vllm
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 The same question rlops/miles' `gpu_probe.query_process_tree_gpu_used_gb` answers with
 nvidia-smi, answered with the exporter's own pieces: NVML's process list of every GPU
-(exporter.nvml_source, with its deadline against a hung driver) and a walk up from each GPU
+(exporter.sources.nvml, with its deadline against a hung driver) and a walk up from each GPU
 process to the root through /proc (exporter.proctable.ProcView.ancestry, as the exporter
 attributes processes to engines). Standard library only, plus nvidia-ml-py imported when
 first needed: importing this never loads prometheus_client.
@@ -18,8 +18,8 @@ import logging
 import threading
 
 from exporter.errors import ErrorCounter
-from exporter.nvml_source import DEFAULT_TIMEOUT_SECONDS, NvmlSource
-from exporter.proctable import ProcView
+from exporter.sources.nvml import DEFAULT_TIMEOUT_SECONDS, NvmlSource
+from exporter.sources.proctable import ProcView
 
 log = logging.getLogger(__name__)
 

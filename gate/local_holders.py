@@ -20,12 +20,12 @@ def with_holders(samples: list[GpuSample], processes: ProcessLists, registry: st
     """`samples` with their holders and holders_known filled in from `processes`."""
     import dataclasses
 
-    from exporter.attribution import Attributor
-    from exporter.engines import EngineCatalog
+    from exporter.engines.catalog import EngineCatalog
+    from exporter.engines.registry import registry_dir
     from exporter.errors import ErrorCounter
-    from exporter.nvml_source import GpuProcess, GpuReading, NvmlReading
-    from exporter.proctable import ProcView
-    from exporter.registry import registry_dir
+    from exporter.snapshot.attribution import Attributor
+    from exporter.sources.nvml import GpuProcess, GpuReading, NvmlReading
+    from exporter.sources.proctable import ProcView
 
     readings = []
     for sample in samples:

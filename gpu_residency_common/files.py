@@ -114,6 +114,15 @@ def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> object:
     return value
 
 
+def parse_json_as(error: type[Exception], text: str | bytes) -> object:
+    """parse_json, failing with the caller's own error type (same message): a registry entry's
+    RegistryError, an engine body's ValueError."""
+    try:
+        return parse_json(text)
+    except UntrustedFileError as exc:
+        raise error(str(exc)) from None
+
+
 def read_json(path: str | os.PathLike, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> object:
     return parse_json(read_untrusted(path, max_bytes).data, max_depth)
 

@@ -158,8 +158,8 @@ def scrape_families(source, *engines) -> dict:
     """What a concern (an object with .families(snapshot)) publishes for a snapshot holding `engines`."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from exporter.attribution import Snapshot
-    from exporter.nvml_source import NvmlReading
+    from exporter.snapshot.attribution import Snapshot
+    from exporter.sources.nvml import NvmlReading
 
     class One:
         def collect(self):
@@ -410,8 +410,9 @@ def local_exporter(tmp_path, fake_nvml_dir, scenario, monkeypatch) -> LocalExpor
 
 def build_local(registry_dir: Path, state_dir: Path | None, fake_nvml_dir: Path, *extra: str) -> LocalExporter:
     """Another in-process assembly: on the same registry and state directory, it is a restart."""
-    from exporter.cli import build_exporter, build_parser
+    from exporter.cli import build_parser
     from exporter.errors import ErrorCounter
+    from exporter.runtime import build_exporter
 
     args = build_parser().parse_args(
         ["--node", "test-node", "--registry.dir", str(registry_dir), "--no-engines.discover",

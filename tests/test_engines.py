@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, one, require_root_tools, scrape_until, values
 
-from exporter.discovery import parse_launch
-from exporter.engines import EngineCatalog
+from exporter.engines.catalog import EngineCatalog
+from exporter.engines.discovery import parse_launch
+from exporter.engines.static import ConfigError, load_static_config
 from exporter.errors import ErrorCounter
-from exporter.proctable import ProcView, parse_container, parse_nspid, parse_stat
 from exporter.registry import EngineEntry, RegistryError, register_engine, registered_engine
-from exporter.static_engines import ConfigError, load_static_config
+from exporter.sources.proctable import ProcView, parse_container, parse_nspid, parse_stat
 from fakenvml import GIB
 
 
@@ -109,8 +109,8 @@ def test_launch_command_lines(argv, expected):
 
 
 def test_discovers_an_sglang_launch_and_its_tree(fake_nvml_dir, scenario, monkeypatch, tmp_path):
-    from exporter.collector import ResidencyCollector
-    from exporter.nvml_source import NvmlSource
+    from exporter.collectors.assembly import ResidencyCollector
+    from exporter.sources.nvml import NvmlSource
     from fakenvml import SONAME
 
     # A real process whose command line is an SGLang launch, with a child holding GPU memory.

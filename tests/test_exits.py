@@ -14,18 +14,12 @@ import time
 import pytest
 from conftest import ROOT, build_local, one, values
 
-from exporter.event_tail import Position
-from exporter.exit_counts import MAX_SERIES, ExitCounts
-from exporter.exit_event import MAX_EVENT_BYTES, EventTooLarge, ExitEvent
-from exporter.exit_state import STATE_FILE, SavedState, StateTooLarge, decode_state, encode_state
-from exporter.exits import (
-    EVENTS_FILE,
-    EngineExitedError,
-    append_event,
-    describe_exit,
-    report_exit,
-    wait_server_healthy,
-)
+from exporter.exits import EngineExitedError, describe_exit, report_exit, wait_server_healthy
+from exporter.exits.counts import MAX_SERIES, ExitCounts
+from exporter.exits.event_tail import Position
+from exporter.exits.events import EVENTS_FILE, MAX_EVENT_BYTES, EventTooLarge, ExitEvent
+from exporter.exits.report import append_event
+from exporter.exits.state import STATE_FILE, SavedState, StateTooLarge, decode_state, encode_state
 from exporter.registry import register_engine
 from fakenvml.sglang import FakeSglang
 

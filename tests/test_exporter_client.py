@@ -16,7 +16,8 @@ import bcrypt
 import pytest
 from conftest import ROOT, visible_devices
 
-from exporter.exits import EVIDENCE_WAIT_S, EngineExitedError, exporter_evidence, wait_server_healthy
+from exporter.exits import EngineExitedError, exporter_evidence, wait_server_healthy
+from exporter.exits.report import EVIDENCE_WAIT_S
 from exporter.registry import register_engine
 from gate import ResidualGate
 from gpu_residency_common.exporter_client import (

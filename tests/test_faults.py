@@ -19,9 +19,9 @@ from conftest import ROOT, build_local, one, polled, scrape_families, values
 import fakenvml
 from exporter.errors import ErrorCounter
 from exporter.exits import report_exit
+from exporter.pollers.url_policy import UrlPolicy
 from exporter.registry import register_engine, set_engine_state
 from exporter.supervisor import SupervisedLoop
-from exporter.url_policy import UrlPolicy
 from fakenvml import GIB, NOT_SUPPORTED
 from gate import GateConfigError, ResidualGate, probe_max_used_gpu_mem_gb
 from gate.nvml_source import NvmlSource as GateNvmlSource
@@ -101,7 +101,7 @@ def test_a_failing_concern_loses_only_its_own_families(local_exporter, monkeypat
 
 
 def test_an_unexpected_failure_of_the_whole_response_is_a_500():
-    from exporter.server import ExporterServer
+    from exporter.web.server import ExporterServer
 
     def broken(request):
         raise RuntimeError("boom")
@@ -221,7 +221,7 @@ def test_a_stalled_poller_withdraws_its_results(fake_sglang):
 def test_a_re_registered_engine_inherits_no_backoff(fake_sglang):
     from test_sglang import new_poller
 
-    from exporter.engines import Engine
+    from exporter.engines.catalog import Engine
 
     bad = fake_sglang("status500")
     poller = new_poller()
@@ -425,10 +425,10 @@ def test_negative_unattributed_is_absent_and_counted_and_v1_hides_nothing(local_
 
 
 def test_histograms_of_an_engine_that_left_are_dropped():
-    from exporter.attribution import Snapshot
-    from exporter.engines import Engine
-    from exporter.nvml_source import NvmlReading
-    from exporter.transitions import TransitionTracker
+    from exporter.engines.catalog import Engine
+    from exporter.sleep_wake.transitions import TransitionTracker
+    from exporter.snapshot.attribution import Snapshot
+    from exporter.sources.nvml import NvmlReading
 
     tracker = TransitionTracker("n", GIB, 60, 60)
     engine = Engine("gone", "sglang", None, "registry", 1, None, True, state="asleep", state_since=time.time())
@@ -440,7 +440,7 @@ def test_histograms_of_an_engine_that_left_are_dropped():
 
 
 def test_rotated_events_lose_no_count_across_exporter_restarts(local_exporter, tmp_path, monkeypatch, fake_nvml_dir):
-    from exporter import exits
+    from exporter.exits import report as exits
 
     registry = local_exporter.registry_dir
     monkeypatch.setattr(exits, "ROTATE_BYTES", 4096)  # rotate every ~20 events
@@ -481,7 +481,7 @@ def test_rotated_events_lose_no_count_across_exporter_restarts(local_exporter, t
     ],
 )  # fmt: skip
 def test_every_exporter_toolkit_key_is_implemented_or_refused(tmp_path, body, message):
-    from exporter.web_config import WebConfigError, load_web_config
+    from exporter.web.config import WebConfigError, load_web_config
 
     config = tmp_path / "web.yml"
     config.write_text(body)
@@ -569,7 +569,7 @@ def test_a_failed_tls_handshake_is_one_debug_line_not_a_traceback(exporter_facto
 
 
 def test_the_nodes_own_addresses_are_allowed_engine_hosts():
-    from exporter.url_policy import node_addresses
+    from exporter.pollers.url_policy import node_addresses
 
     own = [n.network_address for n in node_addresses() if not n.network_address.is_loopback]
     if not own:

@@ -18,14 +18,14 @@ import pytest
 import requests
 from conftest import ROOT, one, scrape_until, values
 
-from exporter.causes import Death, Member, determine_cause, zombie_exitcode
-from exporter.engines import Engine
+from exporter.engines.catalog import Engine
 from exporter.errors import ErrorCounter
 from exporter.exits import ExitEvent, describe_exit, report_exit, wait_server_healthy
-from exporter.forensics import Forensics
-from exporter.oom_evidence import memory_counter_files, read_oom_kills
-from exporter.proctable import read_proc
+from exporter.exits.causes import Death, Member, determine_cause, zombie_exitcode
+from exporter.exits.forensics import Forensics
 from exporter.registry import register_engine
+from exporter.sources.oom_evidence import memory_counter_files, read_oom_kills
+from exporter.sources.proctable import read_proc
 from fakenvml import GIB
 
 # A launcher (the engine's root) and one titled child, as SGLang's launch_server and its scheduler.

@@ -418,7 +418,7 @@ def test_api_polls_nvml_only_while_someone_waits(local_api):
 def _request(query: str, connection=None):
     from urllib.parse import parse_qs
 
-    from exporter.server import Request
+    from exporter.web.server import Request
 
     return Request("/api/v1/wait", parse_qs(query), {}, connection)
 
@@ -426,9 +426,10 @@ def _request(query: str, connection=None):
 @pytest.fixture
 def local_api(tmp_path, fake_nvml_dir, scenario, monkeypatch):
     """The CLI's assembly in-process, with the API on its NvmlSource."""
-    from exporter.api import GpuApi
-    from exporter.cli import build_exporter, build_parser
+    from exporter.cli import build_parser
     from exporter.errors import ErrorCounter
+    from exporter.runtime import build_exporter
+    from exporter.web.gpus_api import GpuApi
 
     monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
     scenario.gpus[0].used = 10 * GIB  # never under the tests' thresholds
@@ -439,7 +440,9 @@ def local_api(tmp_path, fake_nvml_dir, scenario, monkeypatch):
     )  # fmt: skip
     errors = ErrorCounter()
     exporter = build_exporter(args, errors)
-    return GpuApi("n", exporter.collector, exporter.nvml, errors, max_waiters=1, max_wait=5, interval=0.01), scenario
+    return GpuApi(
+        "n", exporter.collector.shared, exporter.nvml, errors, max_waiters=1, max_wait=5, interval=0.01
+    ), scenario
 
 
 def test_api_disconnect_ends_the_wait(local_api):

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.exits import ExitEvent, report_exit
+from exporter.pollers.sglang import ShapeError, parse_server_info
 from exporter.registry import EngineEntry, RegistryError, register_engine, unregister_engine
-from exporter.sglang import ShapeError, parse_server_info
 from fakenvml import GIB, GPU_IS_LOST
 from gate.prometheus_source import METRICS, build_query
 
@@ -247,7 +247,7 @@ def test_registry_event_and_gate_record_parsers_only_raise_their_own_errors(text
 )
 @given(hostile_text)
 def test_gate_record_files_of_any_shape_are_read_or_refused(tmp_path, text):
-    from exporter.gate_records import read_record
+    from exporter.sleep_wake.gate_records import read_record
     from gpu_residency_common.files import UntrustedFileError
 
     path = tmp_path / "record.json"

@@ -273,7 +273,7 @@ POD_CIDR = "198.51.100.0/24"
 )
 def test_engines_on_the_node_ip_are_allowed_by_default_and_the_pod_network_on_request(exporter_values, flag):
     from exporter.cli import build_parser
-    from exporter.url_policy import UrlPolicy
+    from exporter.pollers.url_policy import UrlPolicy
 
     container = exporter_container(render({"exporter": exporter_values}))
     host_ip = next(e for e in container["env"] if e["name"] == "HOST_IP")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, kill_with_descendants, one, values
 
-from exporter.proctable import parse_container, parse_pod_uid
 from exporter.registry import register_engine
+from exporter.sources.proctable import parse_container, parse_pod_uid
 from fakenvml import GIB
 from fakenvml.interpreter import shebang_python
 from gate import ResidualGate

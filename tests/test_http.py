@@ -156,12 +156,12 @@ def test_help_answers_the_usual_questions():
 
 
 def test_own_text_encoder_matches_prometheus_client(local_exporter, scenario, spawn_tree):
-    """exporter.exposition writes what prometheus_client's encoder writes, hostile values included."""
+    """exporter.web.exposition writes what prometheus_client's encoder writes, hostile values included."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.parser import text_string_to_metric_families
 
-    from exporter.exposition import render
+    from exporter.web.exposition import render
 
     tree = spawn_tree()
     register_engine("e", root_pid=tree.pid, directory=local_exporter.registry_dir)

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from exporter import proctable
+from exporter.sources import proctable
 from gpu_residency_common.holders import MAX_NAME, TITLE_PREFIXES
 
 DOC = (ROOT / "docs" / "SECURITY.md").read_text()
@@ -54,7 +54,7 @@ def test_every_reader_the_table_names_exists():
 
 
 def test_every_proc_read_has_a_named_limit():
-    tree = ast.parse((ROOT / "exporter" / "proctable.py").read_text())
+    tree = ast.parse((ROOT / "exporter" / "sources" / "proctable.py").read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") in
              ("_read", "_read_bytes")]  # fmt: skip
     limits = {node.args[1].id for node in calls if isinstance(node.args[1], ast.Name)}

@@ -7,10 +7,10 @@ import time
 import pytest
 from conftest import one, polled, scrape_families, values
 
-from exporter.engines import Engine
+from exporter.engines.catalog import Engine
 from exporter.errors import ErrorCounter
-from exporter.sglang import GIB, SglangPoller, ShapeError, parse_server_info
-from exporter.url_policy import UrlPolicy
+from exporter.pollers.sglang import GIB, SglangPoller, ShapeError, parse_server_info
+from exporter.pollers.url_policy import UrlPolicy
 from fakenvml.sglang import server_info
 
 

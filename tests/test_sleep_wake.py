@@ -9,12 +9,12 @@ import time
 import pytest
 from conftest import one, parse_metrics, scrape_until, values
 
-from exporter.attribution import EngineUsage, Snapshot
-from exporter.engine_state import EngineStates, Observed, combine
-from exporter.engines import Engine
-from exporter.nvml_source import GpuReading, NvmlReading
+from exporter.engines.catalog import Engine
 from exporter.registry import RegistryError, engine_asleep, register_engine, set_engine_state
-from exporter.transitions import TransitionTracker
+from exporter.sleep_wake.states import EngineStates, Observed, combine
+from exporter.sleep_wake.transitions import TransitionTracker
+from exporter.snapshot.attribution import EngineUsage, Snapshot
+from exporter.sources.nvml import GpuReading, NvmlReading
 from fakenvml import GIB
 from gate import ResidualGate
 from gate.readings import GpuSample, Holder

@@ -18,16 +18,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening import hostile_text
 
-from exporter.engine_poller import EnginePoller
-from exporter.engines import Engine
+from exporter.engines.catalog import Engine
 from exporter.errors import ErrorCounter
-from exporter.http_fetch import FetchError
+from exporter.pollers.http_fetch import FetchError
+from exporter.pollers.poller import EnginePoller
+from exporter.pollers.url_policy import UrlPolicy
+from exporter.pollers.vllm import VllmPoller
+from exporter.pollers.vllm_parse import MAX_RANKS, ShapeError, parse_is_sleeping, parse_metrics
 from exporter.registry import register_engine, set_engine_state
-from exporter.url_policy import UrlPolicy
-from exporter.vllm import MAX_RANKS, ShapeError, VllmPoller, parse_is_sleeping, parse_metrics
 from fakenvml import GIB
 from fakenvml.prometheus import free_port
-from fakenvml.vllm import BLOCKS_PER_ENGINE, TOKENS_PER_ENGINE, FakeVllm, VllmProcess, console_script, launch
+from fakenvml.vllm import BLOCKS_PER_ENGINE, TOKENS_PER_ENGINE, FakeVllm
+from fakenvml.vllm_serve import VllmProcess, console_script, launch
 
 RULES = ROOT / "dashboards" / "alerts.yaml"
 

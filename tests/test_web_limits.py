@@ -19,8 +19,8 @@ import requests
 from conftest import one
 from prometheus_client import CollectorRegistry
 
-from exporter.server import ExporterServer, make_responder
-from exporter.web_config import BCRYPT_MAX_PASSWORD, load_web_config
+from exporter.web.config import BCRYPT_MAX_PASSWORD, load_web_config
+from exporter.web.server import ExporterServer, make_responder
 
 REFUSED = "refused a request from"
 
@@ -76,7 +76,7 @@ def test_refusals_left_out_of_the_log_are_counted_on_the_next_line(web_config, c
     server = ExporterServer(responder, "127.0.0.1", 0, load_web_config(str(web_config)))
     server.start()
     url = "http://{}:{}/metrics".format(*server.address)
-    caplog.set_level(logging.WARNING, logger="exporter.server")
+    caplog.set_level(logging.WARNING, logger="exporter.web.server")
     sent = 0
     try:
         deadline = time.monotonic() + 30

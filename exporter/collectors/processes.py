@@ -1,0 +1,66 @@
+"""`--collector.processes`: per-process, per-holder, per-engine and unattributed memory, and
+engine_up, from the snapshot's attribution."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from exporter.collectors.names import PREFIX
+from exporter.snapshot.attribution import Snapshot
+
+
+def process_families(node: str, snapshot: Snapshot) -> Iterable[Metric]:
+    processes = GaugeMetricFamily(
+        PREFIX + "process_memory_bytes",
+        "GPU memory used by one process (NVML); engine is '' for a process in no known engine, holder names it "
+        "anyway (its engine, Ray actor class, launcher or title; else its comm).",
+        labels=["node", "gpu", "uuid", "pid", "comm", "engine", "container_id", "pod_uid", "holder", "holder_kind"],
+    )
+    for proc in snapshot.processes:
+        if proc.used_bytes is not None:
+            processes.add_metric(
+                [node, str(proc.gpu.index), proc.gpu.uuid, str(proc.pid), proc.comm, proc.engine, proc.container_id,
+                 proc.pod_uid, proc.holder.name, proc.holder.kind],
+                proc.used_bytes,
+            )  # fmt: skip
+    yield processes
+    holders = GaugeMetricFamily(
+        PREFIX + "holder_memory_bytes",
+        "GPU memory per holder on one GPU: engines, and unregistered holders named from the node (Ray actor "
+        "classes, torchrun/Megatron launchers, vLLM/SGLang titles, else the comm); kind says which.",
+        labels=["node", "gpu", "uuid", "holder", "kind", "pod_uid"],
+    )
+    for usage in snapshot.holder_usage:
+        if usage.used_bytes is not None:
+            holders.add_metric(
+                [node, str(usage.gpu.index), usage.gpu.uuid, usage.holder.name, usage.holder.kind, usage.pod_uid],
+                usage.used_bytes,
+            )
+    yield holders
+    engine_memory = GaugeMetricFamily(
+        PREFIX + "engine_memory_bytes",
+        "GPU memory held by an engine's whole process tree on one GPU.",
+        labels=["node", "engine", "gpu", "uuid"],
+    )
+    for usage in snapshot.engine_usage:
+        if usage.used_bytes is not None:
+            engine_memory.add_metric([node, usage.engine, str(usage.gpu.index), usage.gpu.uuid], usage.used_bytes)
+    yield engine_memory
+    unattributed = GaugeMetricFamily(
+        PREFIX + "unattributed_memory_bytes",
+        "GPU memory used minus the sum of all listed processes (high: PIDs not visible, e.g. no hostPID).",
+        labels=["node", "gpu", "uuid"],
+    )
+    for gpu, value in snapshot.unattributed:
+        unattributed.add_metric([node, str(gpu.index), gpu.uuid], value)
+    yield unattributed
+    engine_up = GaugeMetricFamily(
+        PREFIX + "engine_up",
+        "1 while the engine's root process lives (same PID and start time), else 0.",
+        labels=["node", "engine", "kind"],
+    )
+    for engine in snapshot.engines:
+        engine_up.add_metric([node, engine.name, engine.kind], 1 if engine.up else 0)
+    yield engine_up

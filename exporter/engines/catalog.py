@@ -1,0 +1,300 @@
+"""Which processes are engines: the registry, a static config file (exporter/engines/static.py)
+and auto-discovery (exporter/engines/discovery.py).
+
+Every source yields `EngineEntry`s; `EngineCatalog.resolve` turns them into `Engine`s whose
+root is a host PID (through NSpid for entries written in another PID namespace) and says
+whether that root is still the same live process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from exporter.engines.discovery import Discovered, discover_engines, is_loopback_or_any, net_identity
+from exporter.engines.registry import ENTRY_SUFFIX, EngineEntry, RegistryError, read_entry
+from exporter.engines.static import StaticEngine, pid_from_file
+from exporter.errors import ErrorCounter
+from exporter.sources.proctable import ProcView, own_namespace, scan_pids, translate_nspids
+from exporter.supervisor import run_supervised
+
+log = logging.getLogger(__name__)
+
+MIN_SCAN_SPACING_SECONDS = 1.0  # wake-ups for namespace lookups never scan /proc more often
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    kind: str
+    url: str | None
+    source: str  # registry | static | discovered
+    root_pid: int | None  # host PID; None when it cannot be resolved
+    start_ticks: int | None
+    up: bool
+    registered_at: float = 0.0  # wall-clock time of the registry entry (0 for other sources)
+    state: str | None = None  # the framework's word: starting | active | asleep | stopped
+    state_since: float | None = None
+    url_problem: str | None = None  # why `url` cannot be polled from here (another pod's loopback)
+
+
+def reachable_url(entry: EngineEntry, own_net_ns: int | None) -> tuple[str | None, str | None]:
+    """(URL the exporter should use, why it cannot) for an entry's URL.
+
+    A loopback URL written in another network namespace (another pod) names that pod's
+    loopback, which the exporter cannot reach: it is rewritten to the writer's advertised
+    address when the entry has one (the URL policy still decides whether that address may
+    be polled), else refused with the reason."""
+    if entry.url is None or entry.net_ns is None or own_net_ns is None or entry.net_ns == own_net_ns:
+        return entry.url, None
+    try:
+        parts = urlsplit(entry.url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return entry.url, None  # the URL policy explains what is wrong with it
+    if not is_loopback_or_any(host):
+        return entry.url, None
+    if entry.advertise_host is None:
+        return None, (
+            f"{entry.url} is the loopback of another network namespace (another pod) and the entry has no "
+            "advertise_host ($POD_IP at registration); register a URL the exporter can reach"
+        )
+    shown = f"[{entry.advertise_host}]" if ":" in entry.advertise_host else entry.advertise_host
+    netloc = f"{shown}:{port}" if port else shown
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), None
+
+
+@dataclass
+class _CachedEntry:
+    key: tuple[int, int, int]  # (inode, mtime_ns, size) as lstat saw it
+    entry: EngineEntry | None
+    registered_at: float
+
+
+class EngineCatalog:
+    """Reads every engine source and resolves each engine's host root PID.
+
+    Registry entries from another PID namespace are found by NSpid (the PID as the
+    writer saw it) and the root's start time, both world-readable in /proc: the
+    exporter as deployed cannot read another process's namespace links. That lookup
+    scans the process table, so it runs on the background thread (woken at once when
+    an entry needs it); a miss is retried on every scan, never cached for good.
+    """
+
+    def __init__(
+        self,
+        errors: ErrorCounter,
+        registry_dir: Path | None,
+        static: list[StaticEngine] = (),
+        discover: bool = True,
+        discovery_interval: float = 10.0,
+    ) -> None:
+        self._errors = errors
+        self._registry_dir = registry_dir
+        self._static = list(static)
+        self._discover = discover
+        self._discovery_interval = discovery_interval
+        self._own_ns = own_namespace("pid")
+        self._own_net_ns = own_namespace("net")
+        self._entry_cache: dict[str, _CachedEntry] = {}
+        self._translated: dict[tuple[int, int, int], int] = {}  # (pid_ns, inner pid, start) -> host pid
+        self._wanted: set[tuple[int, int, int]] = set()
+        self._refused: set[tuple[str, float]] = set()  # (entry name, registered_at) already counted
+        self._discovered: list[Discovered] = []
+        self._latest: tuple[float, list[Engine]] | None = None
+        self._lock = threading.Lock()
+        self._resolve_lock = threading.Lock()  # scrapes and background work both resolve
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- background: discovery and namespace lookups read the whole process table ---
+
+    def start(self) -> None:
+        if self._thread is None:
+            self.scan()
+            self._thread = threading.Thread(target=self._loop, name="engine-scan", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._discovery_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            run_supervised("engine-scan", self.scan, self._errors)
+            self._stop.wait(MIN_SCAN_SPACING_SECONDS)
+
+    def scan(self) -> None:
+        """One pass over the process table: engine discovery and the wanted NSpid translations."""
+        pids = scan_pids()
+        if self._discover:
+            found = discover_engines(pids, net_identity("self"))
+            with self._lock:
+                self._discovered = found
+        with self._lock:
+            wanted = set(self._wanted)
+        if wanted:
+            found = translate_nspids(wanted, pids)
+            with self._lock:
+                self._translated.update(found)
+                self._wanted -= set(found)
+
+    # --- registry ---
+
+    def registry_mtime(self) -> int | None:
+        """The registry directory's mtime: it changes whenever an entry is written or removed."""
+        try:
+            return os.stat(self._registry_dir).st_mtime_ns if self._registry_dir else None
+        except OSError:
+            return None
+
+    def _registry_entries(self) -> list[tuple[EngineEntry, float]]:
+        if self._registry_dir is None:
+            return []
+        try:
+            names = sorted(n for n in os.listdir(self._registry_dir) if n.endswith(ENTRY_SUFFIX))
+        except FileNotFoundError:
+            return []
+        except OSError:
+            self._errors.inc("registry", "unreadable")
+            return []
+        entries = []
+        for name in names:
+            cached = self._registry_entry(self._registry_dir / name)
+            if cached is not None and cached.entry is not None:
+                entries.append((cached.entry, cached.registered_at))
+        for stale in set(self._entry_cache) - set(names):
+            del self._entry_cache[stale]
+        return entries
+
+    def _registry_entry(self, path: Path) -> _CachedEntry | None:
+        """Parse one entry, re-reading only when the file changed; bad files are refused and counted once."""
+        try:
+            info = path.lstat()
+        except OSError:
+            return None
+        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        cached = self._entry_cache.get(path.name)
+        if cached is not None and cached.key == key:
+            return cached
+        entry = None
+        try:
+            entry = read_entry(path)
+        except FileNotFoundError:
+            return None
+        except RegistryError as exc:
+            self._errors.inc("registry", exc.reason)
+            log.warning("registry entry %s ignored: %s", path, exc)
+        cached = _CachedEntry(key, entry, info.st_mtime_ns / 1e9)
+        self._entry_cache[path.name] = cached
+        return cached
+
+    # --- PID namespaces ---
+
+    def _host_pid(self, entry: EngineEntry, view: ProcView, registered_at: float) -> int | None:
+        """The root's PID as this exporter sees it (hostPID), or None when it cannot be proven."""
+        if entry.pid_ns is None or entry.pid_ns == self._own_ns:
+            pid = entry.root_pid
+        elif entry.start_ticks is None:
+            self._refuse(entry, registered_at, "unprovable", "from another PID namespace without the root's start time")
+            return None
+        else:
+            # Once found, the translation stands: the start time names that process for good, so
+            # when it is gone the engine is down (and its death can be counted), never someone else.
+            key = (entry.pid_ns, entry.root_pid, entry.start_ticks)
+            with self._lock:
+                pid = self._translated.get(key)
+                if pid is None:
+                    self._wanted.add(key)
+            if pid is None:
+                self._wake.set()
+                return None
+        if pid == 1 and (entry.start_ticks is None or not view.is_instance(1, entry.start_ticks)):
+            # Every process descends from PID 1: an entry naming it would claim the whole node.
+            self._refuse(entry, registered_at, "unproven_init", "names PID 1 without the start time that proves it")
+            return None
+        return pid
+
+    def _refuse(self, entry: EngineEntry, registered_at: float, reason: str, why: str) -> None:
+        if (entry.name, registered_at) not in self._refused:
+            self._refused.add((entry.name, registered_at))
+            self._errors.inc("registry", reason)
+            log.warning("engine %s: root PID %d not accepted: %s", entry.name, entry.root_pid, why)
+
+    # --- resolution ---
+
+    def resolve(self, view: ProcView) -> list[Engine]:
+        """Every known engine, once per name: registry first, then static, then discovered."""
+        with self._resolve_lock:
+            engines = self._resolve(view)
+            self._latest = (time.monotonic(), engines)
+            return engines
+
+    def current(self, max_age: float) -> list[Engine]:
+        """The engines of the last resolution if it is younger than `max_age`, else a new one:
+        background pollers share the collector's resolution instead of doing their own."""
+        latest = self._latest
+        if latest is not None and time.monotonic() - latest[0] <= max_age:
+            return latest[1]
+        return self.resolve(ProcView(self._errors))
+
+    def _resolve(self, view: ProcView) -> list[Engine]:
+        engines: dict[str, Engine] = {}
+        live_refusals = set()
+        entries = self._registry_entries()
+        for entry, registered_at in entries:
+            live_refusals.add((entry.name, registered_at))
+            pid = self._host_pid(entry, view, registered_at)
+            url, url_problem = reachable_url(entry, self._own_net_ns)
+            engine = _engine(view, entry.name, entry.kind, url, "registry", pid, entry.start_ticks)
+            engines[entry.name] = dataclasses.replace(
+                engine,
+                registered_at=registered_at,
+                state=entry.state,
+                state_since=entry.state_since,
+                url_problem=url_problem,
+            )
+        self._refused &= live_refusals
+        live_keys = {(e.pid_ns, e.root_pid, e.start_ticks) for e, _ in entries}
+        with self._lock:
+            self._translated = {k: v for k, v in self._translated.items() if k in live_keys}
+            self._wanted &= live_keys
+        for static in self._static:
+            if static.name in engines:
+                self._errors.inc("registry", "duplicate_name")
+                continue
+            pid = static.root_pid or (pid_from_file(static.pid_file) if static.pid_file else None)
+            engines[static.name] = _engine(view, static.name, static.kind, static.url, "static", pid, None)
+        with self._lock:
+            discovered = list(self._discovered)
+        claimed = {engine.root_pid for engine in engines.values() if engine.up}
+        candidates = {found.entry.root_pid for found in discovered}
+        for found in discovered:
+            entry = found.entry
+            ancestors = [info.pid for info in view.ancestry(entry.root_pid)]
+            if entry.name in engines or claimed.intersection(ancestors) or candidates.intersection(ancestors[1:]):
+                continue  # a registered engine's launch process, or a forked child of another launch
+            engine = _engine(view, entry.name, entry.kind, entry.url, "discovered", entry.root_pid, found.start_ticks)
+            if engine.up:  # a discovered engine that exited is simply gone
+                engines[entry.name] = dataclasses.replace(engine, url_problem=found.url_problem)
+        return list(engines.values())
+
+
+def _engine(
+    view: ProcView, name: str, kind: str, url: str | None, source: str, pid: int | None, start: int | None
+) -> Engine:
+    """An engine is up when its root is alive and, where a start time is known, the same process."""
+    up = pid is not None and view.is_instance(pid, start)
+    return Engine(name=name, kind=kind, url=url, source=source, root_pid=pid, start_ticks=start, up=up)

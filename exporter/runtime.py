@@ -1,0 +1,131 @@
+"""One exporter process, wired: the shared snapshot and the collector over it, the background
+pollers and loops, and the routes beside /metrics. Each piece is built by its own package from
+the flags it declared (exporter/*/flags.py); this module only connects them."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporter.collectors.assembly import ResidencyCollector
+from exporter.collectors.flags import disabled as disabled_collectors
+from exporter.engines.catalog import EngineCatalog
+from exporter.engines.flags import build_catalog
+from exporter.errors import ErrorCounter
+from exporter.exits.flags import build_exit_log
+from exporter.exits.forensics import Forensics
+from exporter.exits.log import ExitLog
+from exporter.exits.report import EXITS_PATH
+from exporter.pollers.flags import build_pollers
+from exporter.pollers.sglang import SglangPoller
+from exporter.pollers.vllm import VllmPoller
+from exporter.sleep_wake.flags import build_transitions
+from exporter.sleep_wake.gate_records import GateRecords
+from exporter.sleep_wake.transitions import TransitionTracker
+from exporter.sources.flags import build_nvml
+from exporter.sources.nvml import NvmlSource
+from exporter.supervisor import SupervisedLoop
+from exporter.web.exits_api import exits_route
+from exporter.web.gpus_api import GpuApi
+from exporter.web.server import Route
+
+
+@dataclass
+class Exporter:
+    """Everything one exporter process runs: the collector, its background loops and its API."""
+
+    collector: ResidencyCollector
+    catalog: EngineCatalog
+    poller: SglangPoller
+    transitions: TransitionTracker
+    exits: ExitLog
+    vllm: VllmPoller | None = None
+    forensics: Forensics | None = None
+    nvml: NvmlSource | None = None  # the collector's, shared with the JSON API's long poll
+    loops: list[SupervisedLoop] = field(default_factory=list)
+    routes: dict[str, Route] = field(default_factory=dict)
+    _watched: dict = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.catalog.start()
+        self.poller.start()
+        if self.vllm is not None:
+            self.vllm.start()
+        for loop in self.loops:
+            loop.start()
+
+    def stop(self) -> None:
+        for loop in self.loops:
+            loop.stop()
+        if self.vllm is not None:
+            self.vllm.stop()
+        self.poller.stop()
+        self.catalog.stop()
+
+    def watch_transitions(self) -> None:
+        """Time releases and wakes between scrapes: a full collection only while one is under way,
+        the registry directory changed (a state change renames a file into it) or an engine's own
+        report of its state changed."""
+        seen = (self.catalog.registry_mtime(), self.transitions.states.changes())
+        if not self.transitions.pending() and seen == self._watched.get("seen"):
+            return
+        self._watched["seen"] = seen
+        snapshot, _ = self.collector.snapshot(max_age=0)
+        self.transitions.observe(snapshot)
+
+    def watch_exits(self) -> None:
+        """Crash forensics between scrapes: every look checks the engines' trees, their OOM
+        counters and the kernel log; a collection a second feeds the history, and exits are
+        counted with their evidence as soon as it is in."""
+        snapshot, _ = self.collector.snapshot(max_age=1.0)
+        self.forensics.tick(snapshot.engines)
+        self.exits.update(snapshot)
+
+
+def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
+    """Every piece from the parsed flags; ConfigError for a bad --engines.config-file."""
+    catalog = build_catalog(args, errors)
+    poller, vllm = build_pollers(args, errors, catalog)
+    exits, forensics = build_exit_log(args, errors)
+    transitions = build_transitions(args, observers=[vllm])
+    gate_records = GateRecords(args.node, Path(args.registry_dir), errors)
+    nvml = build_nvml(args, errors)
+    concerns = [
+        ("sglang", poller.families),
+        ("vllm", vllm.families),
+        ("exits", exits.families),
+        ("sleep_wake", transitions.families),
+        ("gate", gate_records.families),
+    ]
+    disabled = disabled_collectors(args)
+    collector = ResidencyCollector(
+        args.node,
+        nvml,
+        catalog,
+        errors,
+        concerns=concerns,
+        min_interval=args.min_interval,
+        disabled=disabled,
+        observers=[forensics.record] if forensics is not None else [],
+    )
+    exporter = Exporter(collector, catalog, poller, transitions, exits, vllm, forensics, nvml)
+    # The JSON API for gates on other nodes: the collector's NVML source serves its long poll.
+    exporter.routes.update(
+        GpuApi(
+            args.node,
+            collector.shared,
+            nvml,
+            errors,
+            max_waiters=args.api_max_waiters,
+            max_wait=args.api_max_wait,
+            interval=args.api_wait_interval,
+        ).routes()
+    )
+    if "sleep_wake" not in disabled:
+        exporter.loops.append(SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors))
+    if "exits" not in disabled:
+        if forensics is not None:
+            exporter.loops.append(SupervisedLoop("forensics", exporter.watch_exits, args.forensics_interval, errors))
+        exporter.routes[EXITS_PATH] = exits_route(exits, args.api_max_waiters)
+    return exporter

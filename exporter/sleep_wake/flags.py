@@ -1,0 +1,63 @@
+"""--engines.release-*, --engines.wake-timeout, --engines.state-*: sleep and wake, read by exporter/sleep_wake."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+
+from exporter.flags import group, positive_float, seconds
+from exporter.sleep_wake.states import EngineStates, StateObserver
+from exporter.sleep_wake.transitions import TransitionTracker
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    states = group(
+        parser, "sleep and wake (engines whose framework sets their state, and engines that report it: vLLM)"
+    )
+    states.add_argument(
+        "--engines.release-floor-gb",
+        dest="release_floor_gb",
+        type=positive_float,
+        default=2.0,
+        metavar="GIB",
+        help="an asleep engine counts as released when it holds less than this on every GPU (default 2); vLLM "
+        "sleep levels 1 and 2 both free the weights and KV cache on the GPU and are held to it alike, a level-0 "
+        "sleep keeps the weights and is not timed",
+    )
+    seconds(
+        states,
+        "--engines.release-timeout",
+        "release_timeout",
+        60.0,
+        "a release not complete after this is counted as a timeout and its holders logged (default 60)",
+    )
+    seconds(
+        states,
+        "--engines.wake-timeout",
+        "wake_timeout",
+        300.0,
+        "likewise for residency coming back after the engine is marked active (default 300)",
+    )
+    seconds(
+        states,
+        "--engines.state-mismatch-grace",
+        "mismatch_grace",
+        15.0,
+        "a framework-set state and the engine's own report may disagree this long (the poll lags the call) before "
+        "it counts as a mismatch (default 15)",
+    )
+    seconds(
+        states,
+        "--engines.state-interval",
+        "state_interval",
+        0.25,
+        "how often a release or wake in progress is measured, between scrapes (default 0.25)",
+    )
+
+
+def build_transitions(args: argparse.Namespace, observers: Iterable[StateObserver]) -> TransitionTracker:
+    """The tracker of releases and wakes, over the states the framework sets and `observers` report."""
+    states = EngineStates(args.node, observers=observers, grace=args.mismatch_grace)
+    return TransitionTracker(
+        args.node, int(args.release_floor_gb * 1024**3), args.release_timeout, args.wake_timeout, states
+    )
