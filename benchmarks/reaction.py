@@ -34,6 +34,7 @@ from pathlib import Path
 import fakenvml
 from benchmarks.node import ROOT, SimulatedNode
 from benchmarks.sections import splice
+from benchmarks.serving import serve_ours
 from fakenvml.interpreter import shebang_python
 
 GIB = 1024**3
@@ -286,7 +287,6 @@ def smi_cost(env: dict[str, str], calls: int) -> tuple[float, float]:
 
 
 def run(quick: bool = False, seed: int = 18) -> dict:
-    from benchmarks.run import serve_ours
     from fakenvml.prometheus import start_prometheus
 
     rng = random.Random(seed)

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -33,6 +32,7 @@ from benchmarks import reaction
 from benchmarks.baseline import TodaysProbe
 from benchmarks.node import ROOT, HostProcesses, SimulatedNode
 from benchmarks.sections import splice
+from benchmarks.serving import Served, serve, serve_ours
 from exporter.cli import build_parser
 from exporter.errors import ErrorCounter
 from exporter.runtime import build_exporter
@@ -62,43 +62,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-@dataclass
-class Served:
-    name: str
-    proc: subprocess.Popen
-    url: str
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-
-def _serve(name: str, command: list[str], env: dict[str, str], port: int) -> Served:
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/metrics"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return Served(name, proc, url)
-        except requests.RequestException:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{name} did not start: {command}")
-
-
-def serve_ours(node: SimulatedNode) -> Served:
-    port = free_port()
-    command = [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}", "--node", "bench",
-               "--registry.dir", str(node.registry), "--no-engines.discover", "--collection.min-interval", "0",
-               "--nvml.library", str(node.lib_dir / fakenvml.SONAME)]  # fmt: skip
-    return _serve("gpu-residency", command, node.environ(), port)
-
-
 def serve_baseline(node: SimulatedNode) -> Served:
     port = free_port()
     command = [sys.executable, "-m", "benchmarks.baseline", "--port", str(port), "--registry", str(node.registry)]
-    return _serve("today's probe", command, node.environ(), port)
+    return serve("today's probe", command, node.environ(), port)
 
 
 def nvitop_exporter() -> Path:
@@ -114,7 +81,7 @@ def nvitop_exporter() -> Path:
 def serve_nvitop(node: SimulatedNode, interval: float) -> Served:
     port = free_port()
     command = [str(nvitop_exporter()), "--bind-address", "127.0.0.1", "--port", str(port), "--interval", str(interval)]
-    return _serve("nvitop-exporter", command, node.environ(), port)
+    return serve("nvitop-exporter", command, node.environ(), port)
 
 
 def http_latencies(url: str, count: int) -> list[float]:
@@ -282,7 +249,7 @@ PROFILING = [
     "40 ms delayed-ACK stall of a response written in two packets (fixed: TCP_NODELAY on the HTTP/1.1 "
     "keep-alive server that replaced wsgiref's HTTP/1.0 one, which opened a connection and a thread per "
     "scrape); prometheus_client's text encoder re-validating every label name of every sample (replaced by "
-    "exporter/exposition.py for our fixed names: 1.94 to 1.54 ms CPU per back-to-back scrape); the "
+    "exporter/web/exposition.py for our fixed names: 1.94 to 1.54 ms CPU per back-to-back scrape); the "
     "SGLang process title read from /proc/<pid>/cmdline on every scrape, and NVML device handles fetched on "
     "every scrape (both now cached for the life of the process or NVML session); engines re-resolved four "
     "times a second by the sleep/wake watcher even when nothing changed (now a stat of the registry "
