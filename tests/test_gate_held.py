@@ -223,7 +223,7 @@ def test_a_dead_replicas_stale_copy_never_clears_a_held_card(exporter_factory, p
 
 
 def test_nvml_and_nvidia_smi_sources_name_a_registered_engine_or_say_they_cannot_tell(
-    fake_nvml_dir, scenario, spawn_tree, tmp_path
+    fake_nvml_dir, scenario, spawn_tree, tmp_path, monkeypatch
 ):
     from exporter.registry import register_engine
 
@@ -234,12 +234,18 @@ def test_nvml_and_nvidia_smi_sources_name_a_registered_engine_or_say_they_cannot
     scenario.gpus[0].used = 6 * GIB
     scenario.write()
     env = dict(scenario.environ(fake_nvml_dir), PYTHONPATH=str(ROOT), GPU_RESIDENCY_REGISTRY=str(registry))
-    env["PATH"] = os.pathsep.join([str(install_smi(tmp_path / "bin").parent), env["PATH"]])
+    smi = install_smi(tmp_path / "bin", fake_nvml_dir / fakenvml.SONAME, scenario.path)  # runs without our env
+    env["PATH"] = os.pathsep.join([str(smi.parent), env["PATH"]])
     for source in ("nvml", "nvidia-smi"):
         held = gate_cli(env, "--source", source, "--gpus", "0", "--waiting-for", "rollout-0")
         expected = f"rollout-0 still holds 5.0 GiB on GPU 0 (pid {tree.leaves[0]} sglang::scheduler_TP0)"
         assert held.returncode == 1 and expected in held.stdout, (source, held.stdout, held.stderr)
         assert "engine rollout-0: 5.0 GiB" in held.stdout, "top holders name the engine, not an anonymous python"
+    # The library, in-process: the nvidia-smi source runs the same tool and reads the same registry.
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("GPU_RESIDENCY_REGISTRY", str(registry))
+    decision = ResidualGate(2, source="nvidia-smi").check([0], waiting_for="rollout-0")
+    assert expected in decision.explain(), decision.explain()
 
     scenario.gpus[0].errors = {"processes": fakenvml.NOT_SUPPORTED}  # the process lists cannot be read
     scenario.write()
