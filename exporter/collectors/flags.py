@@ -19,9 +19,8 @@ COLLECTORS = {
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    web = group(parser, "web")
     seconds(
-        web,
+        group(parser, "web"),  # where --help has always listed it, beside the other serving flags
         "--collection.min-interval",
         "min_interval",
         0.25,
