@@ -1,6 +1,8 @@
 """What the two dashboards show, as data: each panel's title, queries and options, row by row
 (generate.py builds and lays them out). Node-dashboard queries are scoped to one cluster and node,
-fleet queries to the chosen clusters, whose name every fleet legend carries."""
+fleet queries to the chosen clusters, whose name every fleet legend carries. Raw series are read
+through `max without (replica)`, as the rules read them: against a store that keeps both members
+of an HA pair (a remote_write receiver) nothing is drawn or summed twice."""
 
 from __future__ import annotations
 
@@ -39,14 +41,14 @@ NODE_PANELS = [
     (9, [
         series(
             "Used vs gate threshold, per GPU",
-            (f"gpu_residency_memory_used_bytes{{{sel_gpu}}}", "{{node}} GPU {{gpu}}"),
+            (f"max without (replica) (gpu_residency_memory_used_bytes{{{sel_gpu}}})", "{{node}} GPU {{gpu}}"),
             (f"max(gpu_residency_memory_total_bytes{{{sel_gpu}}}) * 0 + $threshold_gib * 1024 * 1024 * 1024", "gate threshold"),
             desc="Whole-GPU used memory from NVML: the only honest wake-up signal (it counts every co-tenant). A wake-up onto a GPU is safe when its line is under the threshold.",
         ),
         series(
             "Who holds the memory (stacked)",
-            (f"sum by (kind, holder) (gpu_residency_holder_memory_bytes{{{sel_gpu}}})", "{{kind}} {{holder}}"),
-            (f"sum(gpu_residency_unattributed_memory_bytes{{{sel_gpu}}})", "unattributed"),
+            (f"sum by (kind, holder) (max without (replica) (gpu_residency_holder_memory_bytes{{{sel_gpu}}}))", "{{kind}} {{holder}}"),
+            (f"sum(max without (replica) (gpu_residency_unattributed_memory_bytes{{{sel_gpu}}}))", "unattributed"),
             stack=True,
             desc="Every holder, registered or not: engines (their whole process trees), Ray actors by class, torchrun/Megatron launchers, vLLM/SGLang workers by title, other processes by comm; and memory no listed process accounts for (high: usually a missing hostPID).",
         ),
@@ -54,13 +56,13 @@ NODE_PANELS = [
     (9, [
         series(
             "SGLang accounting vs measured residency, per engine",
-            ('sum by (engine) (gpu_residency_sglang_memory_bytes{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} SGLang says (start-up accounting)"),
-            ('sum by (engine) (gpu_residency_engine_memory_bytes{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} measured (process tree, NVML)"),
+            ('sum by (engine) (max without (replica) (gpu_residency_sglang_memory_bytes{cluster=~"$cluster", node=~"$node", engine=~"$engine"}))', "{{engine}} SGLang says (start-up accounting)"),
+            ('sum by (engine) (max without (replica) (gpu_residency_engine_memory_bytes{cluster=~"$cluster", node=~"$node", engine=~"$engine"}))', "{{engine}} measured (process tree, NVML)"),
             desc="SGLang's /server_info numbers are measured once at start-up: a slept engine still reports its pools. The measured line is what it really holds now.",
         ),
         series(
             "Engine exits by cause",
-            ('sum by (engine, exit_code, signal, cause) (increase(gpu_residency_engine_exits_total{cluster=~"$cluster", node=~"$node", engine=~"$engine"}[$__rate_interval]))', "{{engine}} {{cause}} (exit {{exit_code}} {{signal}})"),
+            ('sum by (engine, exit_code, signal, cause) (max without (replica) (increase(gpu_residency_engine_exits_total{cluster=~"$cluster", node=~"$node", engine=~"$engine"}[$__rate_interval])))', "{{engine}} {{cause}} (exit {{exit_code}} {{signal}})"),
             unit="short", bars=True,
             desc="cause, from the exporter's crash forensics: oom_kill (kernel OOM killer), child_failure (a process of the tree failed first), exit_code (it exited by itself), unknown (a signal, or no report, with no evidence of why). `gpu-residency-exporter exits` shows the evidence.",
         ),
@@ -75,7 +77,7 @@ NODE_PANELS = [
             "Release and wake latency (p95)",
             ('max by (engine) (node_engine:gpu_residency_engine_release_seconds:p95_rate5m{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} release p95"),
             ('max by (engine) (node_engine:gpu_residency_engine_wake_seconds:p95_rate5m{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} wake p95"),
-            ('sum by (engine) (increase(gpu_residency_engine_release_timeouts_total{cluster=~"$cluster", node=~"$node", engine=~"$engine"}[$__rate_interval]))', "{{engine}} release timeouts"),
+            ('sum by (engine) (max without (replica) (increase(gpu_residency_engine_release_timeouts_total{cluster=~"$cluster", node=~"$node", engine=~"$engine"}[$__rate_interval])))', "{{engine}} release timeouts"),
             unit="s",
             desc="From an engine marked (or seen) asleep until its memory was really gone, and from active until it was back: p95 over 5 minutes, from the recording rules.",
         ),
@@ -89,7 +91,7 @@ NODE_PANELS = [
         ),
         series(
             "Memory per Kubernetes pod",
-            (f'sum by (namespace, pod) (sum by (pod_uid) (gpu_residency_holder_memory_bytes{{{sel_gpu}, pod_uid!=""}}) * on (pod_uid) group_left (namespace, pod) label_replace(kube_pod_info, "pod_uid", "$1", "uid", "(.+)"))', "{{namespace}}/{{pod}}"),
+            (f'sum by (namespace, pod) (sum by (pod_uid) (max without (replica) (gpu_residency_holder_memory_bytes{{{sel_gpu}, pod_uid!=""}})) * on (pod_uid) group_left (namespace, pod) label_replace(kube_pod_info, "pod_uid", "$1", "uid", "(.+)"))', "{{namespace}}/{{pod}}"),
             stack=True,
             desc="GPU memory per pod, from each process's cgroup path (pod UID) joined with kube-state-metrics' kube_pod_info; empty without kube-state-metrics in the same Prometheus.",
         ),
@@ -97,39 +99,39 @@ NODE_PANELS = [
     (5, [
         stat_panel(
             "Engines up",
-            ('gpu_residency_engine_up{cluster=~"$cluster", node=~"$node", engine=~"$engine"}', "{{engine}}"),
-            ('gpu_residency_sglang_up{cluster=~"$cluster", node=~"$node", engine=~"$engine"}', "{{engine}} /server_info"),
-            ('gpu_residency_vllm_up{cluster=~"$cluster", node=~"$node", engine=~"$engine"}', "{{engine}} vLLM /metrics"),
+            ('max without (replica) (gpu_residency_engine_up{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}}"),
+            ('max without (replica) (gpu_residency_sglang_up{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} /server_info"),
+            ('max without (replica) (gpu_residency_vllm_up{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} vLLM /metrics"),
             unit="bool_on_off",
         ),
         series(
             "Exporter health",
-            ('gpu_residency_nvml_up{cluster=~"$cluster", node=~"$node"}', "{{node}} NVML up"),
-            ('gpu_residency_scrape_duration_seconds{cluster=~"$cluster", node=~"$node"}', "{{node}} collection seconds"),
-            ('sum by (node, source, reason) (rate(gpu_residency_errors_total{cluster=~"$cluster", node=~"$node"}[$__rate_interval])) or sum by (node) (0 * gpu_residency_nvml_up{cluster=~"$cluster", node=~"$node"})', "{{node}} errors/s {{source}} {{reason}}"),
+            ('max without (replica) (gpu_residency_nvml_up{cluster=~"$cluster", node=~"$node"})', "{{node}} NVML up"),
+            ('max without (replica) (gpu_residency_scrape_duration_seconds{cluster=~"$cluster", node=~"$node"})', "{{node}} collection seconds"),
+            ('sum by (node, source, reason) (max without (replica) (rate(gpu_residency_errors_total{cluster=~"$cluster", node=~"$node"}[$__rate_interval]))) or sum by (node) (0 * max without (replica) (gpu_residency_nvml_up{cluster=~"$cluster", node=~"$node"}))', "{{node}} errors/s {{source}} {{reason}}"),
             unit="short",
         ),
     ]),
     (8, [
         series(
             "vLLM sleep level and state mismatches",
-            ('gpu_residency_vllm_sleep_level{cluster=~"$cluster", node=~"$node", engine=~"$engine"}', "{{engine}} sleep level"),
-            ('gpu_residency_engine_state_mismatch{cluster=~"$cluster", node=~"$node", engine=~"$engine"}', "{{engine}} mismatch (framework {{framework}}, engine {{observed}})"),
+            ('max without (replica) (gpu_residency_vllm_sleep_level{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} sleep level"),
+            ('max without (replica) (gpu_residency_engine_state_mismatch{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} mismatch (framework {{framework}}, engine {{observed}})"),
             unit="short",
             desc="While a vLLM engine reports itself asleep: level 1 (weights offloaded to CPU memory) or 2 (discarded) free the GPU alike; 0 (paused, or only the KV cache released) keeps the weights there. Mismatch 1: the framework's state and the engine's own have disagreed past the grace period (framework active, engine asleep: never woken; framework asleep, engine awake: its memory is still held).",
             width=8,
         ),
         series(
             "vLLM KV cache usage (engine accounting)",
-            ('gpu_residency_vllm_kv_cache_usage_ratio{cluster=~"$cluster", node=~"$node", engine=~"$engine"}', "{{engine}} DP {{dp_rank}}"),
+            ('max without (replica) (gpu_residency_vllm_kv_cache_usage_ratio{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} DP {{dp_rank}}"),
             unit="percentunit",
             desc="vLLM's own share of KV cache blocks in use (vllm:kv_cache_usage_perc): engine accounting, not residency; a sleeping engine's KV cache is gone from the GPU whatever this says.",
             width=8,
         ),
         stat_panel(
             "vLLM KV cache capacity (engine accounting)",
-            ('gpu_residency_vllm_kv_cache_capacity_tokens{cluster=~"$cluster", node=~"$node", engine=~"$engine"}', "{{engine}} DP {{dp_rank}} tokens"),
-            ('gpu_residency_vllm_kv_cache_capacity_blocks{cluster=~"$cluster", node=~"$node", engine=~"$engine"}', "{{engine}} DP {{dp_rank}} blocks"),
+            ('max without (replica) (gpu_residency_vllm_kv_cache_capacity_tokens{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} DP {{dp_rank}} tokens"),
+            ('max without (replica) (gpu_residency_vllm_kv_cache_capacity_blocks{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "{{engine}} DP {{dp_rank}} blocks"),
             desc="The configured KV cache, from vllm:cache_config_info: tokens (vLLM 0.24+, right for hybrid models) and GPU blocks (summed over DP engines by vLLM). Engine accounting, not residency.",
             width=8,
         ),
