@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 from fakenvml.fake_http import FakeHttpServer, stop_process
+from fakenvml.lifetime import with_timeout
 from fakenvml.prometheus import free_port
 
 
@@ -28,17 +29,18 @@ class AlertmanagerServer:
         stop_process(self.proc, grace=20)
 
 
-def start_alertmanager(binary: str, workdir: Path, config: str) -> AlertmanagerServer:
-    """Alertmanager with `config` (its YAML), ready to take alerts; RuntimeError with its log if not."""
+def start_alertmanager(binary: str, workdir: Path, config: str, lifetime: float | None = None) -> AlertmanagerServer:
+    """Alertmanager with `config` (its YAML), ready to take alerts; RuntimeError with its log if not.
+    `lifetime`: seconds after which it stops by itself (under timeout(1)), whatever its caller does."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "alertmanager.yml").write_text(config)
     port = free_port()
     log_path = workdir / "alertmanager.log"
+    command = [binary, f"--config.file={workdir / 'alertmanager.yml'}", f"--storage.path={workdir / 'data'}",
+               f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="]  # fmt: skip
     proc = subprocess.Popen(
-        [binary, f"--config.file={workdir / 'alertmanager.yml'}", f"--storage.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        with_timeout(command, lifetime) if lifetime else command, stdout=log_path.open("w"), stderr=subprocess.STDOUT
+    )
     server = AlertmanagerServer(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 
 from fakenvml.fake_http import stop_process
+from fakenvml.lifetime import with_timeout
 
 
 def free_port() -> int:
@@ -59,12 +60,14 @@ def start_prometheus(
     external_labels: dict[str, str] | None = None,
     receiver: bool = False,
     alertmanager: str | None = None,
+    lifetime: float | None = None,
 ) -> PrometheusServer:
     """A Prometheus scraping `targets` (none: it only receives). `agent`: agent mode (scrape and
     remote_write, no queries, no rules), as a cluster's collector in front of a central store;
     `remote_write`: the URL it sends everything to, with `external_labels`; `receiver`: it
     accepts remote_write (--web.enable-remote-write-receiver), as a central store does;
-    `alertmanager`: the URL its alerts go to."""
+    `alertmanager`: the URL its alerts go to; `lifetime`: seconds after which it stops by itself
+    (under timeout(1)), whatever its caller does."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
     lines = [f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n"]
@@ -92,9 +95,10 @@ def start_prometheus(
         if agent
         else [f"--storage.tsdb.path={workdir / 'data'}", "--storage.tsdb.retention.time=1h"]
     )
+    command = [binary, f"--config.file={config}", *storage, f"--web.listen-address=127.0.0.1:{port}",
+               *(["--web.enable-remote-write-receiver"] if receiver else [])]  # fmt: skip
     proc = subprocess.Popen(
-        [binary, f"--config.file={config}", *storage, f"--web.listen-address=127.0.0.1:{port}",
-         *(["--web.enable-remote-write-receiver"] if receiver else [])],
+        with_timeout(command, lifetime) if lifetime else command,
         stdout=log_path.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     server = PrometheusServer(proc, f"http://127.0.0.1:{port}", log_path)

@@ -37,7 +37,9 @@ from gate.sources import build_source
 log = logging.getLogger(__name__)
 
 RLIX_THRESHOLD_ENV = "MILES_MAX_RESIDUAL_GPU_MEM_GB"
-RLIX_DEFAULT_THRESHOLD_GB = 10.0  # RLix PR #11's default for its residual wait
+# The threshold's default per RLix contract: PR #11's polling wait; the newer miles pipeline's one
+# look (its tests assert 7.0; a smoke configuration ran 13.0; 2.0 and 10.0 came before).
+RLIX_DEFAULTS_GB = {"poll": 10.0, "probe-once": 7.0}
 RLIX_GRACE_S = 3.0  # how long RLix sleeps before going ahead when it cannot measure
 PROBE_TIMEOUT_S = 5.0  # RLix's nvidia-smi timeout
 
@@ -189,8 +191,17 @@ def wait_for_residual_or_proceed(
     poll_s: float = 0.5,
     grace_s: float = RLIX_GRACE_S,
     node: str | None = None,
+    contract: str = "poll",
 ) -> None:
-    """RLix's residual wait (PR #11), as one call: poll until max used <= the threshold.
+    """RLix's residual check after the engines offload, as one call, in the contract RLix had:
+
+    `contract="poll"` (RLix PR #11): poll until max used <= the threshold (default 10 GiB);
+    `contract="probe-once"` (RLix's newer miles pipeline): one look, `RuntimeError("Post-offload
+    whole-GPU residual X GiB exceeds threshold Y GiB on overlap GPUs [...]")` when over (exactly
+    at the threshold passes), default 7 GiB; cannot measure: WARNING ("fail-open"), return at
+    once; `timeout_s` is not used (RLix's bounds only its engine-state wait).
+
+    With `contract="poll"`:
 
     The threshold is `threshold_gb`, else $MILES_MAX_RESIDUAL_GPU_MEM_GB read by
     parse_env_positive_float (default 10 GiB; a bad value raises its RuntimeError). Clear:
@@ -201,13 +212,17 @@ def wait_for_residual_or_proceed(
     cannot be measured blocks instead of being waited out, and a timeout raises GateTimeout
     with the per-GPU explanation (this is wait_for_residual: clear is strictly below).
     """
+    if contract not in RLIX_DEFAULTS_GB:
+        raise GateConfigError(f"contract={contract!r} must be one of {', '.join(RLIX_DEFAULTS_GB)}")
     ids = list(gpu_ids)
     if not ids:
         return None  # nothing allocated, nothing to wait for (RLix returns before reading its threshold)
     if threshold_gb is None:
-        threshold = parse_env_positive_float(RLIX_THRESHOLD_ENV, RLIX_DEFAULT_THRESHOLD_GB)
+        threshold = parse_env_positive_float(RLIX_THRESHOLD_ENV, RLIX_DEFAULTS_GB[contract])
     else:
         threshold = parse_threshold(threshold_gb, "threshold_gb")
+    if contract == "probe-once" and not fail_closed:
+        return _probe_once_or_raise(ids, threshold, node)
     if fail_closed:
         wait_for_residual(ids, threshold, timeout_s=timeout_s, poll_s=poll_s, node=node)
         return None
@@ -237,4 +252,20 @@ def wait_for_residual_or_proceed(
         "n/a" if last is None else f"{last:.2f}",
         threshold,
     )
+    return None
+
+
+def _probe_once_or_raise(ids: list[int | str], threshold: float, node: str | None) -> None:
+    """RLix's newer check: one probe; over the threshold raises, blind goes ahead (fail-open)."""
+    used, why = _measure(ids, node, PROBE_TIMEOUT_S)
+    if used is None:
+        log.warning("post-offload residual on GPUs %s cannot be measured (%s); fail-open: going ahead", ids, why)
+        return None
+    if used > threshold:
+        raise RuntimeError(
+            f"Post-offload whole-GPU residual {used:.2f} GiB exceeds threshold {threshold:.2f} GiB on overlap GPUs "
+            f"{ids}: the engines' memory is not released; waking the trainer now would OOM "
+            f"(${RLIX_THRESHOLD_ENV} sets the threshold)"
+        )
+    log.info("post-offload residual on GPUs %s: max %.2f GiB used <= %.1f GiB", ids, used, threshold)
     return None

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import fakenvml
 from fakenvml import Scenario
 from fakenvml.fake_http import stop_process
+from fakenvml.lifetime import with_alarm
 from fakenvml.prometheus import PrometheusServer, start_prometheus
 from fakenvml.sglang import FakeSglang
 from fakenvml.tree import Tree
@@ -208,6 +209,7 @@ class ExporterProcess:
         return stop_process(self.proc)
 
 
+EXPORTER_LIFETIME_S = 900  # an exporter a test started ends by itself after this, whatever its fixture does
 LISTENING = re.compile(r"listening on (https?://[^/\s]+)")
 
 
@@ -237,7 +239,8 @@ def start_exporter(
         "test-node",
         *args,
     ]
-    proc = subprocess.Popen(full, stdout=handle, stderr=subprocess.STDOUT, env=dict(env, PYTHONPATH=str(ROOT)))
+    environ = dict(env, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(with_alarm(full, EXPORTER_LIFETIME_S), stdout=handle, stderr=subprocess.STDOUT, env=environ)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = LISTENING.search(log_path.read_text())
@@ -503,6 +506,9 @@ def fake_sglang() -> Iterator:
         server.stop()
 
 
+PROMETHEUS_LIFETIME_S = 900  # a Prometheus a test started ends by itself after this
+
+
 @pytest.fixture
 def prometheus_factory(tmp_path) -> Iterator:
     binary = require_tool("prometheus")
@@ -511,7 +517,8 @@ def prometheus_factory(tmp_path) -> Iterator:
     def factory(targets: list[str], rule_files: list[Path] = (), interval: str = "1s", **mode) -> PrometheusServer:
         """`mode`: agent, remote_write, external_labels, receiver (fakenvml.prometheus.start_prometheus)."""
         workdir = tmp_path / f"prometheus-{len(started)}"
-        server = start_prometheus(binary, workdir, targets, rule_files, interval, **mode)
+        lifetime = PROMETHEUS_LIFETIME_S
+        server = start_prometheus(binary, workdir, targets, rule_files, interval, lifetime=lifetime, **mode)
         started.append(server)
         return server
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
-from conftest import ROOT, require_tool, start_exporter
+from conftest import PROMETHEUS_LIFETIME_S, ROOT, require_tool, start_exporter
 
 from exporter.exits import report_exit
 from exporter.registry import register_engine, set_engine_state
@@ -29,6 +29,7 @@ DASHBOARDS = ROOT / "dashboards"
 RULE_FILES = [DASHBOARDS / "rules.yaml", DASHBOARDS / "alerts.yaml"]
 NODE = "test-node"  # what start_exporter names both nodes
 # Per cluster: its cards (UUIDs and bus ids differ), GiB used on GPU 0 and 1, GiB its engine holds on GPU 0.
+LIFETIME = PROMETHEUS_LIFETIME_S  # Prometheus and Alertmanager end by themselves, whatever the fixture does
 CLUSTERS = {"a": ((0, 1), (10, 3), 8), "b": ((4, 5), (5, 1), 4)}  # b: nothing to alert on
 
 
@@ -58,10 +59,10 @@ def stack(tmp_path_factory, fake_nvml_dir) -> Iterator[Stack]:
         for receiver in routing["receivers"]:
             for hook in receiver["webhook_configs"]:
                 hook["url"] = webhook.url + "/" + receiver["name"]
-        manager = start_alertmanager(alertmanager, base / "alertmanager", yaml.safe_dump(routing))
+        manager = start_alertmanager(alertmanager, base / "alertmanager", yaml.safe_dump(routing), LIFETIME)
         stoppers.append(manager.stop)
         central = start_prometheus(
-            prometheus, base / "central", [], RULE_FILES, receiver=True, alertmanager=manager.url
+            prometheus, base / "central", [], RULE_FILES, receiver=True, alertmanager=manager.url, lifetime=LIFETIME
         )
         stoppers.append(central.stop)
         scenarios = {}
@@ -87,7 +88,7 @@ def stack(tmp_path_factory, fake_nvml_dir) -> Iterator[Stack]:
                 labels = {**agent["global"]["external_labels"], "cluster": cluster, "replica": replica}
                 server = start_prometheus(
                     prometheus, base / f"agent-{cluster}-{replica}", [exporter.url.removeprefix("http://")],
-                    agent=True, remote_write=central.url + "/api/v1/write", external_labels=labels,
+                    agent=True, remote_write=central.url + "/api/v1/write", external_labels=labels, lifetime=LIFETIME,
                 )  # fmt: skip
                 stoppers.append(server.stop)
         central.wait_for('count(count by (cluster, replica) (gpu_residency_engine_up{engine="rollout-0"})) == 3', 90)

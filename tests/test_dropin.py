@@ -290,6 +290,40 @@ def test_rlix_wait_fail_closed_blocks_and_raises_instead(smi, caplog):
     assert any("max 0.50 GiB used < 10.00 GiB" in m for m in messages(caplog, logging.INFO))
 
 
+def test_rlix_contracts_side_by_side_on_the_same_inputs(smi, caplog):
+    """PR #11 polls and proceeds; RLix's newer pipeline looks once and raises (default 7 GiB, exactly
+    at the threshold passes, blind is fail-open at once). One argument picks."""
+    caplog.set_level(logging.INFO, logger="gate.compat")
+    smi.set(["7168", "512"])  # exactly 7 GiB
+    assert wait_for_residual_or_proceed([0, 1], contract="probe-once") is None
+    smi.set(["10240", "512"])  # exactly 10 GiB: PR #11 clears (its default is 10), the newer one raises
+    assert wait_for_residual_or_proceed([0, 1], contract="poll") is None
+    with pytest.raises(RuntimeError, match=r"^Post-offload whole-GPU residual 10\.00 GiB exceeds threshold 7\.00 GiB"):
+        wait_for_residual_or_proceed([0, 1], contract="probe-once")
+    smi.set(["20480", "0"])
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"on overlap GPUs \[0, 1\]"):
+        wait_for_residual_or_proceed([0, 1], timeout_s=30, contract="probe-once")
+    assert time.monotonic() - started < 2, "one look, no polling"
+    assert len(smi.calls()) == 4, "one nvidia-smi run a look, four looks"
+    smi.set(rc=9)
+    started = time.monotonic()
+    assert wait_for_residual_or_proceed([0, 1], contract="probe-once") is None
+    assert time.monotonic() - started < 2, "blind: fail-open at once, no grace sleep"
+    assert any("fail-open" in m for m in messages(caplog, logging.WARNING))
+    with pytest.raises(GateConfigError, match="contract='newest' must be one of poll, probe-once"):
+        wait_for_residual_or_proceed([0], contract="newest")
+
+
+def test_rlix_probe_once_reads_its_threshold_as_rlix_does(smi, monkeypatch):
+    smi.set(["12288", "0"])
+    monkeypatch.setenv(NAME, "13")  # the smoke configuration's value
+    assert wait_for_residual_or_proceed([0], contract="probe-once") is None
+    monkeypatch.setenv(NAME, "abc")
+    with pytest.raises(RuntimeError, match=f"{NAME} must be a number, got: 'abc'"):
+        wait_for_residual_or_proceed([0], contract="probe-once")
+
+
 # ---------- miles: wait_server_healthy ----------
 
 

@@ -16,8 +16,7 @@ from conftest import ROOT
 import fakenvml
 from fakenvml import GIB, FakeGpu, Scenario
 from fakenvml.smi import install as install_smi
-from gate import GateConfigError, GateTimeout, GpuSample, ResidualGate, probe_max_used_gpu_mem_gb
-from gate.exporter_source import ExporterSource
+from gate import GateTimeout, GpuSample, ResidualGate, probe_max_used_gpu_mem_gb
 
 POD_CARDS = (6, 4, 7, 5)  # the device plugin's order is not the cards' bus order
 
@@ -115,11 +114,23 @@ def test_the_library_and_the_rlix_probe_judge_the_same_card(node, monkeypatch):
     on_prometheus = ResidualGate(2, source="prometheus", prometheus_url=prometheus.url)
     decision = on_prometheus.check([0], node="a pod's host name, not the node's")  # asked by UUID
     assert not decision.ok and decision.gpus[0].sample.uuid == FakeGpu(index=4).uuid
-    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "all")
-    monkeypatch.setenv("PATH", "/nonexistent")
-    assert probe_max_used_gpu_mem_gb([0]) is None, "cannot resolve: cannot measure, never host GPU 0"
-    with pytest.raises(GateConfigError, match="by UUID"):
-        ResidualGate(2, source=ExporterSource(exporter.url)).check([0])
+    # A process with no view of its GPUs (no NVML, no nvidia-smi, NVIDIA_VISIBLE_DEVICES=all): its own
+    # interpreter, since this one may have loaded an NVML for another test.
+    blind = dict(os.environ, NVIDIA_VISIBLE_DEVICES="all", PATH="/nonexistent", PYTHONPATH=str(ROOT))
+    blind.pop("LD_LIBRARY_PATH", None)
+    code = (
+        "from gate import probe_max_used_gpu_mem_gb, ResidualGate, GateConfigError\n"
+        "from gate.exporter_source import ExporterSource\n"
+        "print(probe_max_used_gpu_mem_gb([0]))\n"
+        "try:\n    ResidualGate(2, source=ExporterSource(__import__('sys').argv[1])).check([0])\n"
+        "except GateConfigError as exc:\n    print('refused:', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, exporter.url], capture_output=True, text=True, env=blind,
+                            cwd=ROOT, timeout=60, check=False)  # fmt: skip
+    probed, refused = result.stdout.splitlines()
+    assert probed == "None", "cannot resolve: cannot measure, never the exporter's GPU 0"
+    assert refused.startswith("refused:") and "by UUID" in refused, refused
+    assert "GPU 0 is an index" in result.stderr, "the probe warns why it cannot measure"
 
 
 # ---------- the clear streak ----------
@@ -223,7 +234,7 @@ def test_a_dead_replicas_stale_copy_never_clears_a_held_card(exporter_factory, p
 
 
 def test_nvml_and_nvidia_smi_sources_name_a_registered_engine_or_say_they_cannot_tell(
-    fake_nvml_dir, scenario, spawn_tree, tmp_path
+    fake_nvml_dir, scenario, spawn_tree, tmp_path, monkeypatch
 ):
     from exporter.registry import register_engine
 
@@ -234,12 +245,18 @@ def test_nvml_and_nvidia_smi_sources_name_a_registered_engine_or_say_they_cannot
     scenario.gpus[0].used = 6 * GIB
     scenario.write()
     env = dict(scenario.environ(fake_nvml_dir), PYTHONPATH=str(ROOT), GPU_RESIDENCY_REGISTRY=str(registry))
-    env["PATH"] = os.pathsep.join([str(install_smi(tmp_path / "bin").parent), env["PATH"]])
+    smi = install_smi(tmp_path / "bin", fake_nvml_dir / fakenvml.SONAME, scenario.path)  # runs without our env
+    env["PATH"] = os.pathsep.join([str(smi.parent), env["PATH"]])
     for source in ("nvml", "nvidia-smi"):
         held = gate_cli(env, "--source", source, "--gpus", "0", "--waiting-for", "rollout-0")
         expected = f"rollout-0 still holds 5.0 GiB on GPU 0 (pid {tree.leaves[0]} sglang::scheduler_TP0)"
         assert held.returncode == 1 and expected in held.stdout, (source, held.stdout, held.stderr)
         assert "engine rollout-0: 5.0 GiB" in held.stdout, "top holders name the engine, not an anonymous python"
+    # The library, in-process: the nvidia-smi source runs the same tool and reads the same registry.
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("GPU_RESIDENCY_REGISTRY", str(registry))
+    decision = ResidualGate(2, source="nvidia-smi").check([0], waiting_for="rollout-0")
+    assert expected in decision.explain(), decision.explain()
 
     scenario.gpus[0].errors = {"processes": fakenvml.NOT_SUPPORTED}  # the process lists cannot be read
     scenario.write()

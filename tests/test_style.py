@@ -14,5 +14,6 @@ def test_ruff(args):
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is a test dependency: pip install -e '.[test]'")
-    result = subprocess.run([ruff, *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    # --no-cache: the checkout may be read-only (a cache under it cannot be written).
+    result = subprocess.run([ruff, *args, "--no-cache"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

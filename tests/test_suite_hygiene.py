@@ -54,3 +54,22 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(setup_lines) == 2, "the README starts with exactly two set-up commands"
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3 ")]
     assert ci_lines == [setup_lines[1]], (ci_lines, setup_lines[1])
+
+
+def test_a_child_with_a_deadline_of_its_own_ends_by_itself_and_keeps_its_pid():
+    from fakenvml.lifetime import with_alarm, with_timeout
+
+    sleeper = [sys.executable, "-c", "import sys, time; print(flush=True); time.sleep(60)", "past-its-deadline"]
+    alarmed = subprocess.Popen(with_alarm(sleeper, 2), stdout=subprocess.PIPE)
+    wrapped = subprocess.Popen(with_timeout(sleeper, 2), stdout=subprocess.PIPE)
+    try:
+        alarmed.stdout.readline()  # the sleeper runs: under the PID the test started
+        assert b"past-its-deadline" in Path(f"/proc/{alarmed.pid}/cmdline").read_bytes()
+        started = time.monotonic()
+        assert alarmed.wait(timeout=30) == -14, "SIGALRM ended it"  # -signal.SIGALRM
+        assert wrapped.wait(timeout=30) == 124, "timeout(1) ended it"
+        assert time.monotonic() - started < 20
+    finally:
+        for proc in (alarmed, wrapped):
+            proc.kill()
+            proc.wait()

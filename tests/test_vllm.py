@@ -387,7 +387,7 @@ def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_re
 ):
     port = free_port()
     served = vllm_serve("Qwen/Qwen3-8B", "--port", str(port), "--tensor-parallel-size", "2", "--enable-sleep-mode")
-    name = f"vllm-{port}"
+    name = f"vllm-{port}-{served.pid}"  # discovered: kind, port and the launch process's PID
     _hold(scenario, served.workers, 20)
     exporter = _start(exporter_factory, scenario, tmp_path)
     m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine=name, state="active") == [1])
@@ -422,7 +422,7 @@ def test_a_vllm_engine_asleep_while_its_memory_stays_times_out_naming_its_proces
     """0.33.0 this time; its memory never goes (sleep mode off: /sleep frees nothing)."""
     port = free_port()
     served = vllm_serve("m", "--port", str(port), "--tensor-parallel-size", "2", "--fake-version", "0.33.0")
-    name = f"vllm-{port}"
+    name = f"vllm-{port}-{served.pid}"  # discovered: kind, port and the launch process's PID
     _hold(scenario, served.workers, 20)
     exporter = _start(exporter_factory, scenario, tmp_path, "--engines.release-timeout", "1")
     prometheus = prometheus_factory([exporter.url.removeprefix("http://")], rule_files=[RULES])
