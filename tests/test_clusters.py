@@ -125,11 +125,12 @@ def by_cluster(result: list, **labels: str) -> dict[str, float]:
 def test_every_recorded_series_keeps_the_clusters_apart_and_counts_an_ha_pair_once(stack):
     central = stack.central
     central.wait_for("count(count by (cluster) (node_kind:gpu_residency_holder_memory_bytes:sum)) == 2", 60)
+    # Per node: used minus engine memory (a: 10 + 3 - 8, b: 5 + 1 - 4 GiB), each cluster's own, once.
+    outside = {cluster: float(sum(used) - engine) * GIB for cluster, (_, used, engine) in CLUSTERS.items()}
     expected = {
-        name: {cluster: float(sum(used) - engine) * GIB for cluster, (_, used, engine) in CLUSTERS.items()}
-        for name in ("node:gpu_residency_residual_outside_engines_bytes:sum",)
+        "node:gpu_residency_residual_outside_engines_bytes:sum": outside,
+        "node:gpu_residency_engine_up:sum": {"a": 1.0, "b": 1.0},  # rollout-0 each; doomed is dead
     }
-    expected["node:gpu_residency_engine_up:sum"] = {"a": 1.0, "b": 1.0}  # rollout-0 alive; doomed dead
     for name, values in expected.items():
         deadline = time.monotonic() + 60
         while (seen := by_cluster(central.query(name), node=NODE)) != values and time.monotonic() < deadline:
