@@ -28,7 +28,11 @@ from gate.settings import (
 )
 
 EPILOG = f"""\
-GPUs are named by NVML index, UUID (GPU-...) or PCI bus id, comma-separated.
+GPUs are named by NVML index, UUID (GPU-...) or PCI bus id, comma-separated. An index is this
+process's own (a pod given the node's GPUs 4-7 calls them 0-3): for the exporter and Prometheus it
+is resolved to the card's UUID through $NVIDIA_VISIBLE_DEVICES, local NVML or `nvidia-smi -L`;
+where none of them answers, name GPUs by UUID. --clear-samples N holds the GPUs clear for N looks
+--poll seconds apart; a wait that cannot finish that streak before --timeout exits 1.
 The threshold comes from --threshold-gb, else ${THRESHOLD_ENV}, else ${LEGACY_THRESHOLD_ENV}, else 2.
 The source is --source, else ${SOURCE_ENV}, else auto: the exporter when its URL is given
 (--exporter-url or ${EXPORTER_ENV}), else prometheus when a URL is given (--prometheus-url or
