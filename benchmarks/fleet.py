@@ -56,7 +56,7 @@ LIVE_WARMUP = 330  # seconds of live scraping before rules are timed: every 5m w
 LIVE_MEASURE = 90  # seconds of rule evaluations timed (six at a 15 s interval)
 RELEASE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 # The fleet dashboard shows every node; the node dashboard one node (its variable takes one).
-VARIABLES = {"$node": ".*", "$gpu": ".*", "$engine": ".*", "$threshold_gib": "2", "$__rate_interval": "1m",
+VARIABLES = {"$cluster": ".*", "$node": ".*", "$gpu": ".*", "$engine": ".*", "$threshold_gib": "2", "$__rate_interval": "1m",
              "$kind": ".*", "$top": "10"}  # fmt: skip
 ONE_NODE = "gpu-node-0007"
 # The heaviest panels as the node dashboard drew them before the recording rules (issue 20's measurements).

@@ -59,13 +59,15 @@ def start_prometheus(
     remote_write: str | None = None,
     external_labels: dict[str, str] | None = None,
     receiver: bool = False,
+    alertmanager: str | None = None,
     lifetime: float | None = None,
 ) -> PrometheusServer:
     """A Prometheus scraping `targets` (none: it only receives). `agent`: agent mode (scrape and
     remote_write, no queries, no rules), as a cluster's collector in front of a central store;
     `remote_write`: the URL it sends everything to, with `external_labels`; `receiver`: it
-    accepts remote_write (--web.enable-remote-write-receiver), as a central store does; `lifetime`:
-    seconds after which it stops by itself (under timeout(1)), whatever its caller does."""
+    accepts remote_write (--web.enable-remote-write-receiver), as a central store does;
+    `alertmanager`: the URL its alerts go to; `lifetime`: seconds after which it stops by itself
+    (under timeout(1)), whatever its caller does."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
     lines = [f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n"]
@@ -74,6 +76,9 @@ def start_prometheus(
     if not agent:
         rules_yaml = "".join(f"\n  - '{p}'" for p in rule_files)
         lines.append(f"rule_files:{rules_yaml or ' []'}\n")
+    if alertmanager:
+        host = alertmanager.split("//")[-1]
+        lines.append(f"alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{host}']\n")
     if targets:
         targets_yaml = ", ".join(f"'{t}'" for t in targets)
         lines.append(

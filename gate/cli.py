@@ -19,6 +19,7 @@ from gate.settings import (
     EXPORTER_ENV,
     LEGACY_THRESHOLD_ENV,
     PROMETHEUS_ENV,
+    SELECTOR_ENV,
     SOURCE_ENV,
     SOURCES,
     THRESHOLD_ENV,
@@ -27,11 +28,17 @@ from gate.settings import (
 )
 
 EPILOG = f"""\
-GPUs are named by NVML index, UUID (GPU-...) or PCI bus id, comma-separated.
+GPUs are named by NVML index, UUID (GPU-...) or PCI bus id, comma-separated. An index is this
+process's own (a pod given the node's GPUs 4-7 calls them 0-3): for the exporter and Prometheus it
+is resolved to the card's UUID through $NVIDIA_VISIBLE_DEVICES, local NVML or `nvidia-smi -L`;
+where none of them answers, name GPUs by UUID. --clear-samples N holds the GPUs clear for N looks
+--poll seconds apart; a wait that cannot finish that streak before --timeout exits 1.
 The threshold comes from --threshold-gb, else ${THRESHOLD_ENV}, else ${LEGACY_THRESHOLD_ENV}, else 2.
 The source is --source, else ${SOURCE_ENV}, else auto: the exporter when its URL is given
 (--exporter-url or ${EXPORTER_ENV}), else prometheus when a URL is given (--prometheus-url or
-${PROMETHEUS_ENV}), else local NVML, else nvidia-smi.
+${PROMETHEUS_ENV}), else local NVML, else nvidia-smi. A Prometheus holding several clusters
+(a central store, a Thanos or Mimir Querier) is read through --prometheus-selector (or
+${SELECTOR_ENV}): label matchers such as cluster="a" added to every query.
 Exporter credentials: --exporter-user (or $GPU_RESIDENCY_EXPORTER_USER) with the password in
 $GPU_RESIDENCY_EXPORTER_PASSWORD or a file (--exporter-password-file,
 $GPU_RESIDENCY_EXPORTER_PASSWORD_FILE); https is verified against --exporter-ca-file
@@ -42,6 +49,8 @@ examples:
   gpu-residency-gate wait --gpus 0,1 --exporter-url http://$NODE_IP:9852 --timeout 120
   gpu-residency-gate wait --gpus GPU-5d1c...,3 --threshold-gb 2 --timeout 120 \\
       --source prometheus --prometheus-url http://prometheus:9090 --node $NODE_NAME
+  gpu-residency-gate check --gpus 0 --source prometheus --prometheus-url http://thanos-query:9090 \\
+      --prometheus-selector 'cluster="a"'
 
 exit status: 0 clear, 1 blocked or timed out, 2 bad arguments or configuration
 """
@@ -66,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--threshold-gb", type=float, help="GiB; a GPU is clear strictly under it")
         sub.add_argument("--source", choices=SOURCES, help="where to read (default auto)")
         sub.add_argument("--prometheus-url", help=f"Prometheus base URL (default ${PROMETHEUS_ENV})")
+        sub.add_argument(
+            "--prometheus-selector",
+            metavar="MATCHERS",
+            help=f"label matchers added to every Prometheus query, e.g. 'cluster=\"a\"' (default ${SELECTOR_ENV})",
+        )
         sub.add_argument(
             "--exporter-url", help=f"the node's exporter, e.g. http://10.0.0.7:9852 (default ${EXPORTER_ENV})"
         )
@@ -135,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         ("threshold_gb", args.threshold_gb),
         ("source", args.source),
         ("prometheus_url", args.prometheus_url),
+        ("prometheus_selector", args.prometheus_selector),
         ("max_age_s", args.max_age),
         ("exporter_url", args.exporter_url),
         ("poll_s", getattr(args, "poll", None)),

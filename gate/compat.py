@@ -27,6 +27,7 @@ from gate.settings import (
     DEFAULT_THRESHOLD_GB,
     EXPORTER_ENV,
     PROMETHEUS_ENV,
+    SELECTOR_ENV,
     SOURCE_ENV,
     GateConfigError,
     parse_threshold,
@@ -80,6 +81,7 @@ def _measure(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -
             os.environ.get(PROMETHEUS_ENV) or None,
             timeout_s,
             exporter_url=os.environ.get(EXPORTER_ENV) or None,
+            prometheus_selector=os.environ.get(SELECTOR_ENV) or None,
         )
     except GateConfigError as exc:
         # A source that could not start (no NVML, no nvidia-smi) is a fact of this host: the

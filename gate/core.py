@@ -32,7 +32,9 @@ from gate.settings import (
     MAX_AGE_ENV,
     PROMETHEUS_ENV,
     REGISTRY_ENV,
+    SELECTOR_ENV,
     SOURCE_ENV,
+    STREAK_SLACK_S,
     THRESHOLD_ENV,
     GateConfigError,
     default_node,
@@ -42,8 +44,6 @@ from gate.settings import (
 from gate.sources import Source, build_source
 from gate.verdicts import verdict
 from gpu_residency_common.files import ensure_dir, write_atomic
-
-STREAK_SLACK_S = 0.001  # a clear look poll_s after the last one counts even if the clock reads a hair less
 
 
 class ResidualGate:
@@ -62,24 +62,24 @@ class ResidualGate:
         fast_poll_s: float = DEFAULT_FAST_POLL_S,
         eager_s: float = DEFAULT_EAGER_S,
         near_gb: float = DEFAULT_NEAR_GB,
+        prometheus_selector: str | None = None,
     ) -> None:
         """`poll_s`: the longest a wait sleeps between looks (far from clearing); `fast_poll_s`: the
         shortest, used for `eager_s` seconds after the wait starts, while the max used is within
         `near_gb` of the threshold, and while it falls. A source's own floor (`poll_floor_s`:
-        0.5 s for nvidia-smi, 0.1 s for Prometheus) raises `fast_poll_s`."""
+        0.5 s for nvidia-smi, 0.1 s for Prometheus) raises `fast_poll_s`. `prometheus_selector`: see from_env."""
         self.threshold_bytes = int(parse_threshold(threshold_gb, "threshold_gb") * GIB)
-        if not max_age_s > 0:
-            raise GateConfigError(f"max_age_s={max_age_s!r} must be > 0")
         if isinstance(clear_samples, bool) or not isinstance(clear_samples, int) or clear_samples < 1:
             raise GateConfigError(f"clear_samples={clear_samples!r} must be an integer >= 1")
-        for name, value in (("poll_s", poll_s), ("fast_poll_s", fast_poll_s)):
+        for name, value in (("max_age_s", max_age_s), ("poll_s", poll_s), ("fast_poll_s", fast_poll_s)):
             if not value > 0:
                 raise GateConfigError(f"{name}={value!r} must be > 0")
         for name, value in (("eager_s", eager_s), ("near_gb", near_gb)):
             if not value >= 0:
                 raise GateConfigError(f"{name}={value!r} must be >= 0")
         if isinstance(source, str):
-            source = build_source(source, prometheus_url, exporter_url=exporter_url, exporter_options=exporter_options)
+            options = {"exporter_options": exporter_options, "prometheus_selector": prometheus_selector}
+            source = build_source(source, prometheus_url, exporter_url=exporter_url, **options)
         self.source = source
         self.max_age_s = max_age_s
         self.fail_open = fail_open
@@ -98,7 +98,8 @@ class ResidualGate:
 
         Threshold: $GPU_RESIDENCY_GATE_THRESHOLD_GB, else $MILES_MAX_RESIDUAL_GPU_MEM_GB, else 2.
         Source: $GPU_RESIDENCY_GATE_SOURCE, else auto: the exporter at $GPU_RESIDENCY_EXPORTER_URL,
-        else Prometheus at $GPU_RESIDENCY_PROMETHEUS_URL, else NVML, else nvidia-smi.
+        else Prometheus at $GPU_RESIDENCY_PROMETHEUS_URL, read through the label matchers (cluster="a")
+        in $GPU_RESIDENCY_PROMETHEUS_SELECTOR when it holds several clusters, else NVML, else nvidia-smi.
         """
         if "threshold_gb" not in overrides:
             for name in (THRESHOLD_ENV, LEGACY_THRESHOLD_ENV):
@@ -107,6 +108,7 @@ class ResidualGate:
                     break
         overrides.setdefault("source", os.environ.get(SOURCE_ENV) or "auto")
         overrides.setdefault("prometheus_url", os.environ.get(PROMETHEUS_ENV) or None)
+        overrides.setdefault("prometheus_selector", os.environ.get(SELECTOR_ENV) or None)
         overrides.setdefault("exporter_url", os.environ.get(EXPORTER_ENV) or None)
         overrides.setdefault("max_age_s", env_number(MAX_AGE_ENV, DEFAULT_MAX_AGE_S))
         overrides.setdefault("fail_open", os.environ.get(FAIL_OPEN_ENV, "").lower() in ("1", "true", "yes"))

@@ -7,6 +7,7 @@ import math
 import re
 
 from gate.readings import GpuSample, Holder, SourceError
+from gate.settings import SELECTOR_ENV, GateConfigError
 
 MIB = 1024**2
 
@@ -34,19 +35,44 @@ SERIES_LABELS = ("__name__", SAMPLE_TIME_LABEL, "engine", "pid", "comm", "holder
                  "container_id", "pod_uid", "kind")  # fmt: skip
 
 
-def build_query(node: str, uuids: list[str] = ()) -> str:
+# A label-matcher list and nothing else: name, operator, one quoted string (valid escapes only).
+_QUOTED = r'"(?:[^"\\\n]|\\[\\"\'nrt])*"|\'(?:[^\'\\\n]|\\[\\"\'nrt])*\''
+_MATCHER = rf"\s*(?!__name__\b)[a-zA-Z_][a-zA-Z0-9_]*\s*(?:=~|!~|!=|=)\s*(?:{_QUOTED})\s*"
+SELECTOR_PATTERN = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*,?\s*")
+# Labels a scrape adds to every series of a target (Prometheus, the Prometheus Operator): they tell
+# two exporters apart but say nothing a person would pick a cluster by.
+TARGET_LABELS = ("instance", "job", "namespace", "pod", "service", "endpoint", "container")
+
+
+def parse_selector(selector: str | None) -> str:
+    """The label matchers every query of this source adds, e.g. `cluster="a"`: a matcher list
+    only (no metric name, no braces), so nothing in it can reach outside the query's braces.
+    GateConfigError for anything else."""
+    text = (selector or "").strip()
+    if text and not SELECTOR_PATTERN.fullmatch(text):
+        raise GateConfigError(
+            f'prometheus selector {selector!r} must be label matchers such as cluster="a" or '
+            f'cluster="a", region=~"eu-.*" (quoted values, no braces, no __name__)'
+        )
+    return text.rstrip(", ")
+
+
+def asks_by_uuid(names: list[str]) -> bool:
+    """Every GPU is named by UUID: the query asks by UUID, unambiguous in any number of clusters."""
+    return bool(names) and all(UUID_PATTERN.match(name) for name in names)
+
+
+def build_query(node: str, uuids: list[str] = (), selector: str = "") -> str:
     """One instant query for a poll: used, engine, process and unattributed memory, and the time
     of each GPU's used sample (timestamp(), tagged so `or` keeps it beside the value). By UUID
     when every GPU asked for is named by one (a UUID names the card in every cluster, whatever
-    the node is called), else the node's GPUs.
+    the node is called), else the node's GPUs. `selector` (parse_selector's) narrows both.
 
     An instant query honours Prometheus' own staleness: once the exporter's target is down (or a
     series vanished), its series are absent rather than their last value."""
     names = "|".join(METRICS)
-    if uuids and all(UUID_PATTERN.match(uuid) for uuid in uuids):
-        selector = f'uuid=~"(?i){"|".join(uuids)}"'
-    else:
-        selector = f'node="{escape_label_value(node)}"'
+    match = f'uuid=~"(?i){"|".join(uuids)}"' if asks_by_uuid(uuids) else f'node="{escape_label_value(node)}"'
+    selector = f"{match},{selector}" if selector else match
     return (
         f'{{__name__=~"{names}",{selector}}} or label_replace(timestamp('
         f'gpu_residency_memory_used_bytes{{{selector}}}), "{SAMPLE_TIME_LABEL}", "sample_time", "", "")'
@@ -60,7 +86,7 @@ class PrometheusSource:
     remote = True  # the exporter's view of the node: asked by UUID
     poll_floor_s = 0.1  # its data changes once per scrape interval; faster looks only load Prometheus
 
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 5.0, selector: str | None = None) -> None:
         import urllib.parse  # here, not at the top: `import gate` stays fast where this source is unused
 
         parts = urllib.parse.urlsplit(url)
@@ -68,17 +94,20 @@ class PrometheusSource:
             raise SourceError(f"prometheus source: {url!r} is not an http(s) URL")
         self._endpoint = url.rstrip("/") + "/api/v1/query"
         self._timeout = timeout
+        self.selector = parse_selector(selector)
 
     def read(self, node: str) -> list[GpuSample]:
         return self.read_named(node, [])
 
     def read_named(self, node: str, names: list[str]) -> list[GpuSample]:
-        """The GPUs named (by UUID: asked by UUID), else the node's."""
+        """The GPUs named (by UUID: asked by UUID), else the node's: GateConfigError when that
+        node name answers for several machines (two clusters' gpu-node-1) rather than mix them."""
         import urllib.error
         import urllib.parse
         import urllib.request
 
-        body = urllib.parse.urlencode({"query": build_query(node, names)}).encode()
+        query = build_query(node, names, self.selector)
+        body = urllib.parse.urlencode({"query": query}).encode()
         request = urllib.request.Request(self._endpoint, data=body, method="POST")
         request.add_header("Content-Type", "application/x-www-form-urlencoded")
         try:
@@ -91,7 +120,16 @@ class PrometheusSource:
             raise SourceError(f"prometheus source: cannot reach {self._endpoint}: {reason}") from None
         except (ValueError, RecursionError):
             raise SourceError(f"prometheus source: {self._endpoint} did not answer JSON") from None
-        return samples_from_answer(payload)
+        samples = samples_from_answer(payload)
+        if not asks_by_uuid(names):
+            machines = machines_behind(payload["data"]["result"])
+            if len(machines) > 1:
+                raise GateConfigError(
+                    f"prometheus source: node {node!r} is {len(machines)} machines here ({'; '.join(machines)}): "
+                    f"give a label selector for one (--prometheus-selector or ${SELECTOR_ENV}, e.g. "
+                    f"{machines[0].split(', ')[0]}), or name the GPUs by UUID"
+                )
+        return samples
 
     @staticmethod
     def _samples(result: list) -> list[GpuSample]:
@@ -142,6 +180,26 @@ class PrometheusSource:
                     )
                 )
         return samples
+
+
+def machines_behind(result: list) -> list[str]:
+    """The machines a node's used series come from, each as the labels that tell it apart, e.g.
+    ['cluster="a"', 'cluster="b"']: labels the same on every copy of each card (unlike an HA pair's
+    `replica`, which differs between copies of one card) but not on every card. Target labels
+    (instance, ...) are named only when nothing else tells the machines apart."""
+    used = [s["metric"] for s in result if s["metric"].get("__name__") == "gpu_residency_memory_used_bytes"]
+    cards: dict[str, list[dict]] = {}
+    for labels in used:
+        cards.setdefault(labels.get("uuid", "").lower(), []).append(labels)
+    keys = {key for labels in used for key in labels} - {"__name__", "node", "gpu", "uuid", "pci_bus_id", "model"}
+    telling = sorted(
+        key
+        for key in keys
+        if len({labels.get(key, "") for labels in used}) > 1
+        and all(len({copy.get(key, "") for copy in copies}) == 1 for copies in cards.values())
+    )
+    named = [key for key in telling if key not in TARGET_LABELS] or telling
+    return sorted({", ".join(f'{key}="{labels.get(key, "")}"' for key in named) for labels in used}) if named else []
 
 
 def _reading_key(labels: dict) -> frozenset:

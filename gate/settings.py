@@ -8,6 +8,8 @@ THRESHOLD_ENV = "GPU_RESIDENCY_GATE_THRESHOLD_GB"
 LEGACY_THRESHOLD_ENV = "MILES_MAX_RESIDUAL_GPU_MEM_GB"  # honoured for drop-in use
 SOURCE_ENV = "GPU_RESIDENCY_GATE_SOURCE"
 PROMETHEUS_ENV = "GPU_RESIDENCY_PROMETHEUS_URL"
+# Label matchers every Prometheus query adds (cluster="a"): one cluster's series behind a global Querier.
+SELECTOR_ENV = "GPU_RESIDENCY_PROMETHEUS_SELECTOR"
 EXPORTER_ENV = "GPU_RESIDENCY_EXPORTER_URL"  # the node's exporter, for the exporter source
 MAX_AGE_ENV = "GPU_RESIDENCY_GATE_MAX_AGE_S"
 FAIL_OPEN_ENV = "GPU_RESIDENCY_GATE_FAIL_OPEN"
@@ -22,6 +24,7 @@ DEFAULT_FAST_POLL_S = 0.005
 DEFAULT_EAGER_S = 5.0
 DEFAULT_NEAR_GB = 2.0
 FALLING_BYTES = 256 * 1024**2
+STREAK_SLACK_S = 0.001  # a clear look poll_s after the last one counts even if the clock reads a hair less
 LONG_POLL_S = 5.0  # the longest one long poll of a wait lasts
 SOURCES = ("auto", "exporter", "nvml", "prometheus", "nvidia-smi")
 

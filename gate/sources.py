@@ -37,13 +37,19 @@ def build_source(
     timeout: float = 5.0,
     exporter_url: str | None = None,
     exporter_options: dict | None = None,
+    prometheus_selector: str | None = None,
 ) -> Source:
     """The named source; 'auto' is the exporter if its URL is set, else Prometheus if a URL is
     set, else NVML, else nvidia-smi.
 
     `timeout`: seconds one read may take (the query, the NVML calls, the nvidia-smi run).
     `exporter_options`: ExporterSource's keyword arguments (ca_file, username, password,
-    password_file). The NVML source is the process's shared one (NvmlSource.shared)."""
+    password_file). The NVML source is the process's shared one (NvmlSource.shared).
+    `prometheus_selector`: label matchers the Prometheus source adds to every query (cluster="a");
+    checked whichever source is built, used only by that one (the others read one node anyway)."""
+    from gate.prometheus_source import PrometheusSource, parse_selector
+
+    parse_selector(prometheus_selector)
     if kind not in SOURCES:
         raise GateConfigError(f"source {kind!r} must be one of {', '.join(SOURCES)}")
     if kind == "exporter" or (kind == "auto" and exporter_url):
@@ -58,10 +64,8 @@ def build_source(
     if kind == "prometheus" or (kind == "auto" and prometheus_url):
         if not prometheus_url:
             raise GateConfigError(f"the prometheus source needs a URL (--prometheus-url or ${PROMETHEUS_ENV})")
-        from gate.prometheus_source import PrometheusSource
-
         try:
-            return PrometheusSource(prometheus_url, timeout=timeout)
+            return PrometheusSource(prometheus_url, timeout=timeout, selector=prometheus_selector)
         except SourceError as exc:
             raise GateConfigError(str(exc)) from None
     from gate.nvml_source import NvmlSource

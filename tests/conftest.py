@@ -95,7 +95,8 @@ def require_tool(name: str) -> str:
     """Path of a system binary; skip without it, or fail when CI requires every tool."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not installed (Debian: apt-get install -y {'prometheus' if 'prom' in name else name})"
+        package = "prometheus" if name in ("prometheus", "promtool") else name
+        message = f"{name} not installed (Debian: apt-get install -y {package})"
         if REQUIRE_TOOLS:
             pytest.fail(message)
         pytest.skip(message)

@@ -35,8 +35,8 @@ CONTRACT_METRICS = {
 # Series from other exporters a panel joins with; those panels are tested where that series exists
 # (test_holders: the pod panel against a kube_pod_info target).
 EXTERNAL = ("kube_pod_info",)
-SAMPLE_VARIABLES = {"$node": ".*", "$gpu": ".*", "$engine": ".*", "$threshold_gib": "2", "$__rate_interval": "1m",
-                    "$top": "10"}  # fmt: skip
+SAMPLE_VARIABLES = {"$cluster": ".*", "$node": ".*", "$gpu": ".*", "$engine": ".*", "$threshold_gib": "2",
+                    "$__rate_interval": "1m", "$top": "10"}  # fmt: skip
 
 
 def dashboard_files() -> list[Path]:
@@ -131,7 +131,7 @@ def test_dashboard_variables_and_panels(tmp_path):
         for d in map(json.loads, map(Path.read_text, dashboard_files()))
     )
     names = [v["name"] for v in dashboard["templating"]["list"]]
-    assert names[:4] == ["datasource", "node", "gpu", "engine"]
+    assert names[:5] == ["datasource", "cluster", "node", "gpu", "engine"]
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
@@ -189,3 +189,36 @@ def test_the_fleet_dashboard_reads_recording_rules_and_links_to_nodes():
     titles = " | ".join(p["title"] for p in fleet["panels"]).lower()
     for topic in ("outside engines", "asleep still holding", "exits by cause", "release latency by engine"):
         assert topic in titles
+
+
+DEDUP = ("max without (replica) (", "max by (cluster, node) (", "max(")
+
+
+def test_both_dashboards_read_the_chosen_cluster_and_the_fleet_names_it_everywhere():
+    """Node names repeat across clusters (issue 27): the node dashboard shows one node of one
+    cluster, the fleet the chosen clusters (several at once), each legend saying which, each link
+    to a node carrying its cluster."""
+    node, fleet = (
+        json.loads((DASHBOARDS / name).read_text()) for name in ("gpu-residency.json", "gpu-residency-fleet.json")
+    )
+    for board, many in ((node, False), (fleet, True)):
+        cluster = next(v for v in board["templating"]["list"] if v["name"] == "cluster")
+        assert (cluster["multi"], cluster["includeAll"]) == (many, many), board["title"]
+        assert board["links"][0]["includeVars"], "the link to the other dashboard carries the cluster"
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                # Every series the panel reads is selected by cluster (kube_pod_info is joined by pod UID).
+                expr = target["expr"]
+                for found in re.finditer(r"\b(gpu_residency_\w+|[a-z_]+:[a-z_:0-9]+)(\{[^}]*\})?", expr):
+                    assert 'cluster=~"$cluster"' in (found.group(2) or ""), (panel["title"], expr)
+                    # A raw series counts an HA pair once, as the rules do (recorded ones are already deduplicated).
+                    before = re.sub(r"(increase|rate)\($", "", expr[: found.start()]).rstrip()
+                    raw = found.group(1).startswith("gpu_residency_")
+                    assert not raw or before.endswith(DEDUP), (panel["title"], expr)
+                if board is fleet:
+                    assert "{{cluster}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
+            for link in panel["fieldConfig"]["defaults"].get("links", []):
+                assert "var-cluster=${__field.labels.cluster}" in link["url"], panel["title"]
+    for variable in node["templating"]["list"][2:]:
+        if variable["type"] == "query":
+            assert 'cluster=~"$cluster"' in variable["query"], variable["name"]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, kill_with_descendants
 
 import fakenvml
 from fakenvml import GIB, FakeGpu, Scenario
@@ -201,8 +201,7 @@ def test_a_dead_replicas_stale_copy_never_clears_a_held_card(exporter_factory, p
     gate = ResidualGate(2, source="prometheus", prometheus_url=central.url, max_age_s=60)
     assert gate.check([uuid]).ok, "two fresh copies that agree"
 
-    agents["r2"].proc.kill()
-    agents["r2"].proc.wait(timeout=10)
+    kill_with_descendants(agents["r2"].proc)  # Prometheus itself, not only the timeout(1) that bounds its life
     scenario.gpus[0].used = 40 * GIB
     scenario.write()
     central.wait_for(f'gpu_residency_memory_used_bytes{{uuid="{uuid}",replica="r1"}} > {30 * GIB}', timeout=60)

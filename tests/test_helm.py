@@ -496,3 +496,18 @@ def test_registry_mode_is_an_octal_mode():
     for bad in ("777 ", "rwx", "99999", "u+w"):
         with pytest.raises(helm.HelmValuesError, match="/registry/mode"):
             chart.validate_schema({"registry": {"mode": bad}})
+
+
+def test_notes_and_values_show_alert_routing_by_cluster_as_the_readme_does():
+    """Many clusters share one Alertmanager (issue 27): the chart shows the README's route by cluster,
+    the one tests/test_clusters.py delivers an alert through."""
+    chart = helm.Chart.load(CHART)
+    notes = chart.render({"prometheusRule": {"enabled": True}}, name="gpu", namespace="monitoring")[
+        "gpu-residency/templates/NOTES.txt"
+    ]
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    route = yaml.safe_load(next(b for b in blocks if "alertmanager.yml" in b))["route"]
+    values = (ROOT / "helm" / "gpu-residency" / "values.yaml").read_text()
+    for text in (notes, values):
+        assert f"group_by: [{', '.join(route['group_by'])}]" in text
+        assert f"- matchers: ['{route['routes'][0]['matchers'][0]}']" in text

@@ -32,12 +32,15 @@ def test_a_process_that_outlives_the_session_fails_the_run_and_is_named(tmp_path
     assert "1 passed" in result.stdout, "the test itself passed: the leftover alone fails the run"
     assert "outlived the session" in result.stdout and "leaked-by-a-test" in result.stdout, result.stdout
     assert time.monotonic() - started < 50, "the leftover was killed, not waited out"
-    survivors = [
-        pid
-        for pid in os.listdir("/proc")
-        if pid.isdigit() and b"leaked-by-a-test" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
-    assert survivors == [], "the check kills what it names"
+    assert [pid for pid in os.listdir("/proc") if b"leaked-by-a-test" in _cmdline(pid)] == [], "it kills what it names"
+
+
+def _cmdline(pid: str) -> bytes:
+    """A process's command line; empty when it is not a process or left before it was read."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes() if pid.isdigit() else b""
+    except OSError:
+        return b""
 
 
 def test_every_process_started_here_carries_the_session_mark():
