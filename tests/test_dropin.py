@@ -455,6 +455,44 @@ def test_death_during_health_generate_check_as_miles_main_and_pr_572_call(engine
             _assert_killed_during(text, "health_generate check", url)
 
 
+class NemoRlSGLangGenerationWorker:
+    """NeMo-RL 7ea279ab's shape: `_wait_server_healthy` is a method taking `process_alive_fn`; the
+    one-line swap makes it ours."""
+
+    from exporter.exits import wait_server_healthy
+
+    _wait_server_healthy = staticmethod(wait_server_healthy)
+    del wait_server_healthy
+
+    def launch(self, url: str, process) -> None:
+        self._wait_server_healthy(base_url=url, api_key="k", process_alive_fn=lambda: process.is_alive())
+
+
+def test_slime_and_nemo_rl_call_shapes_on_miles_cases(engines):
+    """slime 624b824a calls `_wait_server_healthy(base_url=, api_key=, is_process_alive=)` (miles'
+    main shape, a module function); NeMo-RL calls its method with `process_alive_fn=`. Healthy: both
+    phases, the key as a Bearer token; a death while waiting: miles' error, at once."""
+    from exporter.exits import wait_server_healthy as slime_wait_server_healthy
+
+    process, url = spawn_engine()
+    engines.append(process)
+    slime_wait_server_healthy(base_url=url, api_key="k", is_process_alive=lambda: process.is_alive())
+    NemoRlSGLangGenerationWorker().launch(url, process)
+    assert [path for path, _ in seen(url)] == ["/health_generate", "/flush_cache"] * 2
+    assert {auth for _, auth in seen(url)} == {"Bearer k"}
+    for call in (
+        lambda url, p: slime_wait_server_healthy(base_url=url, api_key="k", is_process_alive=lambda: p.is_alive()),
+        lambda url, p: NemoRlSGLangGenerationWorker().launch(url, p),
+    ):
+        dying, dying_url = spawn_engine(health_after=3600)
+        engines.append(dying)
+        threading.Timer(1.0, dying.kill).start()
+        with pytest.raises(RuntimeError, match=r"^Server process terminated unexpectedly during health_generate"):
+            call(dying_url, dying)
+    with pytest.raises(TypeError, match="not both"):
+        slime_wait_server_healthy(url, is_process_alive=lambda: True, process_alive_fn=lambda: True)
+
+
 def test_an_unwritable_registry_never_replaces_the_real_error(tmp_path, caplog):
     from exporter.exits import EngineExitedError, wait_server_healthy
 

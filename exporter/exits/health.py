@@ -71,6 +71,7 @@ def wait_server_healthy(
     *,
     api_key: str | None = None,
     is_process_alive: Callable[[], bool] | None = None,
+    process_alive_fn: Callable[[], bool] | None = None,
     timeout: float | None = None,
     engine: str | None = None,
     directory: str | os.PathLike | None = None,
@@ -80,9 +81,11 @@ def wait_server_healthy(
     """Wait until the SGLang server at `base_url` answers 200 on /health_generate, then on
     /flush_cache, as miles does before using an engine; return the seconds it took.
 
-    Takes what miles passes: `process` (a multiprocessing.Process, a subprocess.Popen, or
-    None for an external engine), `is_process_alive` (a callable; it wins over `process`,
-    whose exit code is still reported), `api_key` (sent as a Bearer token). No overall
+    Takes what miles and slime pass: `process` (a multiprocessing.Process, a subprocess.Popen,
+    or None for an external engine), `is_process_alive` (a callable; it wins over `process`,
+    whose exit code is still reported), `api_key` (sent as a Bearer token); NeMo-RL's name for
+    the callable, `process_alive_fn`, is the same argument (its method form is
+    `_wait_server_healthy = staticmethod(wait_server_healthy)` in the class body). No overall
     timeout unless `timeout` is given (model loads are slow); then TimeoutError.
 
     If the process dies first, raise EngineExitedError (a RuntimeError) at once: "Server
@@ -94,8 +97,10 @@ def wait_server_healthy(
     """
     if isinstance(process, str):
         raise TypeError("process must be a multiprocessing.Process, a subprocess.Popen or None; pass api_key= by name")
-    if is_process_alive is not None:
-        alive = is_process_alive
+    if is_process_alive is not None and process_alive_fn is not None:
+        raise TypeError("pass is_process_alive (miles, slime) or process_alive_fn (NeMo-RL), not both")
+    if (is_process_alive or process_alive_fn) is not None:
+        alive = is_process_alive or process_alive_fn
     elif process is not None:
 
         def alive() -> bool:
