@@ -27,7 +27,6 @@ from gate.settings import (
     DEFAULT_THRESHOLD_GB,
     EXPORTER_ENV,
     FAIL_OPEN_ENV,
-    LEGACY_THRESHOLD_ENV,
     LONG_POLL_S,
     MAX_AGE_ENV,
     PROMETHEUS_ENV,
@@ -35,11 +34,11 @@ from gate.settings import (
     SELECTOR_ENV,
     SOURCE_ENV,
     STREAK_SLACK_S,
-    THRESHOLD_ENV,
     GateConfigError,
     default_node,
     env_number,
     parse_threshold,
+    threshold_from_env,
 )
 from gate.sources import Source, build_source
 from gate.verdicts import verdict
@@ -101,11 +100,8 @@ class ResidualGate:
         else Prometheus at $GPU_RESIDENCY_PROMETHEUS_URL, read through the label matchers (cluster="a")
         in $GPU_RESIDENCY_PROMETHEUS_SELECTOR when it holds several clusters, else NVML, else nvidia-smi.
         """
-        if "threshold_gb" not in overrides:
-            for name in (THRESHOLD_ENV, LEGACY_THRESHOLD_ENV):
-                if os.environ.get(name, "") != "":
-                    overrides["threshold_gb"] = parse_threshold(os.environ[name], name)
-                    break
+        if "threshold_gb" not in overrides and (from_env := threshold_from_env()) is not None:
+            overrides["threshold_gb"] = from_env
         overrides.setdefault("source", os.environ.get(SOURCE_ENV) or "auto")
         overrides.setdefault("prometheus_url", os.environ.get(PROMETHEUS_ENV) or None)
         overrides.setdefault("prometheus_selector", os.environ.get(SELECTOR_ENV) or None)

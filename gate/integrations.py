@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from gate.compat import wait_for_residual
-from gate.settings import DEFAULT_THRESHOLD_GB, LEGACY_THRESHOLD_ENV, THRESHOLD_ENV, parse_threshold
+from gate.settings import DEFAULT_THRESHOLD_GB, parse_threshold, threshold_from_env
 
 DEFAULT_TIMEOUT_S = 120.0
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,10 +50,8 @@ def this_process_gpus() -> list[str]:
 def _threshold(threshold_gb: float | None) -> float:
     if threshold_gb is not None:
         return parse_threshold(threshold_gb, "threshold_gb")
-    for name in (THRESHOLD_ENV, LEGACY_THRESHOLD_ENV):
-        if os.environ.get(name, "") != "":
-            return parse_threshold(os.environ[name], name)
-    return DEFAULT_THRESHOLD_GB
+    from_env = threshold_from_env()
+    return DEFAULT_THRESHOLD_GB if from_env is None else from_env
 
 
 def wait_before_wake(

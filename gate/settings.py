@@ -61,3 +61,12 @@ def env_number(name: str, default: float, minimum: float = 0.0) -> float:
 
 def default_node() -> str:
     return os.environ.get("NODE_NAME") or os.uname().nodename  # = gethostname(), without importing socket
+
+
+def threshold_from_env() -> float | None:
+    """GiB from $GPU_RESIDENCY_GATE_THRESHOLD_GB, else $MILES_MAX_RESIDUAL_GPU_MEM_GB (drop-in use),
+    parsed as RLix does; None when neither is set."""
+    for name in (THRESHOLD_ENV, LEGACY_THRESHOLD_ENV):
+        if os.environ.get(name, "") != "":
+            return parse_threshold(os.environ[name], name)
+    return None
