@@ -5,15 +5,12 @@ on /metrics), hostile ones included."""
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import requests
-from conftest import ROOT, one, polled, scrape_families, scrape_until, values, visible_devices
+from conftest import ROOT, gate_waiting_for, one, polled, scrape_families, scrape_until, values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening import hostile_text
@@ -441,12 +438,7 @@ def test_a_vllm_engine_asleep_while_its_memory_stays_times_out_naming_its_proces
     # The release-timeout alert fires on the engine's first timeout, on a real Prometheus.
     prometheus.wait_for(f'ALERTS{{alertname="GpuEngineReleaseTimedOut",engine="{name}",alertstate="firing"}}')
     # The gate, waiting for that engine's release, names its processes.
-    gate = subprocess.run(
-        [sys.executable, "-m", "gate", "check", "--gpus", "0,1", "--source", "prometheus", "--prometheus-url",
-         prometheus.url, "--node", "test-node", "--threshold-gb", "2", "--waiting-for", name],
-        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
-        env=dict(os.environ, NVIDIA_VISIBLE_DEVICES=visible_devices(scenario)),
-    )  # fmt: skip
+    gate = gate_waiting_for(prometheus.url, scenario, name, "0,1", "2")
     assert gate.returncode == 1, gate.stdout + gate.stderr
     w0, w1 = served.workers
     assert (

@@ -37,7 +37,7 @@ class GpuResiduals:
 @dataclass
 class EngineCycles:
     count: int = 0  # releases that completed (cycles), over the exporter's restarts
-    last_time: float = 0.0  # wall-clock time of the latest
+    since: float = 0.0  # when the latest counted release began (its sleep's mark): a release is counted once
     gpus: dict[str, GpuResiduals] = field(default_factory=dict)  # uuid -> residuals
 
 
@@ -48,9 +48,9 @@ def encode(history: History, limit: int = MAX_STATE_BYTES) -> str:
     """The history as JSON of at most `limit` bytes; the engines whose last release is oldest give way first."""
     rows: list[str] = []
     room = limit - len(_dump({"version": VERSION, "engines": []}))
-    for name, cycles in sorted(history.items(), key=lambda item: -item[1].last_time):
+    for name, cycles in sorted(history.items(), key=lambda item: -item[1].since):
         gpus = [[uuid, g.index, [list(p) for p in g.points]] for uuid, g in sorted(cycles.gpus.items())]
-        row = _dump([name, cycles.count, cycles.last_time, gpus])
+        row = _dump([name, cycles.count, cycles.since, gpus])
         if len(row) + 1 > room:
             continue  # this one does not fit; a smaller, older one may
         room -= len(row) + 1
@@ -68,10 +68,10 @@ def decode(data: object, window: int) -> History:
     if data["version"] != VERSION:
         raise ValueError(f"version {data['version']!r}")
     history: History = {}
-    for name, count, last_time, gpus in data["engines"]:
-        if not isinstance(name, str) or not math.isfinite(float(last_time)):
+    for name, count, since, gpus in data["engines"]:
+        if not isinstance(name, str) or not math.isfinite(float(since)):
             raise ValueError("bad engine row")
-        engine = EngineCycles(int(count), float(last_time))
+        engine = EngineCycles(int(count), float(since))
         for uuid, index, points in gpus:
             kept = [(int(cycle), int(used)) for cycle, used in points][-window:]
             engine.gpus[str(uuid)] = GpuResiduals(int(index), kept)

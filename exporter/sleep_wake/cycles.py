@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -61,16 +60,19 @@ class CycleHistory:
         self._history = cycle_state.load(state_dir, window, errors)
         self._lock = threading.Lock()
 
-    def record(self, engine: str, held: dict[str, int], snapshot: Snapshot) -> None:
-        """One release of `engine` completed, leaving `held` (GPU uuid -> bytes of its tree)."""
+    def record(self, engine: str, held: dict[str, int], snapshot: Snapshot, since: float) -> None:
+        """A release of `engine`, asleep since `since`, completed leaving `held` (GPU uuid -> bytes of its
+        tree). One already counted (an exporter restarted just after it times it again) is not counted twice."""
         index = {usage.gpu.uuid: usage.gpu.index for usage in snapshot.engine_usage}
         with self._lock:
             cycles = self._history.get(engine)
             if cycles is None:
                 cycles = self._history[engine] = EngineCycles()
                 self._evict()
+            elif since <= cycles.since:
+                return
             cycles.count += 1
-            cycles.last_time = snapshot.taken_at or time.time()
+            cycles.since = since
             for uuid, used in held.items():
                 gpu = cycles.gpus.setdefault(uuid, GpuResiduals(index.get(uuid, -1)))
                 gpu.index = index.get(uuid, gpu.index)
@@ -79,7 +81,7 @@ class CycleHistory:
 
     def _evict(self) -> None:
         while len(self._history) > MAX_ENGINES:
-            oldest = min(self._history, key=lambda name: self._history[name].last_time)
+            oldest = min(self._history, key=lambda name: self._history[name].since)
             del self._history[oldest]
 
     def _save(self) -> None:

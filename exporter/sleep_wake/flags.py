@@ -93,7 +93,7 @@ def _floor_bytes(args: argparse.Namespace) -> int:
 def build_transitions(
     args: argparse.Namespace,
     observers: Iterable[StateObserver],
-    on_release: Callable[[str, dict[str, int], Snapshot], None] | None = None,
+    on_release: Callable[[str, dict[str, int], Snapshot, float], None] | None = None,
 ) -> TransitionTracker:
     """The tracker of releases and wakes, over the states the framework sets and `observers` report;
     `on_release` is told what each completed release left behind."""

@@ -79,10 +79,11 @@ class TransitionTracker:
         release_limit: float,
         wake_limit: float,
         states: EngineStates | None = None,
-        on_release: Callable[[str, dict[str, int], Snapshot], None] | None = None,
+        on_release: Callable[[str, dict[str, int], Snapshot, float], None] | None = None,
     ) -> None:
         """`states`: where each engine's state comes from (default: the framework's mark only);
-        `on_release(engine, held, snapshot)`: told what each completed release left (the cycle history)."""
+        `on_release(engine, held, snapshot, since)`: told what each completed release (asleep since
+        `since`) left behind: the cycle history."""
         self._node = node
         self._floor = floor_bytes
         self._limits = {"release": release_limit, "wake": wake_limit}
@@ -187,7 +188,7 @@ class TransitionTracker:
             self._histograms[transition.kind].setdefault(name, _Histogram()).observe(elapsed)
             del self._open[name]
             if transition.kind == "release" and self._on_release is not None:
-                self._on_release(name, held, snapshot)
+                self._on_release(name, held, snapshot, transition.since)
         elif elapsed > self._limits[transition.kind]:
             counts = self._timeouts[transition.kind]
             counts[name] = counts.get(name, 0) + 1
