@@ -122,6 +122,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
             max_waiters=args.api_max_waiters,
             max_wait=args.api_max_wait,
             interval=args.api_wait_interval,
+            growth=cycles.growth,
         ).routes()
     )
     if "sleep_wake" not in disabled:

@@ -122,12 +122,13 @@ def visible_devices(scenario: Scenario) -> str:
     return ",".join(gpu.uuid for gpu in scenario.gpus)
 
 
-def gate_waiting_for(prometheus_url: str, scenario: Scenario, engine: str, gpus: str, threshold_gb: str):
-    """`gpu-residency-gate check` against a real Prometheus, waiting for `engine`'s release, numbering
-    GPUs as a pod given every GPU of `scenario` does; the finished process (stdout holds the explanation)."""
+def gate_waiting_for(scenario: Scenario, engine: str, gpus: str, threshold_gb: str, *source: str):
+    """`gpu-residency-gate check` waiting for `engine`'s release, from `source` (e.g. "--source",
+    "prometheus", "--prometheus-url", URL), numbering GPUs as a pod given every GPU of `scenario`
+    does; the finished process (stdout holds the explanation)."""
     return subprocess.run(
-        [sys.executable, "-m", "gate", "check", "--gpus", gpus, "--source", "prometheus", "--prometheus-url",
-         prometheus_url, "--node", "test-node", "--threshold-gb", threshold_gb, "--waiting-for", engine],
+        [sys.executable, "-m", "gate", "check", "--gpus", gpus, *source, "--node", "test-node", "--threshold-gb",
+         threshold_gb, "--waiting-for", engine],
         capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
         env=dict(os.environ, NVIDIA_VISIBLE_DEVICES=visible_devices(scenario)),
     )  # fmt: skip

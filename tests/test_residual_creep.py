@@ -94,11 +94,15 @@ def test_a_creeping_engine_alerts_before_the_floor_a_jittering_trainer_never_and
     # The jittering trainer never fired, not even once, at any cycle.
     assert not prometheus.query(f"count_over_time({ALERT.format(STEADY)}[10m])")
 
-    # The gate, waiting for the creeping engine's release, says it creeps.
-    gate = gate_waiting_for(prometheus.url, scenario, CREEP, "0", "1")
-    assert gate.returncode == 1, gate.stdout + gate.stderr
-    assert f"{CREEP} still holds 1.8 GiB on GPU 0 (pid {trees[CREEP].leaves[0]} sglang::scheduler_TP0) (creeping: " \
-        "each release leaves 120 MiB more)" in gate.stdout, gate.stdout  # fmt: skip
+    # The gate, waiting for the creeping engine's release, says it creeps: from Prometheus, and from the
+    # exporter's own API.
+    creeps = (
+        f"{CREEP} still holds 1.8 GiB on GPU 0 (pid {trees[CREEP].leaves[0]} sglang::scheduler_TP0) (creeping: "
+        "each release leaves 120 MiB more)"
+    )
+    for source in (("--prometheus-url", prometheus.url), ("--exporter-url", exporter.url)):
+        gate = gate_waiting_for(scenario, CREEP, "0", "1", *source)
+        assert gate.returncode == 1 and creeps in gate.stdout, gate.stdout + gate.stderr
 
     # A restart keeps the history: the count goes on, the window spans the restart.
     exporter.stop()

@@ -438,7 +438,7 @@ def test_a_vllm_engine_asleep_while_its_memory_stays_times_out_naming_its_proces
     # The release-timeout alert fires on the engine's first timeout, on a real Prometheus.
     prometheus.wait_for(f'ALERTS{{alertname="GpuEngineReleaseTimedOut",engine="{name}",alertstate="firing"}}')
     # The gate, waiting for that engine's release, names its processes.
-    gate = gate_waiting_for(prometheus.url, scenario, name, "0,1", "2")
+    gate = gate_waiting_for(scenario, name, "0,1", "2", "--source", "prometheus", "--prometheus-url", prometheus.url)
     assert gate.returncode == 1, gate.stdout + gate.stderr
     w0, w1 = served.workers
     assert (

@@ -96,6 +96,14 @@ class CycleHistory:
             )
             self._state_dir = None  # said once; the history goes on in memory
 
+    def growth(self, engine: str, uuid: str) -> float | None:
+        """The engine's growth per cycle on that GPU, as published; None until N cycles are in."""
+        with self._lock:
+            cycles = self._history.get(engine)
+            gpu = cycles.gpus.get(uuid) if cycles else None
+            current = gpu is not None and len(gpu.points) >= self._window and gpu.points[-1][0] == cycles.count
+            return growth_per_cycle(gpu.points) if current else None
+
     def families(self, snapshot: Snapshot) -> Iterable[Metric]:
         node = self._node
         known = {engine.name for engine in snapshot.engines}
@@ -125,8 +133,9 @@ class CycleHistory:
                     continue  # its tree held nothing there at the latest release: no residual to trend
                 labels = [node, name, str(gpu.index), uuid]
                 residual.add_metric(labels, gpu.points[-1][1])
-                if len(gpu.points) >= self._window:
-                    growth.add_metric(labels, growth_per_cycle(gpu.points))
+                trend = self.growth(name, uuid)
+                if trend is not None:
+                    growth.add_metric(labels, trend)
         floor = GaugeMetricFamily(
             "gpu_residency_engine_release_floor_bytes",
             "The release floor (--engines.release-floor-gb): an asleep engine counts as released under it.",
