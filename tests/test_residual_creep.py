@@ -13,9 +13,10 @@ import pytest
 import requests
 from conftest import ROOT, gate_waiting_for, one, scrape_until, values
 
+from exporter.errors import ErrorCounter
 from exporter.registry import register_engine, set_engine_state
 from exporter.sleep_wake.cycle_state import decode, encode
-from exporter.sleep_wake.cycles import growth_per_cycle
+from exporter.sleep_wake.cycles import CycleHistory, growth_per_cycle
 from fakenvml import GIB
 
 MIB = 1024**2
@@ -147,22 +148,40 @@ def test_the_state_file_keeps_the_newest_engines_within_its_limit():
     assert kept["e49"].gpus["GPU-a"].points == [(c, c * MIB) for c in range(5, 10)]  # the last `window`
 
 
+def _released(engine: str, used: int):
+    """A snapshot in which `engine` holds `used` bytes on GPU 0 (GPU-a): what a release completes on."""
+    from exporter.snapshot.attribution import EngineUsage, Snapshot
+    from exporter.sources.nvml import GpuReading, NvmlReading
+
+    gpu = GpuReading(0, "GPU-a", "00000000:18:00.0", "fake", used, 80 * GIB, 0, ())
+    return Snapshot(NvmlReading(True, (gpu,)), (), (), (EngineUsage(engine, gpu, used),), ())
+
+
 def test_a_release_timed_again_after_a_restart_is_one_cycle(tmp_path):
     """An exporter restarted within moments of a release times it again (a state change just before
     start-up counts as seen): the history, read back, knows that sleep was counted."""
-    from exporter.errors import ErrorCounter
-    from exporter.sleep_wake.cycles import CycleHistory
-    from exporter.snapshot.attribution import Snapshot
-    from exporter.sources.nvml import NvmlReading
-
-    snapshot = Snapshot(NvmlReading(True, ()), (), (), (), ())
     first = CycleHistory("n", 2 * GIB, 5, tmp_path, ErrorCounter())
-    first.record("e", {"GPU-a": START}, snapshot, since=100.0)
-    first.record("e", {"GPU-a": START}, snapshot, since=100.0)
+    first.record("e", {"GPU-a": START}, _released("e", START), since=100.0)
+    first.record("e", {"GPU-a": START}, _released("e", START), since=100.0)
     again = CycleHistory("n", 2 * GIB, 5, tmp_path, ErrorCounter())
-    again.record("e", {"GPU-a": START}, snapshot, since=100.0)
-    again.record("e", {"GPU-a": START + STEP}, snapshot, since=200.0)
+    again.record("e", {"GPU-a": START}, _released("e", START), since=100.0)
+    again.record("e", {"GPU-a": START + STEP}, _released("e", START + STEP), since=200.0)
     assert decode(json.loads((tmp_path / "cycles.json").read_text()), 5)["e"].count == 2
+
+
+def test_the_history_keeps_the_newest_engines_and_a_bad_file_costs_only_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr("exporter.sleep_wake.cycles.MAX_ENGINES", 3)
+    history = CycleHistory("n", 2 * GIB, 5, tmp_path, ErrorCounter())
+    for n in range(5):
+        history.record(f"e{n}", {"GPU-a": START}, _released(f"e{n}", START), since=float(n))
+    assert set(decode(json.loads((tmp_path / "cycles.json").read_text()), 5)) == {"e2", "e3", "e4"}
+
+    (tmp_path / "cycles.json").write_text('{"version": 1, "engines": [["e", "many"]]}')
+    errors = ErrorCounter()
+    fresh = CycleHistory("n", 2 * GIB, 5, tmp_path, errors)
+    assert errors.snapshot() == {("cycles_state", "malformed"): 1}
+    fresh.record("e", {"GPU-a": START}, _released("e", START), since=1.0)  # starts again, and saves
+    assert decode(json.loads((tmp_path / "cycles.json").read_text()), 5)["e"].count == 1
 
 
 def test_the_gate_calls_creeping_what_the_alert_does():

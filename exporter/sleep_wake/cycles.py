@@ -66,17 +66,17 @@ class CycleHistory:
         index = {usage.gpu.uuid: usage.gpu.index for usage in snapshot.engine_usage}
         with self._lock:
             cycles = self._history.get(engine)
+            if cycles is not None and since <= cycles.since:
+                return
             if cycles is None:
                 cycles = self._history[engine] = EngineCycles()
-                self._evict()
-            elif since <= cycles.since:
-                return
             cycles.count += 1
             cycles.since = since
-            for uuid, used in held.items():
-                gpu = cycles.gpus.setdefault(uuid, GpuResiduals(index.get(uuid, -1)))
-                gpu.index = index.get(uuid, gpu.index)
+            for uuid, used in held.items():  # `held` comes from the snapshot's engine usage: every GPU is in it
+                gpu = cycles.gpus.setdefault(uuid, GpuResiduals(index[uuid]))
+                gpu.index = index[uuid]
                 gpu.points = [*gpu.points, (cycles.count, used)][-self._window :]
+            self._evict()  # after the update: the engine just recorded is the newest
             self._save()
 
     def _evict(self) -> None:
