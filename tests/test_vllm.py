@@ -407,6 +407,9 @@ def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_re
     assert one(m, "gpu_residency_engine_state", engine=name, state="asleep", source="observed") == 1
     assert one(m, "gpu_residency_vllm_sleep_level", engine=name) == 1
     assert one(m, "gpu_residency_engine_release_timeouts_total", engine=name) == 0
+    # An observed sleep is a cycle too: what each worker still held when the release completed.
+    assert one(m, "gpu_residency_engine_release_cycles_total", engine=name) == 1
+    assert values(m, "gpu_residency_engine_release_residual_bytes", engine=name) == [1 * GIB, 1 * GIB]
 
     assert requests.post(f"{served.url}/wake_up", timeout=5).status_code == 200
     threading.Timer(1.0, _hold, (scenario, served.workers, 19)).start()
