@@ -19,12 +19,15 @@ import argparse
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import common as common_builders
-from grafana_foundation_sdk.builders import dashboard, prometheus, stat, timeseries
+from grafana_foundation_sdk.builders import dashboard, prometheus, stat, timeseries, xychart
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import xychart as xy
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
     DataSourceRef,
+    DataTransformerConfig,
+    DynamicConfigValue,
     GridPos,
     VariableOption,
     VariableRefresh,
@@ -75,7 +78,27 @@ def build_series(spec: Panel) -> timeseries.Panel:
     return panel
 
 
-BUILDERS = {"series": build_series, "stat": lambda spec: stat.Panel()}
+def build_xy(spec: Panel) -> xychart.Panel:
+    """An XY chart: the queries joined on their common timestamps (one scrape's values side by side),
+    the field named `spec.x` across and every other one up; one copy per value of `spec.repeat`."""
+    panel = (
+        xychart.Panel()
+        .with_transformation(DataTransformerConfig(id_val="joinByField", options={"byField": "Time", "mode": "outer"}))
+        .series_mapping(xy.SeriesMapping.AUTO)
+        .dims(xychart.XYDimensionConfig().x(spec.x))
+        .show(xy.ScatterShow.POINTS_AND_LINES)
+        .override_by_name(spec.x, [DynamicConfigValue(id_val="unit", value="none")])  # a count, not the panel's unit
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+    )
+    return panel.repeat(spec.repeat).repeat_direction("h") if spec.repeat else panel
+
+
+BUILDERS = {"series": build_series, "stat": lambda spec: stat.Panel(), "xy": build_xy}
 
 
 def layout(rows: list[tuple[int, list[Panel]]]) -> list:

@@ -15,8 +15,10 @@ sel_gpu = f'{sel_node}, gpu=~"$gpu"'
 
 @dataclass(frozen=True)
 class Panel:
-    """One panel as data. `kind`: "series" (time series) or "stat"; `targets`: (expr, legend)
-    pairs; `to_node`: each series links to the node dashboard for its cluster and node."""
+    """One panel as data. `kind`: "series" (time series), "stat" or "xy" (an XY chart: every
+    query joined on time, the field whose legend is `x` across, the others up); `targets`:
+    (expr, legend) pairs; `to_node`: each series links to the node dashboard for its cluster and
+    node; `repeat`: one copy per value of that variable."""
 
     title: str
     targets: tuple[tuple[str, str], ...]
@@ -27,6 +29,8 @@ class Panel:
     bars: bool = False
     to_node: bool = False
     width: int = 12
+    x: str = ""
+    repeat: str = ""
 
 
 def series(title: str, *targets: tuple[str, str], **options) -> Panel:
@@ -94,6 +98,18 @@ NODE_PANELS = [
             (f'sum by (namespace, pod) (sum by (pod_uid) (max without (replica) (gpu_residency_holder_memory_bytes{{{sel_gpu}, pod_uid!=""}})) * on (pod_uid) group_left (namespace, pod) label_replace(kube_pod_info, "pod_uid", "$1", "uid", "(.+)"))', "{{namespace}}/{{pod}}"),
             stack=True,
             desc="GPU memory per pod, from each process's cgroup path (pod UID) joined with kube-state-metrics' kube_pod_info; empty without kube-state-metrics in the same Prometheus.",
+        ),
+    ]),
+    (9, [
+        Panel(
+            "Residual after each release, against the cycle number: $engine",
+            (
+                ('max without (replica) (gpu_residency_engine_release_cycles_total{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "cycle"),
+                ('max without (replica) (gpu_residency_engine_release_residual_bytes{cluster=~"$cluster", node=~"$node", engine=~"$engine"})', "GPU {{gpu}}"),
+                ('max without (replica) (gpu_residency_engine_release_floor_bytes{cluster=~"$cluster", node=~"$node"})', "release floor"),
+            ),
+            kind="xy", x="cycle", repeat="engine", width=24,
+            desc="One chart per engine: what its process tree still held on each GPU when a release completed (a cycle), against the cycle number, and the release floor. A line that climbs towards the floor is residual creep (GpuEngineResidualCreeping); the exporter fits the slope over the last --engines.residual-window cycles. Each point is a scrape, so a cycle shorter than the scrape interval is drawn only by its neighbours.",
         ),
     ]),
     (5, [

@@ -20,7 +20,7 @@ from exporter.exits.report import EXITS_PATH
 from exporter.pollers.flags import build_pollers
 from exporter.pollers.sglang import SglangPoller
 from exporter.pollers.vllm import VllmPoller
-from exporter.sleep_wake.flags import build_transitions
+from exporter.sleep_wake.flags import build_cycles, build_transitions
 from exporter.sleep_wake.gate_records import GateRecords
 from exporter.sleep_wake.transitions import TransitionTracker
 from exporter.sources.flags import build_nvml
@@ -88,7 +88,8 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
     catalog = build_catalog(args, errors)
     poller, vllm = build_pollers(args, errors, catalog)
     exits, forensics = build_exit_log(args, errors)
-    transitions = build_transitions(args, observers=[vllm])
+    cycles = build_cycles(args, errors)
+    transitions = build_transitions(args, observers=[vllm], on_release=cycles.record)
     gate_records = GateRecords(args.node, Path(args.registry_dir), errors)
     nvml = build_nvml(args, errors)
     concerns = [
@@ -96,6 +97,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         ("vllm", vllm.families),
         ("exits", exits.families),
         ("sleep_wake", transitions.families),
+        ("cycles", cycles.families),
         ("gate", gate_records.families),
     ]
     disabled = disabled_collectors(args)
@@ -120,6 +122,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
             max_waiters=args.api_max_waiters,
             max_wait=args.api_max_wait,
             interval=args.api_wait_interval,
+            growth=cycles.growth,
         ).routes()
     )
     if "sleep_wake" not in disabled:

@@ -75,14 +75,12 @@ class Decision:
             if verdict.sample is None:
                 continue
             mine = [h for h in verdict.sample.holders if h.engine == engine and h.kind == "process"]
-            total = next(
-                (h.used_bytes for h in verdict.sample.holders if h.kind == "engine" and h.name == engine), None
-            )
-            if total is None and mine:
-                total = sum(h.used_bytes for h in mine)
+            whole = next((h for h in verdict.sample.holders if h.kind == "engine" and h.name == engine), None)
+            total = whole.used_bytes if whole is not None else sum(h.used_bytes for h in mine)
             if total:
                 who = ", ".join(f"pid {h.pid} {h.name}" if h.pid is not None else h.name for h in mine[:3])
-                held.append(f"{total / GIB:.1f} GiB on GPU {verdict.requested}" + (f" ({who})" if who else ""))
+                creep = whole.creep() if whole is not None else ""
+                held.append(f"{total / GIB:.1f} GiB on GPU {verdict.requested}" + (f" ({who})" if who else "") + creep)
         if not held:
             unknown = [v.requested for v in self.gpus if v.sample is None or not v.sample.holders_known]
             if unknown:

@@ -97,11 +97,24 @@ def samples_from_api(body: object, where: str) -> list[GpuSample]:
         raise SourceError(f"exporter source: unexpected answer from {where}: {exc!r}") from None
 
 
+def _growth(engine: dict) -> float | None:
+    """How much more each of the engine's releases leaves on this GPU, when the exporter knows it."""
+    value = engine.get("residual_growth_bytes_per_cycle")
+    return (
+        float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
+
+
 def _sample(gpu: dict, age: float) -> GpuSample:
     used = gpu.get("used_bytes")
     if used is not None and (isinstance(used, bool) or not isinstance(used, int) or used < 0):
         raise ValueError(f"used_bytes {used!r}")
-    holders = [Holder("engine", str(e["engine"]), int(e["used_bytes"])) for e in gpu.get("engines") or ()]
+    holders = [
+        Holder("engine", str(e["engine"]), int(e["used_bytes"]), growth_bytes_per_cycle=_growth(e))
+        for e in gpu.get("engines") or ()
+    ]
     for proc in gpu.get("holders") or ():
         engine = str(proc.get("engine") or "")
         pid = proc.get("pid")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -17,11 +18,13 @@ def escape_label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+GROWTH = "gpu_residency_engine_release_residual_growth_bytes_per_cycle"  # an engine's creep, per GPU
 METRICS = (
     "gpu_residency_memory_used_bytes",
     "gpu_residency_engine_memory_bytes",
     "gpu_residency_process_memory_bytes",
     "gpu_residency_unattributed_memory_bytes",
+    GROWTH,
 )
 
 
@@ -139,6 +142,7 @@ class PrometheusSource:
         sampled_at: dict[frozenset, float] = {}
         evaluated_at = 0.0
         holder_series: dict[str, list[tuple[dict, Holder]]] = {}
+        growth_series: dict[str, list[tuple[dict, float]]] = {}
         for series in result:
             labels = series["metric"]
             stamp, value = float(series["value"][0]), float(series["value"][1])
@@ -150,6 +154,8 @@ class PrometheusSource:
                 sampled_at[_reading_key(labels)] = value
             elif name == "gpu_residency_memory_used_bytes":
                 used.setdefault(uuid, []).append({**labels, "__value__": value})
+            elif name == GROWTH:
+                growth_series.setdefault(uuid, []).append((labels, value))
             else:
                 holder = _holder(name, labels, int(value))
                 if holder is not None:
@@ -160,7 +166,16 @@ class PrometheusSource:
             differing = [key for key in keys if len({copy.get(key, "") for copy in copies}) > 1]
             for copy in copies:
                 origin = tuple((key, copy.get(key, "")) for key in differing)
-                mine = [h for lbl, h in holder_series.get(uuid, ()) if all(lbl.get(k, "") == v for k, v in origin)]
+                mine = [h for lbl, h in holder_series.get(uuid, ()) if _from(origin, lbl)]
+                growth = {
+                    lbl.get("engine", ""): value for lbl, value in growth_series.get(uuid, ()) if _from(origin, lbl)
+                }
+                mine = [
+                    dataclasses.replace(h, growth_bytes_per_cycle=growth[h.name])
+                    if h.kind == "engine" and h.name in growth
+                    else h
+                    for h in mine
+                ]
                 sampled = sampled_at.get(_reading_key(copy))
                 # Age against Prometheus' own evaluation time: no clock skew between this host and it.
                 age = evaluated_at - sampled if sampled is not None else math.inf
@@ -200,6 +215,11 @@ def machines_behind(result: list) -> list[str]:
     )
     named = [key for key in telling if key not in TARGET_LABELS] or telling
     return sorted({", ".join(f'{key}="{labels.get(key, "")}"' for key in named) for labels in used}) if named else []
+
+
+def _from(origin: tuple[tuple[str, str], ...], labels: dict) -> bool:
+    """The series belongs to the copy of a reading that `origin` names (HA replicas, two scrape jobs)."""
+    return all(labels.get(key, "") == value for key, value in origin)
 
 
 def _reading_key(labels: dict) -> frozenset:

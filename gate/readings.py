@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GIB = 1024**3
+MIB = 1024**2
+# The growth per cycle GpuEngineResidualCreeping fires at (dashboards/alerts.yaml): above what +-50 MiB
+# of noise can fake. A test keeps the two equal.
+CREEP_BYTES_PER_CYCLE = 32 * MIB
 
 
 class SourceError(RuntimeError):
@@ -21,13 +25,22 @@ class Holder:
     engine: str = ""  # for a process: the engine it belongs to ("" for none)
     pid: int | None = None
     role: str = ""  # for a process: its holder's kind (trainer, ray, vllm, sglang, process)
+    # For an engine: how much more each of its releases leaves on this GPU (the exporter's trend), if known.
+    growth_bytes_per_cycle: float | None = None
 
     def __str__(self) -> str:
         used = f"{self.used_bytes / GIB:.1f} GiB"
         if self.kind == "process":
             pid = f" pid {self.pid}" if self.pid is not None else ""
             return f"{self.role or 'process'} {self.name}{pid}: {used}"
-        return f"{self.kind} {self.name}: {used}" if self.name else f"{self.kind}: {used}"
+        return f"{self.kind} {self.name}: {used}{self.creep()}" if self.name else f"{self.kind}: {used}"
+
+    def creep(self) -> str:
+        """ " (creeping: each release leaves 120 MiB more)" for an engine whose residual grows, else ""."""
+        growth = self.growth_bytes_per_cycle
+        if growth is None or growth <= CREEP_BYTES_PER_CYCLE:
+            return ""
+        return f" (creeping: each release leaves {growth / MIB:.0f} MiB more)"
 
 
 @dataclass(frozen=True)

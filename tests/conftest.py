@@ -122,6 +122,18 @@ def visible_devices(scenario: Scenario) -> str:
     return ",".join(gpu.uuid for gpu in scenario.gpus)
 
 
+def gate_waiting_for(scenario: Scenario, engine: str, gpus: str, threshold_gb: str, *source: str):
+    """`gpu-residency-gate check` waiting for `engine`'s release, from `source` (e.g. "--source",
+    "prometheus", "--prometheus-url", URL), numbering GPUs as a pod given every GPU of `scenario`
+    does; the finished process (stdout holds the explanation)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gate", "check", "--gpus", gpus, *source, "--node", "test-node", "--threshold-gb",
+         threshold_gb, "--waiting-for", engine],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+        env=dict(os.environ, NVIDIA_VISIBLE_DEVICES=visible_devices(scenario)),
+    )  # fmt: skip
+
+
 @pytest.fixture
 def spawn_tree() -> Iterator:
     """Real process trees (root -> child -> leaves) stopped after the test."""

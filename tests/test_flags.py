@@ -15,6 +15,7 @@ FLAGS = [
     (("--api.max-waiters",), 16),
     (("--api.wait-interval",), 0.01),
     (("--collection.min-interval",), 0.25),
+    (("--collector.cycles", "--no-collector.cycles"), True),
     (("--collector.exits", "--no-collector.exits"), True),
     (("--collector.gate", "--no-collector.gate"), True),
     (("--collector.gpu", "--no-collector.gpu"), True),
@@ -29,6 +30,7 @@ FLAGS = [
     (("--engines.discovery-interval",), 10.0),
     (("--engines.release-floor-gb",), 2.0),
     (("--engines.release-timeout",), 60.0),
+    (("--engines.residual-window",), 10),
     (("--engines.state-interval",), 0.25),
     (("--engines.state-mismatch-grace",), 15.0),
     (("--engines.wake-timeout",), 300.0),
@@ -59,8 +61,9 @@ FLAGS = [
 ]
 NON_NEGATIVE = {"--collection.min-interval", "--exits.first-zero-seconds", "--forensics.interval"}
 INTEGER = {"--web.max-connections", "--api.max-waiters"}
+CYCLES = {"--engines.residual-window"}  # a whole number of cycles, 5 to 100 (issue 35)
 # sha256 over every flag's (options, help, metavar, choices, dest), sorted, as JSON.
-HELP_DIGEST = "3ea62a01250e8847453a486c03f27a3f25df8bfbfa771621a0f645da41eb90b0"
+HELP_DIGEST = "f330cbfc9f942b6216f89dbe311c8c4c0ca3c170f7298d57377d124ea98cb0d1"
 
 
 @pytest.fixture
@@ -80,6 +83,11 @@ def test_every_flag_takes_the_numbers_it_took(parser):
         flag, kind = action.option_strings[0], getattr(action.type, "__name__", None)
         if flag in INTEGER:
             assert kind == "int", flag
+        elif flag in CYCLES:
+            assert kind == "cycle_count" and action.type("5") == 5, flag
+            for bad in ("4", "101", "2.5"):
+                with pytest.raises(argparse.ArgumentTypeError):
+                    action.type(bad)
         elif flag in NON_NEGATIVE:
             assert kind == "non_negative_float" and action.type("0") == 0, flag
         elif kind is not None:

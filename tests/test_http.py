@@ -40,6 +40,7 @@ CONTRACT = {
     "gpu_residency_forensics_evidence_available": {"node", "source"},
     "gpu_residency_forensics_history_collections": {"node"},
     "gpu_residency_collector_duration_seconds": {"node", "collector"},
+    "gpu_residency_engine_release_floor_bytes": {"node"},
 }
 
 

@@ -5,15 +5,12 @@ on /metrics), hostile ones included."""
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import requests
-from conftest import ROOT, one, polled, scrape_families, scrape_until, values, visible_devices
+from conftest import ROOT, gate_waiting_for, one, polled, scrape_families, scrape_until, values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening import hostile_text
@@ -410,6 +407,9 @@ def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_re
     assert one(m, "gpu_residency_engine_state", engine=name, state="asleep", source="observed") == 1
     assert one(m, "gpu_residency_vllm_sleep_level", engine=name) == 1
     assert one(m, "gpu_residency_engine_release_timeouts_total", engine=name) == 0
+    # An observed sleep is a cycle too: what each worker still held when the release completed.
+    assert one(m, "gpu_residency_engine_release_cycles_total", engine=name) == 1
+    assert values(m, "gpu_residency_engine_release_residual_bytes", engine=name) == [1 * GIB, 1 * GIB]
 
     assert requests.post(f"{served.url}/wake_up", timeout=5).status_code == 200
     threading.Timer(1.0, _hold, (scenario, served.workers, 19)).start()
@@ -441,12 +441,7 @@ def test_a_vllm_engine_asleep_while_its_memory_stays_times_out_naming_its_proces
     # The release-timeout alert fires on the engine's first timeout, on a real Prometheus.
     prometheus.wait_for(f'ALERTS{{alertname="GpuEngineReleaseTimedOut",engine="{name}",alertstate="firing"}}')
     # The gate, waiting for that engine's release, names its processes.
-    gate = subprocess.run(
-        [sys.executable, "-m", "gate", "check", "--gpus", "0,1", "--source", "prometheus", "--prometheus-url",
-         prometheus.url, "--node", "test-node", "--threshold-gb", "2", "--waiting-for", name],
-        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
-        env=dict(os.environ, NVIDIA_VISIBLE_DEVICES=visible_devices(scenario)),
-    )  # fmt: skip
+    gate = gate_waiting_for(scenario, name, "0,1", "2", "--source", "prometheus", "--prometheus-url", prometheus.url)
     assert gate.returncode == 1, gate.stdout + gate.stderr
     w0, w1 = served.workers
     assert (

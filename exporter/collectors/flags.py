@@ -14,6 +14,7 @@ COLLECTORS = {
     "vllm": "vLLM sleep level and KV-cache accounting",
     "exits": "engine exits",
     "sleep_wake": "engine state (framework-set or observed), mismatches, release and wake timing",
+    "cycles": "what each completed release leaves behind, per cycle, and its growth",
     "gate": "the gate's last decision per engine",
 }
 

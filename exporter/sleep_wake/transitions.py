@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -79,12 +79,16 @@ class TransitionTracker:
         release_limit: float,
         wake_limit: float,
         states: EngineStates | None = None,
+        on_release: Callable[[str, dict[str, int], Snapshot, float], None] | None = None,
     ) -> None:
-        """`states`: where each engine's state comes from (default: the framework's mark only)."""
+        """`states`: where each engine's state comes from (default: the framework's mark only);
+        `on_release(engine, held, snapshot, since)`: told what each completed release (asleep since
+        `since`) left behind: the cycle history."""
         self._node = node
         self._floor = floor_bytes
         self._limits = {"release": release_limit, "wake": wake_limit}
         self.states = states or EngineStates(node)
+        self._on_release = on_release
         self._started = time.time()
         self._seen: dict[str, EngineState] = {}  # engine -> the state last handled
         self._kept: set[str] = set()  # engines asleep without releasing: their wake is not timed
@@ -183,6 +187,8 @@ class TransitionTracker:
         if done:
             self._histograms[transition.kind].setdefault(name, _Histogram()).observe(elapsed)
             del self._open[name]
+            if transition.kind == "release" and self._on_release is not None:
+                self._on_release(name, held, snapshot, transition.since)
         elif elapsed > self._limits[transition.kind]:
             counts = self._timeouts[transition.kind]
             counts[name] = counts.get(name, 0) + 1

@@ -2,7 +2,8 @@
 
     GET /api/v1/gpus    the scrape's collection (no older than --collection.min-interval):
                         every GPU's used and total memory, its holders (processes with their
-                        holder, kind and engine), engine totals and what no process accounts for
+                        holder, kind and engine), engine totals (with how much more each release
+                        leaves, where the cycle history knows) and what no process accounts for
     GET /api/v1/wait?gpus=0,GPU-…&threshold_bytes=N&timeout=S
                         a long poll: answered as soon as every named GPU is under N bytes, or
                         after S seconds (capped by --api.max-wait) with the last reading and
@@ -19,6 +20,7 @@ paths sit behind the same TLS and basic auth as /metrics (server.make_responder)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from exporter.errors import ErrorCounter
 from exporter.snapshot.attribution import Snapshot
@@ -39,8 +41,11 @@ from exporter.web.wait import (
     parse_wait,
 )
 
+# (engine, GPU uuid) -> its post-release residual's growth in bytes per cycle, None when not known
+Growth = Callable[[str, str], float | None]
 
-def gpu_body(gpu: GpuReading, snapshot: Snapshot | None) -> dict:
+
+def gpu_body(gpu: GpuReading, snapshot: Snapshot | None, growth: Growth | None = None) -> dict:
     body = {
         "index": gpu.index,
         "uuid": gpu.uuid,
@@ -52,7 +57,7 @@ def gpu_body(gpu: GpuReading, snapshot: Snapshot | None) -> dict:
     }
     if snapshot is not None:
         body["engines"] = [
-            {"engine": u.engine, "used_bytes": u.used_bytes}
+            _engine_body(u.engine, u.used_bytes, growth(u.engine, gpu.uuid) if growth else None)
             for u in snapshot.engine_usage
             if u.gpu.uuid == gpu.uuid and u.used_bytes is not None
         ]
@@ -64,6 +69,13 @@ def gpu_body(gpu: GpuReading, snapshot: Snapshot | None) -> dict:
         ]  # fmt: skip
         body["unattributed_bytes"] = next((v for g, v in snapshot.unattributed if g.uuid == gpu.uuid), None)
         body["processes_known"] = gpu.processes is not None
+    return body
+
+
+def _engine_body(engine: str, used: int, growth: float | None) -> dict:
+    body = {"engine": engine, "used_bytes": used}
+    if growth is not None:
+        body["residual_growth_bytes_per_cycle"] = growth
     return body
 
 
@@ -79,8 +91,11 @@ class GpuApi:
         max_waiters: int = DEFAULT_MAX_WAITERS,
         max_wait: float = DEFAULT_MAX_WAIT_S,
         interval: float = DEFAULT_WAIT_INTERVAL_S,
+        growth: Growth | None = None,
     ) -> None:
+        """`growth`: the cycle history's trend per engine and GPU, named beside each engine's total."""
         self._node = node
+        self._growth = growth
         self._snapshots = snapshots
         self._errors = errors
         self._max_wait = max_wait
@@ -104,7 +119,7 @@ class GpuApi:
             "taken_at": snapshot.taken_at,
             "age_seconds": max(0.0, time.time() - snapshot.taken_at),
             "unreadable_gpus": snapshot.nvml.unreadable_gpus,
-            "gpus": [gpu_body(gpu, snapshot) for gpu in snapshot.nvml.gpus],
+            "gpus": [gpu_body(gpu, snapshot, self._growth) for gpu in snapshot.nvml.gpus],
         }
 
     def gpus(self, request: Request) -> Response:
@@ -154,7 +169,7 @@ class GpuApi:
             found = match(reading, name)
             if len(found) == 1:
                 if all(g["uuid"] != found[0].uuid for g in gpus):
-                    gpus.append(gpu_body(found[0], snapshot))
+                    gpus.append(gpu_body(found[0], snapshot, self._growth))
             else:
                 missing.append(name)
         return {
