@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.exits import ExitEvent, report_exit
-from exporter.pollers.sglang import ShapeError, parse_server_info
+from exporter.pollers.sglang_parse import ShapeError, parse_server_info
 from exporter.registry import EngineEntry, RegistryError, register_engine, unregister_engine
 from fakenvml import GIB, GPU_IS_LOST
 from gate.prometheus_source import METRICS, build_query

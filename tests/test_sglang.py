@@ -9,7 +9,8 @@ from conftest import one, polled, scrape_families, values
 
 from exporter.engines.catalog import Engine
 from exporter.errors import ErrorCounter
-from exporter.pollers.sglang import GIB, SglangPoller, ShapeError, parse_server_info
+from exporter.pollers.sglang import SglangPoller
+from exporter.pollers.sglang_parse import GIB, ShapeError, parse_server_info
 from exporter.pollers.url_policy import UrlPolicy
 from fakenvml.sglang import server_info
 
