@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shlex
@@ -114,6 +115,17 @@ def scenario(tmp_path) -> Scenario:
     s = Scenario.with_gpus(tmp_path / "scenario.json", 2)
     s.write()
     return s
+
+
+@pytest.fixture
+def nvml(fake_nvml_dir, scenario, monkeypatch):
+    """The fake NVML loaded in this process (the binding's dlopen by soname finds it), and the
+    gate's environment pointing at it."""
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    monkeypatch.setenv("GPU_RESIDENCY_GATE_SOURCE", "nvml")
+    monkeypatch.delenv("GPU_RESIDENCY_PROMETHEUS_URL", raising=False)
+    ctypes.CDLL(str(fake_nvml_dir / fakenvml.SONAME))
+    return scenario
 
 
 def visible_devices(scenario: Scenario) -> str:
