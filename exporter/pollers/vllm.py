@@ -43,9 +43,11 @@ from exporter.pollers.vllm_parse import (
     RankAccounting,
     ShapeError,
     SleepReport,
+    Timing,
     parse_is_sleeping,
     parse_metrics,
 )
+from exporter.pollers.vllm_resources import resource_families
 from exporter.sleep_wake.states import Observed
 from exporter.snapshot.attribution import Snapshot
 
@@ -58,9 +60,13 @@ class VllmStatus:
     ranks: tuple[RankAccounting, ...]
     sleep: SleepReport | None  # None: this vLLM does not say whether it sleeps
     via: str = ""  # metrics | is_sleeping | "" (no state)
+    timings: dict[str, Timing] = dataclasses.field(default_factory=dict)  # vLLM's own, per operation
+    in_flight: dict[str, float] = dataclasses.field(default_factory=dict)  # operations awaited now
     # Filled in across polls (VllmPoller._fold):
     polled_at: float | None = None  # wall time of this poll
-    since: float | None = None  # when a poll first saw this sleep state; None: so at the first look
+    # When this sleep state began: the poll that first saw it, or, where vLLM timed the one operation that
+    # changed it, that poll less the operation's duration (its latest possible start); None: so at the first look.
+    since: float | None = None
     before: float | None = None  # the last poll that saw the previous state
 
 
@@ -74,31 +80,44 @@ class VllmClient:
     def poll(self, base_url: str, get: Get) -> VllmStatus:
         ranks: tuple[RankAccounting, ...] = ()
         sleep = None
+        timings: dict[str, Timing] = {}
+        in_flight: dict[str, float] = {}
         response = get(base_url + "/metrics")
         if response.status == 200:
-            ranks, sleep = _parsed(parse_metrics, response.body, f"{base_url}/metrics", "bad_metrics")
+            report = _parsed(parse_metrics, response.body, f"{base_url}/metrics", "bad_metrics")
+            ranks, sleep, timings, in_flight = report.ranks, report.sleep, report.timings, report.in_flight
         elif response.status != 404:
             raise PollError("status", f"{base_url}/metrics: HTTP {response.status}")
         if sleep is not None:
-            return VllmStatus(ranks, sleep, "metrics")
+            return VllmStatus(ranks, sleep, "metrics", timings, in_flight)
         with self._lock:
             without = base_url in self._without_is_sleeping
         if not without:
             answer = get(base_url + "/is_sleeping")
             if answer.status == 200:
                 sleep = _parsed(parse_is_sleeping, answer.body, f"{base_url}/is_sleeping", "bad_json")
-                return VllmStatus(ranks, sleep, "is_sleeping")
+                return VllmStatus(ranks, sleep, "is_sleeping", timings, in_flight)
             if answer.status != 404:
                 raise PollError("status", f"{base_url}/is_sleeping: HTTP {answer.status}")
             with self._lock:
                 self._without_is_sleeping.add(base_url)
         if response.status == 404:
             raise PollError("status", f"{base_url}: neither /metrics nor /is_sleeping (not a vLLM server?)")
-        return VllmStatus(ranks, None, "")
+        return VllmStatus(ranks, None, "", timings, in_flight)
 
     def forget(self, base_url: str) -> None:
         with self._lock:
             self._without_is_sleeping.discard(base_url.rstrip("/"))
+
+
+def _took(previous: VllmStatus, new: VllmStatus, operation: str) -> float | None:
+    """How long the one `operation` vLLM completed between two polls took, by its own histogram; None
+    unless exactly one completed (none: the change came another way; several: which one is unknown)."""
+    before, after = previous.timings.get(operation), new.timings.get(operation)
+    if before is None or after is None or after.count - before.count != 1:
+        return None
+    took = after.sum - before.sum
+    return took if took >= 0 else None
 
 
 def _parsed(parse: Callable[[bytes], T], body: bytes, where: str, unparsable: str) -> T:
@@ -132,7 +151,8 @@ class VllmPoller(EnginePoller[VllmStatus]):
         if previous.sleep.sleeping == new.sleep.sleeping:
             return dataclasses.replace(new, since=previous.since, before=previous.before)
         self.changes += 1
-        return dataclasses.replace(new, since=at, before=previous.polled_at)
+        took = _took(previous, new, "sleep" if new.sleep.sleeping else "wake")
+        return dataclasses.replace(new, since=at if took is None else at - took, before=previous.polled_at)
 
     def observed(self, engines: Iterable[Engine]) -> dict[str, Observed]:
         """The sleep state each vLLM engine reports, for the engines whose last poll said."""
@@ -204,3 +224,4 @@ class VllmPoller(EnginePoller[VllmStatus]):
                     if value is not None:
                         family.add_metric(labels, value)
         yield from (up, level, usage, tokens, blocks, block_size)
+        yield from resource_families(node, {name: r.value for name, r in sorted(results.items()) if r.ok and r.value})
