@@ -29,6 +29,8 @@ from fakenvml.prometheus import PrometheusServer, start_prometheus
 from fakenvml.sglang import FakeSglang
 from fakenvml.tree import Tree
 from fakenvml.tree import start as start_tree
+from fakenvml.vllm import FakeVllm
+from fakenvml.vllm_serve import VllmProcess, console_script, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 # CI sets this so that a missing system tool fails the suite instead of skipping.
@@ -517,6 +519,34 @@ def fake_sglang() -> Iterator:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def fake_vllm():
+    """Fake vLLM servers on loopback (fakenvml.vllm), stopped after the test."""
+    servers: list[FakeVllm] = []
+
+    def start(version: str = "0.11.1", mode: str = "ok", **kwargs) -> FakeVllm:
+        servers.append(FakeVllm(version, mode, lifetime=60, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def vllm_serve(tmp_path):
+    """Start fake `vllm serve` processes (through a `vllm` console script), stopped after the test."""
+    started: list[VllmProcess] = []
+
+    def start(*args: str, dev_mode: bool = True) -> VllmProcess:
+        started.append(launch(list(args), script=console_script(tmp_path / "bin"), dev_mode=dev_mode))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
 
 
 PROMETHEUS_LIFETIME_S = 900  # a Prometheus a test started ends by itself after this

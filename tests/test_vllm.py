@@ -28,23 +28,9 @@ from exporter.pollers.vllm_parse import MAX_RANKS, RESOURCES, ShapeError, parse_
 from exporter.registry import register_engine, set_engine_state
 from fakenvml import GIB
 from fakenvml.prometheus import free_port
-from fakenvml.vllm import BLOCKS_PER_ENGINE, TOKENS_PER_ENGINE, FakeVllm
-from fakenvml.vllm_serve import VllmProcess, console_script, launch
+from fakenvml.vllm import BLOCKS_PER_ENGINE, TOKENS_PER_ENGINE
 
 RULES = ROOT / "dashboards" / "alerts.yaml"
-
-
-@pytest.fixture
-def fake_vllm():
-    servers: list[FakeVllm] = []
-
-    def start(version: str = "0.11.1", mode: str = "ok", **kwargs) -> FakeVllm:
-        servers.append(FakeVllm(version, mode, lifetime=60, **kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def engine(name: str, url: str, up: bool = True, start: int = 1) -> Engine:
@@ -375,20 +361,6 @@ def _hold(scenario, pids: list[int], gib: float) -> None:
         gpu.processes = [(pid, int(gib * GIB))]
         gpu.used = int(gib * GIB) + GIB // 4
     scenario.write()
-
-
-@pytest.fixture
-def vllm_serve(tmp_path):
-    """Start fake `vllm serve` processes (through a `vllm` console script), stopped after the test."""
-    started: list[VllmProcess] = []
-
-    def start(*args: str, dev_mode: bool = True) -> VllmProcess:
-        started.append(launch(list(args), script=console_script(tmp_path / "bin"), dev_mode=dev_mode))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def _start(exporter_factory, scenario, tmp_path, *extra: str):

@@ -112,11 +112,16 @@ class VllmClient:
 
 def _took(previous: VllmStatus, new: VllmStatus, operation: str) -> float | None:
     """How long the one `operation` vLLM completed between two polls took, by its own histogram; None
-    unless exactly one completed (none: the change came another way; several: which one is unknown)."""
-    before, after = previous.timings.get(operation), new.timings.get(operation)
-    if before is None or after is None or after.count - before.count != 1:
+    unless exactly one completed (none: the change came another way; several: which one is unknown).
+    vLLM creates an operation's histogram at its first call: absent before, it had none."""
+    after = new.timings.get(operation)
+    if after is None or previous.via != "metrics":
         return None
-    took = after.sum - before.sum
+    before = previous.timings.get(operation)
+    count, total = (before.count, before.sum) if before else (0.0, 0.0)
+    if after.count - count != 1:
+        return None
+    took = after.sum - total
     return took if took >= 0 else None
 
 
