@@ -6,6 +6,9 @@ Unlike SGLang, vLLM says whether it is asleep, in one of two ways depending on i
   `weights_offloaded` (level 1: weights copied to CPU memory, KV cache dropped) and `discard_all`
   (level 2: both dropped). All three are 0 after a level-0 sleep or `/release_kv_cache_memory`
   (0.33 and later: scheduling paused, or only the KV cache freed; the weights stay on the GPU).
+- `/metrics`, newer (vllm-project/vllm docs/design/engine_sleep_state.md at 13cbd441):
+  `vllm:engine_sleep_resource_state{engine, resource, state}` per resource and
+  `vllm:engine_fully_awake`; where present they decide (exporter.pollers.vllm_resources).
 - `GET /is_sleeping` -> `{"is_sleeping": bool}` (older releases; only with VLLM_SERVER_DEV_MODE=1),
   which does not say the level.
 Each poll reads /metrics (prometheus_client's own parser) and, when it has no sleep state,
