@@ -507,32 +507,31 @@ def tls_files(tmp_path) -> tuple[Path, Path]:
     return cert, key
 
 
+def _fake_servers(make) -> Iterator:
+    """A fixture's body: `start(...)` makes a fake server with `make(...)`; every one is stopped after the test."""
+    servers: list = []
+
+    def start(*args, **options):
+        servers.append(make(*args, **options))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture
 def fake_sglang() -> Iterator:
-    """Fake SGLang servers on loopback (fakenvml.sglang), stopped after the test."""
-    servers: list[FakeSglang] = []
-
-    def start(mode: str = "new", dp_size: int = 1) -> FakeSglang:
-        servers.append(FakeSglang(mode, dp_size, lifetime=60))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+    """Fake SGLang servers on loopback (fakenvml.sglang): start(mode="new", dp_size=1, **options)."""
+    yield from _fake_servers(lambda mode="new", dp_size=1, **options: FakeSglang(mode, dp_size, lifetime=60, **options))
 
 
 @pytest.fixture
-def fake_vllm():
-    """Fake vLLM servers on loopback (fakenvml.vllm), stopped after the test."""
-    servers: list[FakeVllm] = []
-
-    def start(version: str = "0.11.1", mode: str = "ok", **kwargs) -> FakeVllm:
-        servers.append(FakeVllm(version, mode, lifetime=60, **kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+def fake_vllm() -> Iterator:
+    """Fake vLLM servers on loopback (fakenvml.vllm): start(version="0.11.1", mode="ok", **options)."""
+    yield from _fake_servers(
+        lambda version="0.11.1", mode="ok", **options: FakeVllm(version, mode, lifetime=60, **options)
+    )
 
 
 @pytest.fixture

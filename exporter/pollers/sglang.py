@@ -1,5 +1,6 @@
 """SGLang's start-up accounting per engine, polled in the background (exporter.pollers.sglang_parse
-reads the bodies): accounting, never residency: a slept engine still reports its full pools."""
+reads /server_info, exporter.pollers.sglang_metrics /metrics): accounting, never residency: a
+slept engine still reports its full pools."""
 
 from __future__ import annotations
 
@@ -10,16 +11,23 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.errors import ErrorCounter
-from exporter.pollers.poller import EnginePoller, Get, PollError
+from exporter.pollers.http_fetch import FetchError
+from exporter.pollers.poller import EnginePoller, Get, PollError, parsed
+from exporter.pollers.sglang_metrics import parse_metrics
 from exporter.pollers.sglang_parse import COMPONENTS, RankAccounting, ShapeError, parse_server_info
 from exporter.pollers.url_policy import UrlPolicy
 from exporter.snapshot.attribution import Snapshot
 
 INFO_PATHS = ("/server_info", "/get_server_info")  # newest first; /get_server_info before 0.5
+METRICS_PATH = "/metrics"  # newer releases with --enable-metrics: the same figures as gauges
 
 
 class SglangClient:
-    """Reads /server_info, or /get_server_info on releases before it, remembering which worked."""
+    """Reads /server_info, or /get_server_info on releases before it, remembering which worked.
+
+    Where neither exists (404), or /server_info outlived the poll's deadline (it waits on the
+    scheduler, busy or stuck), the engine is read from /metrics (exporter.pollers.sglang_metrics)
+    from then on; /metrics without the memory gauges sends it back to /server_info next time."""
 
     def __init__(self) -> None:
         self._paths: dict[str, str] = {}
@@ -28,22 +36,41 @@ class SglangClient:
     def poll(self, base_url: str, get: Get) -> tuple[RankAccounting, ...]:
         with self._lock:
             known = self._paths.get(base_url)
+        if known == METRICS_PATH:
+            return self._from_metrics(base_url, get)
         for path in (known,) if known else INFO_PATHS:
-            response = get(base_url + path)
-            if response.status == 404 and known is None and path != INFO_PATHS[-1]:
-                continue  # a release before /server_info
+            try:
+                response = get(base_url + path)
+            except FetchError as exc:
+                if exc.reason == "timeout":
+                    self._remember(base_url, METRICS_PATH)  # slow: the next poll reads /metrics
+                raise
+            if response.status == 404 and known is None:
+                continue  # a release before /server_info, or one without either
             if response.status != 200:
                 raise PollError("status", f"{base_url}{path}: HTTP {response.status}")
-            try:
-                ranks = parse_server_info(response.body)
-            except ShapeError as exc:
-                raise PollError("unexpected_shape", f"{base_url}{path}: {exc}") from None
-            except ValueError as exc:
-                raise PollError("bad_json", f"{base_url}{path}: {exc}") from None
-            with self._lock:
-                self._paths[base_url] = path
+            ranks = parsed(parse_server_info, response.body, base_url + path, "bad_json", ShapeError)
+            self._remember(base_url, path)
             return tuple(ranks)
-        raise PollError("status", f"{base_url}: no server info endpoint")
+        return self._from_metrics(base_url, get)
+
+    def _from_metrics(self, base_url: str, get: Get) -> tuple[RankAccounting, ...]:
+        response = get(base_url + METRICS_PATH)
+        try:
+            if response.status != 200:
+                raise PollError("status", f"{base_url}{METRICS_PATH}: HTTP {response.status} (no server info endpoint)")
+            ranks = parsed(parse_metrics, response.body, base_url + METRICS_PATH, "bad_metrics", ShapeError)
+            if ranks is None:
+                raise PollError("status", f"{base_url}{METRICS_PATH}: no memory gauges (an older SGLang)")
+        except PollError:
+            self.forget(base_url)  # the next poll tries /server_info again
+            raise
+        self._remember(base_url, METRICS_PATH)
+        return ranks
+
+    def _remember(self, base_url: str, path: str) -> None:
+        with self._lock:
+            self._paths[base_url] = path
 
     def forget(self, base_url: str) -> None:
         with self._lock:
@@ -62,7 +89,8 @@ class SglangPoller(EnginePoller[tuple[RankAccounting, ...]]):
         results = self.results(snapshot.engines)
         up = GaugeMetricFamily(
             "gpu_residency_sglang_up",
-            "1 when the last /server_info poll of the engine succeeded.",
+            "1 when the last poll of the engine's accounting (/server_info, or /metrics where that is absent or "
+            "slow) succeeded.",
             labels=["node", "engine"],
         )
         memory = GaugeMetricFamily(
@@ -76,6 +104,12 @@ class SglangPoller(EnginePoller[tuple[RankAccounting, ...]]):
             "KV cache token capacity per DP rank, from /server_info.",
             labels=["node", "engine", "dp_rank"],
         )
+        startup = GaugeMetricFamily(
+            "gpu_residency_sglang_startup_available_bytes",
+            "GPU memory SGLang found free when the engine started, per DP rank (newer releases): less than the "
+            "card's free memory means another tenant held the GPU then.",
+            labels=["node", "engine", "dp_rank"],
+        )
         for name, result in sorted(results.items()):
             up.add_metric([self._node, name], 1 if result.ok else 0)
             for rank in result.value or ():
@@ -84,6 +118,6 @@ class SglangPoller(EnginePoller[tuple[RankAccounting, ...]]):
                         memory.add_metric([self._node, name, str(rank.dp_rank), component], rank.components[component])
                 if rank.token_capacity is not None:
                     capacity.add_metric([self._node, name, str(rank.dp_rank)], rank.token_capacity)
-        yield up
-        yield memory
-        yield capacity
+                if rank.startup_available is not None:
+                    startup.add_metric([self._node, name, str(rank.dp_rank)], rank.startup_available)
+        yield from (up, memory, capacity, startup)

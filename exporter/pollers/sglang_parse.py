@@ -35,6 +35,7 @@ class RankAccounting:
     dp_rank: int
     components: dict[str, float]  # component -> bytes
     token_capacity: int | None
+    startup_available: float | None = None  # bytes free on the GPU when the engine started (newer releases)
 
 
 def _gib(value: object) -> float | None:
@@ -87,6 +88,7 @@ def parse_server_info(body: bytes | str) -> list[RankAccounting]:
                 dp_rank,
                 {name: value for name, value in values.items() if value is not None},
                 capacity if isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 0 else None,
+                _gib(usage.get("startup_available")),
             )
         )
     return ranks

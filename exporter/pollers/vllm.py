@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.engines.catalog import Engine
 from exporter.errors import ErrorCounter
-from exporter.pollers.poller import EnginePoller, Get, PollError
+from exporter.pollers.poller import EnginePoller, Get, PollError, parsed
 from exporter.pollers.url_policy import UrlPolicy
 from exporter.pollers.vllm_parse import (
     RankAccounting,
@@ -54,7 +54,6 @@ from exporter.pollers.vllm_resources import resource_families
 from exporter.sleep_wake.states import Observed
 from exporter.snapshot.attribution import Snapshot
 
-T = TypeVar("T")
 MAX_METRICS_BYTES = 4 * 1024 * 1024  # /metrics with many DP engines and histograms runs to a few hundred KiB
 
 
@@ -87,7 +86,7 @@ class VllmClient:
         in_flight: dict[str, float] = {}
         response = get(base_url + "/metrics")
         if response.status == 200:
-            report = _parsed(parse_metrics, response.body, f"{base_url}/metrics", "bad_metrics")
+            report = parsed(parse_metrics, response.body, f"{base_url}/metrics", "bad_metrics", ShapeError)
             ranks, sleep, timings, in_flight = report.ranks, report.sleep, report.timings, report.in_flight
         elif response.status != 404:
             raise PollError("status", f"{base_url}/metrics: HTTP {response.status}")
@@ -98,7 +97,7 @@ class VllmClient:
         if not without:
             answer = get(base_url + "/is_sleeping")
             if answer.status == 200:
-                sleep = _parsed(parse_is_sleeping, answer.body, f"{base_url}/is_sleeping", "bad_json")
+                sleep = parsed(parse_is_sleeping, answer.body, f"{base_url}/is_sleeping", "bad_json", ShapeError)
                 return VllmStatus(ranks, sleep, "is_sleeping", timings, in_flight)
             if answer.status != 404:
                 raise PollError("status", f"{base_url}/is_sleeping: HTTP {answer.status}")
@@ -126,16 +125,6 @@ def _took(previous: VllmStatus, new: VllmStatus, operation: str) -> float | None
         return None
     took = after.sum - total
     return took if took >= 0 else None
-
-
-def _parsed(parse: Callable[[bytes], T], body: bytes, where: str, unparsable: str) -> T:
-    """`parse(body)`, its failures as poll errors: unexpected_shape, or `unparsable` for what is no body at all."""
-    try:
-        return parse(body)
-    except ShapeError as exc:
-        raise PollError("unexpected_shape", f"{where}: {exc}") from None
-    except ValueError as exc:
-        raise PollError(unparsable, f"{where}: {exc}") from None
 
 
 class VllmPoller(EnginePoller[VllmStatus]):
