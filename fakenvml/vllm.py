@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
@@ -168,7 +168,7 @@ class FakeVllm(FakeHttpServer):
         with self._lock:
             return {op: list(seconds) for op, seconds in self._timings.items()}, dict(self._in_flight)
 
-    def _timed(self, operation: str, call) -> object:
+    def _timed(self, operation: str, call: Callable[[], object]) -> object:
         """`call()` as vLLM's frontend times it ("main"): in flight while it runs, observed when it ends."""
         started = time.monotonic()
         with self._lock:
