@@ -46,17 +46,11 @@ def _nvml(timeout_s: float) -> NvmlSource:
         return source
 
 
-def query_process_tree_gpu_used_gb(root_pid: int | None, timeout_s: float = DEFAULT_TIMEOUT_SECONDS) -> float | None:
-    """Max over GPUs of the memory `root_pid` and its descendants hold on that GPU, in GiB.
-
-    Per GPU, the processes of the tree are summed (an engine with several processes on one
-    card); across GPUs the max is taken (tensor parallelism never sums across cards). A
-    process NVML lists without a figure is left out, as miles skips "[N/A]".
-
-    None when it cannot measure: no root, NVML missing or failing (or slower than
-    `timeout_s`), a GPU or process list NVML could not read, or no process of the tree on
-    any GPU (e.g. the caller sees another PID namespace than NVML). Never 0 for that.
-    """
+def query_process_tree_gpu_used_bytes(
+    root_pid: int | None, timeout_s: float = DEFAULT_TIMEOUT_SECONDS
+) -> dict[str, int] | None:
+    """Per GPU (by UUID), the bytes `root_pid` and its descendants hold there; the GPUs where the
+    tree holds nothing are absent. None when it cannot measure (see query_process_tree_gpu_used_gb)."""
     if root_pid is None:
         return None
     reading = _nvml(timeout_s).read()
@@ -74,4 +68,19 @@ def query_process_tree_gpu_used_gb(root_pid: int | None, timeout_s: float = DEFA
     if not per_gpu:
         log.debug("process-tree GPU memory of %s: no process of the tree on any GPU", root_pid)
         return None
-    return max(per_gpu.values()) / GIB
+    return per_gpu
+
+
+def query_process_tree_gpu_used_gb(root_pid: int | None, timeout_s: float = DEFAULT_TIMEOUT_SECONDS) -> float | None:
+    """Max over GPUs of the memory `root_pid` and its descendants hold on that GPU, in GiB.
+
+    Per GPU, the processes of the tree are summed (an engine with several processes on one
+    card); across GPUs the max is taken (tensor parallelism never sums across cards). A
+    process NVML lists without a figure is left out, as miles skips "[N/A]".
+
+    None when it cannot measure: no root, NVML missing or failing (or slower than
+    `timeout_s`), a GPU or process list NVML could not read, or no process of the tree on
+    any GPU (e.g. the caller sees another PID namespace than NVML). Never 0 for that.
+    """
+    per_gpu = query_process_tree_gpu_used_bytes(root_pid, timeout_s)
+    return None if per_gpu is None else max(per_gpu.values()) / GIB

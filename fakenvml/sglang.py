@@ -9,6 +9,11 @@ Modes (the field names follow SGLang's history):
 - "ancient": /get_server_info; internal_states without memory_usage
 - hostile:   "hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape",
              "deep" (JSON nested 5,000 levels)
+- /metrics (newer releases, --enable-metrics): "new" serves the same accounting as gauges
+  (`sglang:weight_memory_usage_gb`, `sglang:kv_cache_memory_usage_gb`, `sglang:graph_memory_usage_gb{phase}`,
+  `sglang:startup_available_gpu_memory_gb`, `sglang:max_total_num_tokens`), one series per scheduler
+  (`tp_size` per DP rank); "metrics_only" serves only those (no /server_info, no /get_server_info);
+  "slow_info" never answers /server_info (as "hang"); "mid" and "old" serve /metrics without them.
 
 Start-up, as a framework waiting for the engine sees it: /health answers 200 at once (the
 HTTP server is up), /health_generate answers 503 until `health_after` seconds have passed
@@ -29,10 +34,16 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
 from fakenvml.fake_http import FakeHttpServer
 
 HOSTILE = ("hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape", "deep")
+METRICS_MODES = ("new", "metrics_only", "slow_info")  # whose /metrics carries the memory gauges
 FLUSH_MODES = ("ok", "die", "hang")
+GAUGES = ("sglang:weight_memory_usage_gb", "sglang:kv_cache_memory_usage_gb", "sglang:graph_memory_usage_gb",
+          "sglang:startup_available_gpu_memory_gb", "sglang:max_total_num_tokens")  # fmt: skip
 
 
 def server_info(mode: str, dp_size: int) -> dict:
@@ -55,6 +66,41 @@ def server_info(mode: str, dp_size: int) -> dict:
     return {"model_path": "/models/demo", "tp_size": 1, "dp_size": dp_size, "internal_states": states, "version": "x"}
 
 
+def metrics(mode: str, dp_size: int, tp_size: int) -> bytes:
+    """A /metrics body: the memory gauges of every scheduler (as server_info("new") per DP rank) in
+    the modes that have them, else only a request gauge, as releases before them."""
+    labels = ["model_name", "engine_type", "tp_rank", "pp_rank", "moe_ep_rank"] + (["dp_rank"] if dp_size > 1 else [])
+    families = {
+        name: GaugeMetricFamily(name, name, labels=labels + (["phase"] if "graph" in name else []))
+        for name in ("sglang:num_running_reqs",) + (GAUGES if mode in METRICS_MODES else ())
+    }
+    for rank in range(dp_size):
+        usage = server_info("new", dp_size)["internal_states"][rank]["memory_usage"]
+        values = {"sglang:num_running_reqs": 0.0, "sglang:weight_memory_usage_gb": usage["weight"],
+                  "sglang:kv_cache_memory_usage_gb": usage["kvcache"],
+                  "sglang:startup_available_gpu_memory_gb": usage["startup_available"],
+                  "sglang:max_total_num_tokens": usage["token_capacity"]}  # fmt: skip
+        for tp in range(tp_size):
+            common = ["/models/demo", "unified", str(tp), "0", "0"] + ([str(rank)] if dp_size > 1 else [])
+            for name, family in families.items():
+                if name == "sglang:graph_memory_usage_gb":
+                    for phase, gb in usage["graph"].items():
+                        family.add_metric([*common, phase], gb)
+                else:
+                    family.add_metric(common, values[name])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self) -> list:
+        return self.families
+
+
 class FakeSglang(FakeHttpServer):
     def __init__(
         self,
@@ -64,12 +110,14 @@ class FakeSglang(FakeHttpServer):
         health_after: float = 0.0,
         flush: str = "ok",
         api_key: str | None = None,
+        tp_size: int = 1,
     ) -> None:
         """`lifetime`: seconds until the server stops by itself (None: until stop(), for the demo)."""
         if flush not in FLUSH_MODES:
             raise ValueError(f"flush {flush!r} must be one of {FLUSH_MODES}")
         self.mode = mode
         self.dp_size = dp_size
+        self.tp_size = tp_size
         self.health_after = health_after
         self.flush = flush
         self.api_key = api_key
@@ -104,11 +152,13 @@ class FakeSglang(FakeHttpServer):
             return self._send(handler, 503 if loading else 200, b"")
         if path == "/flush_cache":
             return self._flush(handler)
-        if path not in ("/server_info", "/get_server_info"):
+        if path == "/metrics":
+            return self._send(handler, 200, metrics(mode, self.dp_size, self.tp_size), "text/plain; version=0.0.4")
+        if path not in ("/server_info", "/get_server_info") or mode == "metrics_only":
             return self._send(handler, 404, b'{"detail":"Not Found"}')
         if mode in ("old", "ancient") and path == "/server_info":
             return self._send(handler, 404, b'{"detail":"Not Found"}')
-        if mode == "hang":
+        if mode in ("hang", "slow_info"):
             self._stop.wait(30)
             return None
         if mode == "slow":
@@ -125,7 +175,8 @@ class FakeSglang(FakeHttpServer):
             return self._trickle_headers(handler, "application/json")
         if mode == "huge":
             return self._send(handler, 200, b'{"pad":"' + b"x" * (8 * 1024 * 1024) + b'"}')
-        body = json.dumps(server_info("new" if mode in HOSTILE else mode, self.dp_size)).encode()
+        shape = "new" if mode in HOSTILE or mode in METRICS_MODES else mode
+        body = json.dumps(server_info(shape, self.dp_size)).encode()
         if mode == "trickle":
             return self._trickle_body(handler, body)
         return self._send(handler, 200, body)

@@ -14,6 +14,14 @@ Releases (`version`; the names and shapes are vLLM's own, see the notes in expor
   "tags": [...]} and the metric says awake only once every tag is; `POST /release_kv_cache_memory`;
   `kv_cache_size_tokens` and `kv_cache_max_concurrency` in `vllm:cache_config_info`; with data
   parallelism `num_gpu_blocks` is the sum over the engines.
+- "main" (vLLM's docs/design/engine_sleep_state.md at 13cbd441): as 0.33.0, plus
+  `vllm:engine_sleep_resource_state{engine,model_name,resource,state}` (scheduler running|paused,
+  weights resident|offloaded|discarded|unknown, kv_cache resident|released|unknown),
+  `vllm:engine_fully_awake`, `vllm:rl_sleep_mode_operation_duration_seconds{operation}` and
+  `vllm:rl_sleep_mode_operations_in_flight{operation}` (sleep, wake, release_kv_cache_memory);
+  engine_sleep_state derived as vLLM derives it (awake only when fully awake); /wake_up answers
+  {"status", "tags_woken"}. `op_seconds` makes each operation take that long; `fail_next` makes
+  the next one fail (HTTP 500) and leave the resources it touched `unknown`.
 The dev routes (/sleep, /wake_up, /is_sleeping, /release_kv_cache_memory) exist only with
 `dev_mode` (vLLM: VLLM_SERVER_DEV_MODE=1); /metrics and /health always.
 
@@ -29,37 +37,22 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from fakenvml.fake_http import FakeHttpServer
+from fakenvml.vllm_metrics import BLOCKS_PER_ENGINE, MODEL, TOKENS_PER_ENGINE, Families
 
-VERSIONS = ("0.10.2", "0.11.1", "0.33.0")
+__all__ = ["BLOCKS_PER_ENGINE", "MODEL", "TOKENS_PER_ENGINE", "VERSIONS", "FakeVllm"]
+VERSIONS = ("0.10.2", "0.11.1", "0.33.0", "main")
 HOSTILE = ("hang", "slow", "status500", "garbage", "huge", "trickle", "trickle_headers", "shape",
            "bad_is_sleeping", "deep")  # fmt: skip
-MODEL = "Qwen/Qwen3-8B"
 TAGS = ("weights", "kv_cache")
 NOT_FOUND = b'{"detail":"Not Found"}'
-SLEEP_HELP = (
-    "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; "
-    "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2."
-)
-# vLLM's CacheConfig fields as cache_config_info labels (0.11.1; the set differs between releases).
-CACHE_CONFIG = {
-    "block_size": "16", "gpu_memory_utilization": "0.45", "swap_space": "4", "cache_dtype": "auto",
-    "is_attention_free": "False", "num_gpu_blocks_override": "None", "sliding_window": "None",
-    "enable_prefix_caching": "True", "prefix_caching_hash_algo": "sha256", "cpu_offload_gb": "0",
-    "calculate_kv_scales": "False", "cpu_kvcache_space_bytes": "None", "mamba_page_size_padded": "None",
-    "mamba_block_size": "None", "mamba_cache_dtype": "auto", "mamba_ssm_cache_dtype": "auto",
-    "num_cpu_blocks": "None", "kv_sharing_fast_prefill": "False", "kv_cache_memory_bytes": "None",
-    "kv_offloading_size": "None", "kv_offloading_backend": "None",
-}  # fmt: skip
-BLOCKS_PER_ENGINE = 24978
-TOKENS_PER_ENGINE = 218464  # group-aware capacity (0.24+), not blocks x block size
+AWAKE = {"scheduler": "running", "weights": "resident", "kv_cache": "resident"}
 
 
 class FakeVllm(FakeHttpServer):
@@ -85,6 +78,11 @@ class FakeVllm(FakeHttpServer):
         self._lock = threading.Lock()
         self._asleep: set[str] = set()  # the tags asleep (the executor's sleeping_tags)
         self._metric = (0, 0)  # what record_sleep_state last recorded: (sleep, level)
+        self._resources = dict(AWAKE)  # "main": each resource's confirmed state
+        self._timings: dict[str, list[float]] = {}  # "main": operation -> the seconds each call took
+        self._in_flight = dict.fromkeys(("sleep", "wake", "release_kv_cache_memory"), 0)
+        self.op_seconds = 0.0  # how long each sleep-mode operation takes ("main")
+        self.fail_next = False  # the next operation fails and leaves what it touched unknown ("main")
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -106,28 +104,82 @@ class FakeVllm(FakeHttpServer):
     @property
     def is_sleeping(self) -> bool:
         with self._lock:
+            if self.version == "main":
+                return self._resources != AWAKE
             return bool(self._asleep) or self._metric[0] == 1
 
     def sleep(self, level: int = 1) -> None:
         with self._lock:
+            if self.version == "main":
+                return self._set({"scheduler": "paused", **{0: {}, 1: dict(weights="offloaded", kv_cache="released"),
+                                  2: dict(weights="discarded", kv_cache="released")}[level]})  # fmt: skip
             if self._asleep or self._metric[0]:
-                return  # "Executor is already sleeping."
+                return None  # "Executor is already sleeping."
             self._asleep = set(TAGS) if level in (1, 2) or self.version != "0.33.0" else set()
             self._metric = (1, level)
+            return None
 
     def release_kv_cache(self) -> None:
         with self._lock:
+            if self.version == "main":
+                return self._set({"scheduler": "paused", "kv_cache": "released"})
             self._asleep.add("kv_cache")
             self._metric = (1, 0)
+            return None
 
     def wake_up(self, tags: Iterable[str] | None = None) -> bool:
         """Wake the tags (all when None); True when the engine is fully awake after it."""
         with self._lock:
+            if self.version == "main":
+                self._set(dict.fromkeys(tags or TAGS, "resident"))
+                if self._resources["weights"] == self._resources["kv_cache"] == "resident":
+                    self._resources["scheduler"] = "running"
+                return self._resources == AWAKE
             self._asleep -= set(tags or TAGS)
             awake = not self._asleep
             if awake or self.version != "0.33.0":
                 self._metric = (0, 0)  # before 0.33 recorded on every wake, partial or not
             return awake
+
+    def _set(self, states: dict[str, str]) -> None:
+        """Apply a memory operation's outcome; a failed one leaves its memory resources unknown."""
+        failed, self.fail_next = self.fail_next, False
+        for resource, state in states.items():
+            self._resources[resource] = "unknown" if failed and resource != "scheduler" else state
+        if failed:
+            raise RuntimeError("worker failed")
+
+    def resource_states(self) -> tuple[dict[str, str], bool]:
+        with self._lock:
+            return dict(self._resources), self._resources == AWAKE
+
+    def legacy_sleep_state(self) -> dict[str, int]:
+        """engine_sleep_state's three flags: recorded levels before "main"; derived from the resources on it."""
+        with self._lock:
+            if self.version == "main":
+                weights, kv = self._resources["weights"], self._resources["kv_cache"]
+                return {"awake": int(self._resources == AWAKE), "weights_offloaded": int(weights == "offloaded"),
+                        "discard_all": int(weights == "discarded" and kv == "released")}  # fmt: skip
+            asleep, level = self._metric
+            return {"awake": 1 - asleep, "weights_offloaded": int(asleep and level == 1),
+                    "discard_all": int(asleep and level == 2)}  # fmt: skip
+
+    def operation_timings(self) -> tuple[dict[str, list[float]], dict[str, int]]:
+        with self._lock:
+            return {op: list(seconds) for op, seconds in self._timings.items()}, dict(self._in_flight)
+
+    def _timed(self, operation: str, call: Callable[[], object]) -> object:
+        """`call()` as vLLM's frontend times it ("main"): in flight while it runs, observed when it ends."""
+        started = time.monotonic()
+        with self._lock:
+            self._in_flight[operation] += 1
+        try:
+            time.sleep(self.op_seconds)
+            return call()
+        finally:
+            with self._lock:
+                self._in_flight[operation] -= 1
+                self._timings.setdefault(operation, []).append(time.monotonic() - started)
 
     # --- HTTP ---
 
@@ -148,25 +200,30 @@ class FakeVllm(FakeHttpServer):
     def _post(self, handler: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(handler.path)
         query = parse_qs(parts.query)
-        new = self.version == "0.33.0"
+        new = self.version in ("0.33.0", "main")
         if not self.dev_mode or parts.path not in ("/sleep", "/wake_up", "/release_kv_cache_memory"):
             return self._send(handler, 404, NOT_FOUND)
-        if parts.path == "/sleep":
-            level = query.get("level", ["1"])[0]
-            if not level.isdigit() or (new and int(level) > 2):
-                return self._send(handler, 422, b'{"detail":"level"}')
-            self.sleep(int(level))
-            body = json.dumps({"status": "sleeping", "level": int(level)}).encode() if new else b""
-            return self._send(handler, 200, body)
-        if parts.path == "/wake_up":
-            tags = query.get("tags") or None
-            awake = self.wake_up(tags)
-            body = json.dumps({"status": "awake" if awake else "sleeping", "tags": tags}).encode() if new else b""
-            return self._send(handler, 200, body)
-        if not new:
+        if parts.path == "/release_kv_cache_memory" and not new:
             return self._send(handler, 404, NOT_FOUND)
-        self.release_kv_cache()
-        return self._send(handler, 200, b'{"status":"kv_cache_released"}')
+        level = query.get("level", ["1"])[0]
+        if parts.path == "/sleep" and (not level.isdigit() or (new and int(level) > 2)):
+            return self._send(handler, 422, b'{"detail":"level"}')
+        tags = query.get("tags") or None
+        call, answer = {
+            "/sleep": (lambda: self.sleep(int(level)), lambda _: {"status": "sleeping", "level": int(level)}),
+            "/wake_up": (lambda: self.wake_up(tags),
+                         lambda awake: {"status": "awake" if awake else "sleeping", self._woken_key(): tags}),
+            "/release_kv_cache_memory": (self.release_kv_cache, lambda _: {"status": "kv_cache_released"}),
+        }[parts.path]  # fmt: skip
+        operation = {"/sleep": "sleep", "/wake_up": "wake"}.get(parts.path, "release_kv_cache_memory")
+        try:
+            result = self._timed(operation, call) if self.version == "main" else call()
+        except RuntimeError as exc:
+            return self._send(handler, 500, json.dumps({"error": str(exc)}).encode())
+        return self._send(handler, 200, json.dumps(answer(result)).encode() if new else b"")
+
+    def _woken_key(self) -> str:
+        return "tags_woken" if self.version == "main" else "tags"
 
     def _metrics(self, handler: BaseHTTPRequestHandler) -> None:
         mode = self.mode
@@ -185,81 +242,8 @@ class FakeVllm(FakeHttpServer):
         if mode == "trickle_headers":
             return self._trickle_headers(handler, "text/plain")
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Families(self))
+        registry.register(Families(self))
         body = generate_latest(registry)
         if mode == "trickle":
             return self._trickle_body(handler, body)
         return self._send(handler, 200, body, "text/plain; version=0.0.4; charset=utf-8")
-
-
-class _Families:
-    """One /metrics body of the fake's release, built with prometheus_client as vLLM builds its own."""
-
-    def __init__(self, fake: FakeVllm) -> None:
-        self.fake = fake
-
-    def collect(self) -> Iterable[Metric]:
-        fake = self.fake
-        engines = [str(rank) for rank in range(fake.dp_size)]
-        running = GaugeMetricFamily(
-            "vllm:num_requests_running",
-            "Number of requests in model execution batches.",
-            labels=["engine", "model_name"],
-        )
-        for engine in engines:
-            running.add_metric([engine, MODEL], 0.0)
-        yield running
-        if fake.version != "0.10.2":
-            sleep = GaugeMetricFamily(
-                "vllm:engine_sleep_state", SLEEP_HELP, labels=["engine", "model_name", "sleep_state"]
-            )
-            asleep, level = fake._metric
-            values = {"awake": 1 - asleep, "weights_offloaded": int(asleep and level == 1),
-                      "discard_all": int(asleep and level == 2)}  # fmt: skip
-            if fake.mode == "shape":
-                values["awake"] = 2
-            for engine in engines:
-                for state, value in values.items():
-                    sleep.add_metric([engine, MODEL, state], float(value))
-            yield sleep
-        usage = GaugeMetricFamily(
-            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=["engine", "model_name"]
-        )
-        for engine in engines:
-            usage.add_metric([engine, MODEL], fake.kv_usage)
-        yield usage
-        if fake.version == "0.10.2":
-            old = GaugeMetricFamily(
-                "vllm:gpu_cache_usage_perc",
-                "GPU KV-cache usage. 1 means 100 percent usage.DEPRECATED: Use vllm:kv_cache_usage_perc instead.",
-                labels=["engine", "model_name"],
-            )
-            for engine in engines:
-                old.add_metric([engine, MODEL], fake.kv_usage)
-            yield old
-        labels = dict(CACHE_CONFIG)
-        if fake.version == "0.10.2":
-            for key in ("mamba_block_size", "kv_offloading_size", "kv_offloading_backend"):
-                labels.pop(key)
-        blocks = BLOCKS_PER_ENGINE * (fake.dp_size if fake.version == "0.33.0" else 1)
-        labels["num_gpu_blocks"] = str(blocks)
-        if fake.version == "0.33.0":
-            labels["kv_cache_size_tokens"] = str(TOKENS_PER_ENGINE)
-            labels["kv_cache_max_concurrency"] = "5.33"
-        names = sorted(labels)
-        info = GaugeMetricFamily(
-            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=[*names, "engine"]
-        )
-        for engine in engines:
-            info.add_metric([labels[name] for name in names] + [engine], 1.0)
-        yield info
-        tokens = CounterMetricFamily("vllm:prompt_tokens", "Number of prefill tokens processed.",
-                                     labels=["engine", "model_name"])  # fmt: skip
-        latency = HistogramMetricFamily("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in "
-                                        "seconds.", labels=["engine", "model_name"])  # fmt: skip
-        for engine in engines:
-            tokens.add_metric([engine, MODEL], 1234.0)
-            buckets = [(str(b), 3.0) for b in (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0)]
-            latency.add_metric([engine, MODEL], [*buckets, ("+Inf", 3.0)], 2.5)
-        yield tokens
-        yield latency

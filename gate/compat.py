@@ -69,9 +69,9 @@ def parse_env_positive_float(name: str, default: float) -> float:
     return value
 
 
-def _measure(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -> tuple[float | None, str]:
-    """(max GiB over the GPUs, "") or (None, why it cannot measure). Reads the environment's
-    source, never its threshold variables: a probe has no threshold."""
+def look(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -> tuple[Decision | None, str]:
+    """(one look at `gpu_ids` through the environment's source, "") or (None, why it cannot look).
+    Reads the environment's source, never its threshold variables: a probe has no threshold."""
     ids = list(gpu_ids)
     if not ids:
         return None, "no GPUs given"
@@ -91,16 +91,21 @@ def _measure(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -
         return None, str(exc)
     try:
         gate = ResidualGate.from_env(threshold_gb=DEFAULT_THRESHOLD_GB, source=source, fail_open=False)
-    except GateConfigError as exc:
-        log.warning("GPU memory probe: %s", exc)
-        return None, str(exc)
-    try:
+        # GateConfigError from check: an id that names no GPU ("", -1, a MIG instance, an unresolvable index)
         decision = gate.check(ids, node, holders=False)
-    except GateConfigError as exc:  # an id that names no GPU ("", -1, a MIG instance, an index it cannot resolve)
+    except GateConfigError as exc:
         log.warning("GPU memory probe: %s", exc)
         return None, str(exc)
     if decision.reasons:
         return None, "; ".join(decision.reasons)
+    return decision, ""
+
+
+def _measure(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -> tuple[float | None, str]:
+    """(max GiB over the GPUs, "") or (None, why it cannot measure)."""
+    decision, why = look(gpu_ids, node, timeout_s)
+    if decision is None:
+        return None, why
     used = []
     for verdict in decision.gpus:
         sample = verdict.sample

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shlex
@@ -28,6 +29,8 @@ from fakenvml.prometheus import PrometheusServer, start_prometheus
 from fakenvml.sglang import FakeSglang
 from fakenvml.tree import Tree
 from fakenvml.tree import start as start_tree
+from fakenvml.vllm import FakeVllm
+from fakenvml.vllm_serve import VllmProcess, console_script, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 # CI sets this so that a missing system tool fails the suite instead of skipping.
@@ -114,6 +117,17 @@ def scenario(tmp_path) -> Scenario:
     s = Scenario.with_gpus(tmp_path / "scenario.json", 2)
     s.write()
     return s
+
+
+@pytest.fixture
+def nvml(fake_nvml_dir, scenario, monkeypatch):
+    """The fake NVML loaded in this process (the binding's dlopen by soname finds it), and the
+    gate's environment pointing at it."""
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    monkeypatch.setenv("GPU_RESIDENCY_GATE_SOURCE", "nvml")
+    monkeypatch.delenv("GPU_RESIDENCY_PROMETHEUS_URL", raising=False)
+    ctypes.CDLL(str(fake_nvml_dir / fakenvml.SONAME))
+    return scenario
 
 
 def visible_devices(scenario: Scenario) -> str:
@@ -505,18 +519,45 @@ def tls_files(tmp_path) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.fixture
-def fake_sglang() -> Iterator:
-    """Fake SGLang servers on loopback (fakenvml.sglang), stopped after the test."""
-    servers: list[FakeSglang] = []
+def _fake_servers(make) -> Iterator:
+    """A fixture's body: `start(...)` makes a fake server with `make(...)`; every one is stopped after the test."""
+    servers: list = []
 
-    def start(mode: str = "new", dp_size: int = 1) -> FakeSglang:
-        servers.append(FakeSglang(mode, dp_size, lifetime=60))
+    def start(*args, **options):
+        servers.append(make(*args, **options))
         return servers[-1]
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def fake_sglang() -> Iterator:
+    """Fake SGLang servers on loopback (fakenvml.sglang): start(mode="new", dp_size=1, **options)."""
+    yield from _fake_servers(lambda mode="new", dp_size=1, **options: FakeSglang(mode, dp_size, lifetime=60, **options))
+
+
+@pytest.fixture
+def fake_vllm() -> Iterator:
+    """Fake vLLM servers on loopback (fakenvml.vllm): start(version="0.11.1", mode="ok", **options)."""
+    yield from _fake_servers(
+        lambda version="0.11.1", mode="ok", **options: FakeVllm(version, mode, lifetime=60, **options)
+    )
+
+
+@pytest.fixture
+def vllm_serve(tmp_path):
+    """Start fake `vllm serve` processes (through a `vllm` console script), stopped after the test."""
+    started: list[VllmProcess] = []
+
+    def start(*args: str, dev_mode: bool = True) -> VllmProcess:
+        started.append(launch(list(args), script=console_script(tmp_path / "bin"), dev_mode=dev_mode))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
 
 
 PROMETHEUS_LIFETIME_S = 900  # a Prometheus a test started ends by itself after this

@@ -8,7 +8,6 @@ process trees, a fake SGLang on loopback in a real engine process, real SIGKILLs
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import multiprocessing
@@ -168,16 +167,6 @@ def test_probe_does_not_read_the_threshold_environment(smi, monkeypatch):
     monkeypatch.setenv("MILES_MAX_RESIDUAL_GPU_MEM_GB", "abc")
     monkeypatch.setenv("GPU_RESIDENCY_GATE_THRESHOLD_GB", "0")
     assert probe_max_used_gpu_mem_gb([0]) == 1.0
-
-
-@pytest.fixture
-def nvml(fake_nvml_dir, scenario, monkeypatch):
-    """The fake NVML loaded in this process (the binding's dlopen by soname finds it)."""
-    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
-    monkeypatch.setenv("GPU_RESIDENCY_GATE_SOURCE", "nvml")
-    monkeypatch.delenv("GPU_RESIDENCY_PROMETHEUS_URL", raising=False)
-    ctypes.CDLL(str(fake_nvml_dir / fakenvml.SONAME))
-    return scenario
 
 
 def test_probe_on_nvml_a_gpu_without_a_memory_figure_is_na(nvml, caplog):

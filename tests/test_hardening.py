@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.exits import ExitEvent, report_exit
-from exporter.pollers.sglang import ShapeError, parse_server_info
+from exporter.pollers.sglang_metrics import parse_metrics as parse_sglang_metrics
+from exporter.pollers.sglang_parse import ShapeError, parse_server_info
 from exporter.registry import EngineEntry, RegistryError, register_engine, unregister_engine
 from fakenvml import GIB, GPU_IS_LOST
 from gate.prometheus_source import METRICS, build_query
@@ -227,8 +228,9 @@ def test_server_info_parser_never_crashes_and_never_invents(body):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(hostile_text)
 def test_server_info_parser_takes_deep_and_large_bodies(text):
-    with contextlib.suppress(ValueError):  # ShapeError is a ValueError; so is "not JSON" and "nested too deep"
-        parse_server_info(text.encode())
+    for parse in (parse_server_info, parse_sglang_metrics):  # /server_info, and /metrics where that is absent
+        with contextlib.suppress(ValueError):  # ShapeError is a ValueError; so is "not JSON" and "nested too deep"
+            parse(text.encode())
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -9,9 +10,11 @@ from conftest import one, polled, scrape_families, values
 
 from exporter.engines.catalog import Engine
 from exporter.errors import ErrorCounter
-from exporter.pollers.sglang import GIB, SglangPoller, ShapeError, parse_server_info
+from exporter.pollers.sglang import SglangPoller
+from exporter.pollers.sglang_metrics import parse_metrics
+from exporter.pollers.sglang_parse import GIB, ShapeError, parse_server_info
 from exporter.pollers.url_policy import UrlPolicy
-from fakenvml.sglang import server_info
+from fakenvml.sglang import metrics, server_info
 
 
 def engine(name: str, url: str, up: bool = True) -> Engine:
@@ -197,3 +200,68 @@ def test_exporter_process_polls_a_registered_engine_without_waiting_for_a_scrape
     assert one(m, "gpu_residency_sglang_memory_bytes", engine="rollout-0", dp_rank="1", component="kvcache") == (
         56.25 * GIB
     )
+
+
+# ---------- /metrics: newer releases' memory gauges, where /server_info is absent or slow ----------
+
+
+def accounting(m: dict, name: str) -> dict:
+    """(series, dp_rank, component) -> value of every accounting series of the engine `name`."""
+    out = {}
+    for family in ("gpu_residency_sglang_memory_bytes", "gpu_residency_sglang_token_capacity",
+                   "gpu_residency_sglang_startup_available_bytes"):  # fmt: skip
+        for labels, value in m.get(family, []):
+            if labels["engine"] == name:
+                out[(family, labels["dp_rank"], labels.get("component", ""))] = value
+    return out
+
+
+def test_metrics_only_engine_gives_the_same_series_as_server_info(fake_sglang):
+    """Two schedulers (TP 2) per DP rank publish the same figures: one is read, nothing is doubled;
+    the per-phase graph gauges are summed as /server_info's per-phase dict is."""
+    reference, only = fake_sglang("new", dp_size=2), fake_sglang("metrics_only", dp_size=2, tp_size=2)
+    poller = new_poller()
+    m = polled(poller, engine("ref", reference.url), engine("gauges", only.url))
+    expected = accounting(m, "ref")
+    assert expected[("gpu_residency_sglang_memory_bytes", "1", "graph")] == 1.25 * GIB
+    assert expected[("gpu_residency_sglang_startup_available_bytes", "0", "")] == 70 * GIB
+    assert accounting(m, "gauges") == expected and len(expected) == 2 * 5
+    assert only.requests == ["/server_info", "/get_server_info", "/metrics"]
+    time.sleep(0.25)  # past the poll interval
+    polled(poller, engine("gauges", only.url))
+    assert only.requests[3:] == ["/metrics"], "remembered: /server_info is not asked again"
+
+
+def test_a_server_info_that_outlives_the_deadline_is_read_from_metrics_next(fake_sglang):
+    slow = fake_sglang("slow_info")
+    errors = ErrorCounter()
+    poller = new_poller(errors, read_timeout=0.5)
+    e = engine("slow", slow.url)
+    assert one(polled(poller, e), "gpu_residency_sglang_up", engine="slow") == 0
+    assert errors.snapshot()[("sglang", "timeout")] == 1
+    time.sleep(0.25)
+    m = polled(poller, e)
+    assert one(m, "gpu_residency_sglang_up", engine="slow") == 1
+    assert one(m, "gpu_residency_sglang_memory_bytes", engine="slow", component="kvcache") == 55.25 * GIB
+    assert slow.requests[-1] == "/metrics"
+
+
+def test_metrics_parser_on_every_shape_and_what_it_refuses():
+    assert parse_metrics(metrics("mid", 1, 1)) is None, "an older release: no memory gauges"
+    (rank,) = parse_metrics(metrics("new", 1, 4))
+    assert rank.components == {"weight": 14.5 * GIB, "kvcache": 55.25 * GIB, "graph": 1.25 * GIB}
+    assert (rank.token_capacity, rank.startup_available) == (901_234, 70 * GIB)
+    assert parse_metrics(metrics("new", 2, 1)) == tuple(parse_server_info(json.dumps(server_info("new", 2))))
+    lines = [
+        'sglang:weight_memory_usage_gb{tp_rank="1"} 9.0',
+        'sglang:weight_memory_usage_gb{tp_rank="0"} NaN',  # the scheduler read: not a figure, no series
+        'sglang:kv_cache_memory_usage_gb{tp_rank="0"} 2.0',
+        'sglang:graph_memory_usage_gb{tp_rank="0",phase="decode"} 0.5',
+        'sglang:graph_memory_usage_gb{tp_rank="0",phase="decode",pid="7"} 0.5',  # a copy: which is current?
+    ]
+    (rank,) = parse_metrics("\n".join(lines) + "\n")
+    assert rank.components == {"kvcache": 2.0 * GIB}
+    with pytest.raises(ShapeError):
+        parse_metrics('sglang:weight_memory_usage_gb{dp_rank="x"} 1.0\n')
+    with pytest.raises(ValueError):
+        parse_metrics(b"<html>\x00{")

@@ -21,27 +21,13 @@ from exporter.pollers.http_fetch import FetchError
 from exporter.pollers.poller import EnginePoller
 from exporter.pollers.url_policy import UrlPolicy
 from exporter.pollers.vllm import VllmPoller
-from exporter.pollers.vllm_parse import MAX_RANKS, ShapeError, parse_is_sleeping, parse_metrics
+from exporter.pollers.vllm_parse import MAX_RANKS, RESOURCES, ShapeError, parse_is_sleeping, parse_metrics
 from exporter.registry import register_engine, set_engine_state
 from fakenvml import GIB
 from fakenvml.prometheus import free_port
-from fakenvml.vllm import BLOCKS_PER_ENGINE, TOKENS_PER_ENGINE, FakeVllm
-from fakenvml.vllm_serve import VllmProcess, console_script, launch
+from fakenvml.vllm import BLOCKS_PER_ENGINE, TOKENS_PER_ENGINE
 
 RULES = ROOT / "dashboards" / "alerts.yaml"
-
-
-@pytest.fixture
-def fake_vllm():
-    servers: list[FakeVllm] = []
-
-    def start(version: str = "0.11.1", mode: str = "ok", **kwargs) -> FakeVllm:
-        servers.append(FakeVllm(version, mode, lifetime=60, **kwargs))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def engine(name: str, url: str, up: bool = True, start: int = 1) -> Engine:
@@ -262,12 +248,13 @@ def sleep_lines(engine_index: str, awake: float, offloaded: float, discarded: fl
 
 
 def test_metrics_parser_reads_states_by_name_and_refuses_what_vllm_never_sends():
-    ranks, sleep = parse_metrics(metrics_text(*sleep_lines("0", 0, 0, 1), *sleep_lines("1", 0, 0, 1)))
+    report = parse_metrics(metrics_text(*sleep_lines("0", 0, 0, 1), *sleep_lines("1", 0, 0, 1)))
+    ranks, sleep = report.ranks, report.sleep
     assert sleep.sleeping and sleep.level == 2 and [r.dp_rank for r in ranks] == ["0", "1"]
-    assert parse_metrics(metrics_text(*sleep_lines("0", 0, 0, 0)))[1].level == 0
+    assert parse_metrics(metrics_text(*sleep_lines("0", 0, 0, 0))).sleep.level == 0
     # One DP engine still awake: the server is not asleep (that engine holds its memory).
-    assert not parse_metrics(metrics_text(*sleep_lines("0", 0, 1, 0), *sleep_lines("1", 1, 0, 0)))[1].sleeping
-    assert parse_metrics(metrics_text('vllm:num_requests_running{engine="0"} 0'))[1] is None
+    assert not parse_metrics(metrics_text(*sleep_lines("0", 0, 1, 0), *sleep_lines("1", 1, 0, 0))).sleep.sleeping
+    assert parse_metrics(metrics_text('vllm:num_requests_running{engine="0"} 0')).sleep is None
     for bad in (sleep_lines("0", 1, 1, 0), sleep_lines("0", 0, 1, 1), sleep_lines("0", 0.5, 0, 0),
                 sleep_lines("zero", 1, 0, 0), sleep_lines("0", float("nan"), 0, 0),
                 sleep_lines("0", 1, 0, 0)[1:]):  # fmt: skip
@@ -281,7 +268,7 @@ def test_metrics_parser_reads_states_by_name_and_refuses_what_vllm_never_sends()
 
 
 def test_metrics_parser_falls_back_to_the_old_usage_name_and_drops_what_is_not_a_count():
-    ranks, _ = parse_metrics(
+    ranks = parse_metrics(
         metrics_text(
             'vllm:gpu_cache_usage_perc{engine="0",model_name="m"} 0.5',
             'vllm:kv_cache_usage_perc{engine="1",model_name="m"} NaN',
@@ -289,7 +276,7 @@ def test_metrics_parser_falls_back_to_the_old_usage_name_and_drops_what_is_not_a
             'vllm:kv_cache_usage_perc{engine="2",model_name="m"} 1.5',
             'vllm:cache_config_info{block_size="16",engine="0",kv_cache_size_tokens="None",num_gpu_blocks="-3"} 1.0',
         )
-    )
+    ).ranks
     by_rank = {r.dp_rank: r for r in ranks}
     assert by_rank["0"].kv_usage == 0.5 and by_rank["0"].block_size == 16
     assert by_rank["0"].tokens is None and by_rank["0"].blocks is None
@@ -308,11 +295,17 @@ def test_is_sleeping_parser():
 
 
 metric_names = st.sampled_from(["vllm:engine_sleep_state", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
-                                "vllm:cache_config_info", "vllm:other", "x"])  # fmt: skip
+                                "vllm:cache_config_info", "vllm:other", "x", "vllm:engine_sleep_resource_state",
+                                "vllm:engine_fully_awake", "vllm:rl_sleep_mode_operation_duration_seconds_bucket",
+                                "vllm:rl_sleep_mode_operation_duration_seconds_sum",
+                                "vllm:rl_sleep_mode_operation_duration_seconds_count",
+                                "vllm:sleep_mode_operations_in_flight"])  # fmt: skip
 label_names = st.sampled_from(["engine", "sleep_state", "model_name", "num_gpu_blocks", "block_size",
-                               "kv_cache_size_tokens"])  # fmt: skip
+                               "kv_cache_size_tokens", "resource", "state", "operation", "le"])  # fmt: skip
 label_values = st.sampled_from(["0", "1", "65", "awake", "weights_offloaded", "discard_all", "None", "16", "-1",
-                                "99999999999999999999", "x\\\"y", ""]) | st.text(max_size=8)  # fmt: skip
+                                "99999999999999999999", "x\\\"y", "", "weights", "kv_cache", "scheduler",
+                                "unknown", "resident", "released", "offloaded", "paused", "sleep", "wake",
+                                "+Inf"]) | st.text(max_size=8)  # fmt: skip
 sample_values = st.sampled_from(["0", "1", "2", "0.5", "-1", "NaN", "+Inf", "1e308", "x", ""])
 sample_lines = st.builds(
     lambda name, labels, value: name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "} " + value,
@@ -330,16 +323,23 @@ metrics_bodies = st.lists(
 @given(metrics_bodies)
 def test_metrics_parser_never_crashes_and_never_invents(body):
     try:
-        ranks, sleep = parse_metrics(body)
+        report = parse_metrics(body)
     except ValueError:  # ShapeError included
         return
-    assert len(ranks) <= MAX_RANKS
-    for rank in ranks:
+    assert len(report.ranks) <= MAX_RANKS
+    for rank in report.ranks:
         assert rank.dp_rank.isdigit()
         assert rank.kv_usage is None or 0 <= rank.kv_usage <= 1
         for count in (rank.blocks, rank.block_size, rank.tokens):
             assert count is None or (isinstance(count, int) and count >= 0)
-    assert sleep is None or (sleep.level in (0, 1, 2) if sleep.sleeping else sleep.level is None)
+        assert all(state in RESOURCES[resource] for resource, state in rank.resources)
+    sleep = report.sleep
+    if sleep is not None and sleep.unknown:
+        assert sleep.sleeping and sleep.level is None, "unknown is never awake, never a known level"
+    else:
+        assert sleep is None or (sleep.level in (0, 1, 2) if sleep.sleeping else sleep.level is None)
+    for timing in report.timings.values():
+        assert timing.buckets[-1][0] == "+Inf" and timing.count >= 0 and timing.sum >= 0
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -358,20 +358,6 @@ def _hold(scenario, pids: list[int], gib: float) -> None:
         gpu.processes = [(pid, int(gib * GIB))]
         gpu.used = int(gib * GIB) + GIB // 4
     scenario.write()
-
-
-@pytest.fixture
-def vllm_serve(tmp_path):
-    """Start fake `vllm serve` processes (through a `vllm` console script), stopped after the test."""
-    started: list[VllmProcess] = []
-
-    def start(*args: str, dev_mode: bool = True) -> VllmProcess:
-        started.append(launch(list(args), script=console_script(tmp_path / "bin"), dev_mode=dev_mode))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def _start(exporter_factory, scenario, tmp_path, *extra: str):

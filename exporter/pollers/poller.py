@@ -248,3 +248,14 @@ class EnginePoller(Generic[T]):
             return {}
         with self._lock:
             return {t.name: self._results[t] for t in self._targets.values() if t in self._results}
+
+
+def parsed(parse: Callable[[bytes], T], body: bytes, where: str, unparsable: str, shape_error: type[ValueError]) -> T:
+    """`parse(body)`, its failures as poll errors: unexpected_shape for a body of the wrong shape (the
+    parser's `shape_error`, a ValueError), `unparsable` for any other ValueError (no body at all)."""
+    try:
+        return parse(body)
+    except shape_error as exc:
+        raise PollError("unexpected_shape", f"{where}: {exc}") from None
+    except ValueError as exc:
+        raise PollError(unparsable, f"{where}: {exc}") from None

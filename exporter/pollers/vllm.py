@@ -6,6 +6,9 @@ Unlike SGLang, vLLM says whether it is asleep, in one of two ways depending on i
   `weights_offloaded` (level 1: weights copied to CPU memory, KV cache dropped) and `discard_all`
   (level 2: both dropped). All three are 0 after a level-0 sleep or `/release_kv_cache_memory`
   (0.33 and later: scheduling paused, or only the KV cache freed; the weights stay on the GPU).
+- `/metrics`, newer (vllm-project/vllm docs/design/engine_sleep_state.md at 13cbd441):
+  `vllm:engine_sleep_resource_state{engine, resource, state}` per resource and
+  `vllm:engine_fully_awake`; where present they decide (exporter.pollers.vllm_resources).
 - `GET /is_sleeping` -> `{"is_sleeping": bool}` (older releases; only with VLLM_SERVER_DEV_MODE=1),
   which does not say the level.
 Each poll reads /metrics (prometheus_client's own parser) and, when it has no sleep state,
@@ -29,27 +32,28 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.engines.catalog import Engine
 from exporter.errors import ErrorCounter
-from exporter.pollers.poller import EnginePoller, Get, PollError
+from exporter.pollers.poller import EnginePoller, Get, PollError, parsed
 from exporter.pollers.url_policy import UrlPolicy
 from exporter.pollers.vllm_parse import (
     RankAccounting,
     ShapeError,
     SleepReport,
+    Timing,
     parse_is_sleeping,
     parse_metrics,
 )
+from exporter.pollers.vllm_resources import resource_families
 from exporter.sleep_wake.states import Observed
 from exporter.snapshot.attribution import Snapshot
 
-T = TypeVar("T")
 MAX_METRICS_BYTES = 4 * 1024 * 1024  # /metrics with many DP engines and histograms runs to a few hundred KiB
 
 
@@ -58,9 +62,13 @@ class VllmStatus:
     ranks: tuple[RankAccounting, ...]
     sleep: SleepReport | None  # None: this vLLM does not say whether it sleeps
     via: str = ""  # metrics | is_sleeping | "" (no state)
+    timings: dict[str, Timing] = dataclasses.field(default_factory=dict)  # vLLM's own, per operation
+    in_flight: dict[str, float] = dataclasses.field(default_factory=dict)  # operations awaited now
     # Filled in across polls (VllmPoller._fold):
     polled_at: float | None = None  # wall time of this poll
-    since: float | None = None  # when a poll first saw this sleep state; None: so at the first look
+    # When this sleep state began: the poll that first saw it, or, where vLLM timed the one operation that
+    # changed it, that poll less the operation's duration (its latest possible start); None: so at the first look.
+    since: float | None = None
     before: float | None = None  # the last poll that saw the previous state
 
 
@@ -74,41 +82,49 @@ class VllmClient:
     def poll(self, base_url: str, get: Get) -> VllmStatus:
         ranks: tuple[RankAccounting, ...] = ()
         sleep = None
+        timings: dict[str, Timing] = {}
+        in_flight: dict[str, float] = {}
         response = get(base_url + "/metrics")
         if response.status == 200:
-            ranks, sleep = _parsed(parse_metrics, response.body, f"{base_url}/metrics", "bad_metrics")
+            report = parsed(parse_metrics, response.body, f"{base_url}/metrics", "bad_metrics", ShapeError)
+            ranks, sleep, timings, in_flight = report.ranks, report.sleep, report.timings, report.in_flight
         elif response.status != 404:
             raise PollError("status", f"{base_url}/metrics: HTTP {response.status}")
         if sleep is not None:
-            return VllmStatus(ranks, sleep, "metrics")
+            return VllmStatus(ranks, sleep, "metrics", timings, in_flight)
         with self._lock:
             without = base_url in self._without_is_sleeping
         if not without:
             answer = get(base_url + "/is_sleeping")
             if answer.status == 200:
-                sleep = _parsed(parse_is_sleeping, answer.body, f"{base_url}/is_sleeping", "bad_json")
-                return VllmStatus(ranks, sleep, "is_sleeping")
+                sleep = parsed(parse_is_sleeping, answer.body, f"{base_url}/is_sleeping", "bad_json", ShapeError)
+                return VllmStatus(ranks, sleep, "is_sleeping", timings, in_flight)
             if answer.status != 404:
                 raise PollError("status", f"{base_url}/is_sleeping: HTTP {answer.status}")
             with self._lock:
                 self._without_is_sleeping.add(base_url)
         if response.status == 404:
             raise PollError("status", f"{base_url}: neither /metrics nor /is_sleeping (not a vLLM server?)")
-        return VllmStatus(ranks, None, "")
+        return VllmStatus(ranks, None, "", timings, in_flight)
 
     def forget(self, base_url: str) -> None:
         with self._lock:
             self._without_is_sleeping.discard(base_url.rstrip("/"))
 
 
-def _parsed(parse: Callable[[bytes], T], body: bytes, where: str, unparsable: str) -> T:
-    """`parse(body)`, its failures as poll errors: unexpected_shape, or `unparsable` for what is no body at all."""
-    try:
-        return parse(body)
-    except ShapeError as exc:
-        raise PollError("unexpected_shape", f"{where}: {exc}") from None
-    except ValueError as exc:
-        raise PollError(unparsable, f"{where}: {exc}") from None
+def _took(previous: VllmStatus, new: VllmStatus, operation: str) -> float | None:
+    """How long the one `operation` vLLM completed between two polls took, by its own histogram; None
+    unless exactly one completed (none: the change came another way; several: which one is unknown).
+    vLLM creates an operation's histogram at its first call: absent before, it had none."""
+    after = new.timings.get(operation)
+    if after is None or previous.via != "metrics":
+        return None
+    before = previous.timings.get(operation)
+    count, total = (before.count, before.sum) if before else (0.0, 0.0)
+    if after.count - count != 1:
+        return None
+    took = after.sum - total
+    return took if took >= 0 else None
 
 
 class VllmPoller(EnginePoller[VllmStatus]):
@@ -132,7 +148,8 @@ class VllmPoller(EnginePoller[VllmStatus]):
         if previous.sleep.sleeping == new.sleep.sleeping:
             return dataclasses.replace(new, since=previous.since, before=previous.before)
         self.changes += 1
-        return dataclasses.replace(new, since=at, before=previous.polled_at)
+        took = _took(previous, new, "sleep" if new.sleep.sleeping else "wake")
+        return dataclasses.replace(new, since=at if took is None else at - took, before=previous.polled_at)
 
     def observed(self, engines: Iterable[Engine]) -> dict[str, Observed]:
         """The sleep state each vLLM engine reports, for the engines whose last poll said."""
@@ -204,3 +221,4 @@ class VllmPoller(EnginePoller[VllmStatus]):
                     if value is not None:
                         family.add_metric(labels, value)
         yield from (up, level, usage, tokens, blocks, block_size)
+        yield from resource_families(node, {name: r.value for name, r in sorted(results.items()) if r.ok and r.value})
