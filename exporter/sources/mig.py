@@ -1,0 +1,141 @@
+"""MIG devices (GPU instance + compute instance slices) of a GPU, read through NVML's MIG calls.
+
+The layout of a GPU (which MIG devices exist, their UUIDs, ids and profiles) is read once per
+NVML session and kept: walking every slot with nvmlDeviceGetMigDeviceHandleByIndex costs a
+failed look-up (NOT_FOUND) per empty slot, and repeating failed look-ups on every scrape is
+what made dcgm-exporter burn cores on dense MIG nodes (NVIDIA/dcgm-exporter#599). It is read
+again only on evidence that it changed: the MIG mode changed, a known instance's handle
+failed (destroyed), the parent listed a process on an instance the layout lacks (created), or
+LAYOUT_MAX_AGE seconds passed (an instance created with nothing on it yet). A change found
+mid-collection is re-read in that same collection, once, so it costs one collection at most;
+a GPU without MIG answers NOT_SUPPORTED once per session and is not asked again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from exporter.errors import ErrorCounter
+from gpu_residency_common.nvml_memory import nvml_reason, read_memory, text
+
+LAYOUT_MAX_AGE = 30.0  # seconds a layout is trusted without evidence of change
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    """What does not change while the instance exists."""
+
+    handle: object = field(compare=False)  # ctypes pointers do not hash
+    uuid: str = ""  # MIG-...
+    gpu_instance: int = 0
+    compute_instance: int = 0
+    profile: str = ""  # 1g.10gb, from the device name NVML gives ("NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.gpu_instance, self.compute_instance)
+
+    @property
+    def label(self) -> str:
+        """GI/CI, the ids nvidia-smi prints in its MIG devices table."""
+        return f"{self.gpu_instance}/{self.compute_instance}"
+
+
+@dataclass(frozen=True)
+class MigReading:
+    instance: MigInstance
+    used_bytes: int | None
+    total_bytes: int | None
+    reserved_bytes: int | None
+
+
+@dataclass
+class _Layout:
+    instances: tuple[MigInstance, ...]
+    read_at: float
+
+
+class MigLayouts:
+    """Per parent GPU index, its MIG layout for this NVML session (see the module docstring)."""
+
+    def __init__(self, errors: ErrorCounter) -> None:
+        self._errors = errors
+        self._layouts: dict[int, _Layout] = {}
+        self._no_mig: set[int] = set()  # GPUs that answered NOT_SUPPORTED: not asked again this session
+
+    def clear(self) -> None:
+        """A new NVML session (or GPUs renumbered): handles and ids are read afresh."""
+        self._layouts.clear()
+        self._no_mig.clear()
+
+    def read(self, nvml, index: int, handle: object, seen: set[tuple[int, int]]) -> tuple[MigReading, ...] | None:
+        """The GPU's MIG devices with their memory: () without MIG, None when it cannot be read.
+        `seen`: the (GI, CI) pairs the parent's process list named this collection."""
+        if index in self._no_mig:
+            return ()
+        try:
+            mode = nvml.nvmlDeviceGetMigMode(handle)[0]
+        except (nvml.NVMLError_NotSupported, nvml.NVMLError_FunctionNotFound):
+            self._no_mig.add(index)
+            return ()
+        except nvml.NVMLError as exc:
+            self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+            return None
+        if mode != nvml.NVML_DEVICE_MIG_ENABLE:
+            self._layouts.pop(index, None)
+            return ()
+        layout = self._layouts.get(index)
+        rescanned = layout is None or time.monotonic() - layout.read_at > LAYOUT_MAX_AGE
+        if rescanned or not seen <= {instance.key for instance in layout.instances}:
+            layout, rescanned = self._enumerate(nvml, index, handle), True
+        readings, failed = self._memory(nvml, layout.instances, count=rescanned)
+        if failed and not rescanned:  # an instance was destroyed: read the layout again, once
+            readings, _ = self._memory(nvml, self._enumerate(nvml, index, handle).instances, count=True)
+        return readings
+
+    def _enumerate(self, nvml, index: int, handle: object) -> _Layout:
+        """Every slot once; an empty one (NOT_FOUND) or a failing one is remembered as nothing."""
+        instances = []
+        try:
+            slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+        except nvml.NVMLError as exc:
+            self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+            slots = 0
+        for slot in range(slots):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+                name = text(nvml.nvmlDeviceGetName(mig))
+                instances.append(
+                    MigInstance(
+                        handle=mig,
+                        uuid=text(nvml.nvmlDeviceGetUUID(mig)),
+                        gpu_instance=int(nvml.nvmlDeviceGetGpuInstanceId(mig)),
+                        compute_instance=int(nvml.nvmlDeviceGetComputeInstanceId(mig)),
+                        profile=name.rsplit(" MIG ", 1)[1] if " MIG " in name else "",
+                    )
+                )
+            except nvml.NVMLError_NotFound:
+                continue
+            except nvml.NVMLError as exc:
+                self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+        layout = self._layouts[index] = _Layout(tuple(instances), time.monotonic())
+        return layout
+
+    def _memory(self, nvml, instances: tuple[MigInstance, ...], count: bool) -> tuple[tuple[MigReading, ...], bool]:
+        """The instances' memory, and whether a handle failed (its instance destroyed, or
+        failing); a failed instance is left out, and counted when `count`."""
+        readings, failed = [], False
+        for instance in instances:
+            try:
+                info = read_memory(nvml, instance.handle)
+            except nvml.NVMLError_NotSupported:
+                readings.append(MigReading(instance, None, None, None))
+                continue
+            except nvml.NVMLError as exc:
+                failed = True
+                if count:
+                    self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+                continue
+            readings.append(MigReading(instance, info.used, info.total, info.reserved))
+        return tuple(readings), failed

@@ -1,0 +1,139 @@
+"""MIG devices measured and attributed like GPUs, over the fake NVML's MIG calls and the real
+nvidia-ml-py (the collector in-process)."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+from conftest import one, require_tool, values
+from prometheus_client import CollectorRegistry, generate_latest
+
+import fakenvml
+from exporter.registry import register_engine
+from fakenvml import GIB, FakeMig
+
+MIB = 1024**2
+
+
+def mig_node(scenario, *instances: FakeMig) -> None:
+    """GPU 0 with MIG on and these devices; GPU 1 a whole GPU (no MIG at all)."""
+    gpu = scenario.gpus[0]
+    gpu.mig_mode, gpu.mig = 1, list(instances)
+    gpu.processes = []
+    gpu.used = sum(instance.used for instance in instances)
+    scenario.write()
+
+
+def calls(fake_nvml_dir, name: str) -> int:
+    lib = ctypes.CDLL(str(fake_nvml_dir / fakenvml.SONAME))  # the library this process's pynvml loaded
+    lib.fakeNvmlCallCount.restype = ctypes.c_ulong
+    return lib.fakeNvmlCallCount(name.encode())
+
+
+def test_every_mig_device_is_measured_and_nothing_counts_twice(local_exporter, scenario, spawn_tree):
+    tree = spawn_tree(leaves=3)
+    register_engine("rollout", root_pid=tree.pid, directory=local_exporter.registry_dir)
+    a, b, c = tree.leaves
+    mig_node(
+        scenario,
+        FakeMig(gi=1, used=4 * GIB, processes=[(a, 3 * GIB)]),
+        FakeMig(gi=2, used=5 * GIB, processes=[(b, 2 * GIB), (c, 2 * GIB)]),
+        FakeMig(gi=3, profile="3g.40gb", total=40 * GIB, used=1 * GIB),
+    )
+    uuids = scenario.gpus[0].mig_uuids
+
+    m = local_exporter.scrape()
+
+    used = {s["mig_instance"]: v for s, v in m["gpu_residency_mig_memory_used_bytes"] if s["gpu"] == "0"}
+    assert used == {"1/0": 4 * GIB, "2/0": 5 * GIB, "3/0": 1 * GIB}
+    assert one(m, "gpu_residency_mig_memory_total_bytes", mig_instance="3/0", mig_profile="3g.40gb") == 40 * GIB
+    assert one(m, "gpu_residency_mig_memory_used_bytes", mig_uuid=uuids[1], uuid=scenario.gpus[0].uuid) == 5 * GIB
+    # The parent GPU's series stay, and equal the sum of its devices: nothing is counted twice.
+    assert one(m, "gpu_residency_memory_used_bytes", gpu=0) == sum(used.values())
+    assert values(m, "gpu_residency_mig_memory_used_bytes", gpu=1) == []
+    # Per process and per engine, each on its device; the engine's rows sum to its GPU figure.
+    assert one(m, "gpu_residency_process_memory_bytes", pid=c, mig_instance="2/0", mig_uuid=uuids[1]) == 2 * GIB
+    engine = {s["mig_instance"]: v for s, v in m["gpu_residency_engine_memory_bytes"] if s["engine"] == "rollout"}
+    assert engine == {"1/0": 3 * GIB, "2/0": 4 * GIB}
+    assert sum(values(m, "gpu_residency_process_memory_bytes", gpu=0)) == sum(engine.values())
+    mig_rest = {s["mig_instance"]: v for s, v in m["gpu_residency_mig_unattributed_memory_bytes"]}
+    assert mig_rest == {"1/0": 1 * GIB, "2/0": 1 * GIB, "3/0": 1 * GIB}
+    assert one(m, "gpu_residency_unattributed_memory_bytes", gpu=0) == sum(mig_rest.values())
+
+
+def test_a_process_nvml_does_not_place_goes_to_the_slice_its_environment_names(
+    local_exporter, scenario, spawn_tree, monkeypatch
+):
+    mig_node(scenario, FakeMig(gi=1, used=2 * GIB), FakeMig(gi=5, used=3 * GIB))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", scenario.gpus[0].mig_uuids[1])
+    tree = spawn_tree(leaves=1)
+    register_engine("on-slice", root_pid=tree.pid, directory=local_exporter.registry_dir)
+    scenario.gpus[0].processes = [(tree.leaves[0], 2 * GIB)]  # listed on the GPU without instance ids
+    scenario.write()
+
+    m = local_exporter.scrape()
+
+    assert one(m, "gpu_residency_engine_memory_bytes", engine="on-slice") == 2 * GIB
+    assert one(m, "gpu_residency_engine_memory_bytes", engine="on-slice", mig_instance="5/0") == 2 * GIB
+    assert one(m, "gpu_residency_mig_unattributed_memory_bytes", mig_instance="5/0") == 1 * GIB
+
+
+def test_a_process_placed_nowhere_leaves_the_slices_unattributed_unknown(local_exporter, scenario, spawn_tree):
+    mig_node(scenario, FakeMig(gi=1, used=2 * GIB))
+    tree = spawn_tree(leaves=1)
+    scenario.gpus[0].processes = [(tree.leaves[0], 1 * GIB)]  # no instance ids, no CUDA_VISIBLE_DEVICES
+    scenario.write()
+
+    m = local_exporter.scrape()
+
+    assert one(m, "gpu_residency_process_memory_bytes", pid=tree.leaves[0], mig_instance="") == 1 * GIB
+    assert values(m, "gpu_residency_mig_unattributed_memory_bytes") == []  # unknown is absent, never a guess
+    assert one(m, "gpu_residency_mig_memory_used_bytes", mig_instance="1/0") == 2 * GIB
+
+
+def test_a_layout_change_costs_one_collection_and_leaves_no_stale_instance(local_exporter, scenario, spawn_tree):
+    tree = spawn_tree(leaves=1)
+    first, second = FakeMig(gi=1, used=1 * GIB), FakeMig(gi=2, used=2 * GIB)
+    mig_node(scenario, first, second)
+    assert len(local_exporter.scrape()["gpu_residency_mig_memory_used_bytes"]) == 2
+
+    # gi 2 destroyed, gi 2 created again (a new UUID) and gi 3 created, all between two scrapes.
+    reborn = FakeMig(gi=2, profile="2g.20gb", used=6 * GIB, serial=1)
+    mig_node(scenario, first, reborn, FakeMig(gi=3, used=0, processes=[]))
+    m = local_exporter.scrape()
+    got = {(s["mig_instance"], s["mig_uuid"], s["mig_profile"]) for s, _ in m["gpu_residency_mig_memory_used_bytes"]}
+    uuids = scenario.gpus[0].mig_uuids
+    assert got == {("1/0", uuids[0], "1g.10gb"), ("2/0", uuids[1], "2g.20gb"), ("3/0", uuids[2], "1g.10gb")}
+
+    # A device created with a process on it: the parent's process list names it, read at once.
+    mig_node(scenario, first, reborn, FakeMig(gi=3), FakeMig(gi=4, used=GIB, processes=[(tree.leaves[0], GIB)]))
+    m = local_exporter.scrape()
+    assert one(m, "gpu_residency_process_memory_bytes", pid=tree.leaves[0], mig_instance="4/0") == GIB
+    assert one(m, "gpu_residency_mig_memory_used_bytes", mig_instance="4/0") == GIB
+    assert values(m, "gpu_residency_errors_total", source="nvml") == []
+
+
+def test_failed_mig_look_ups_are_made_once_per_nvml_session(local_exporter, scenario, fake_nvml_dir):
+    mig_node(scenario, FakeMig(gi=1, slot=3))  # one device: six empty slots answer NOT_FOUND
+    local_exporter.scrape()
+    handles, modes = calls(fake_nvml_dir, "mig_handle"), calls(fake_nvml_dir, "mig_mode")
+
+    for _ in range(5):
+        assert one(local_exporter.scrape(), "gpu_residency_mig_memory_used_bytes", mig_instance="1/0") == 0
+
+    assert calls(fake_nvml_dir, "mig_handle") == handles  # no slot is asked again, empty or not
+    assert calls(fake_nvml_dir, "mig_mode") == modes + 5  # the MIG GPU's mode, once a scrape; GPU 1's never
+
+
+def test_promtool_accepts_the_mig_families(local_exporter, scenario, spawn_tree):
+    promtool = require_tool("promtool")
+    tree = spawn_tree(leaves=1)
+    register_engine("e", root_pid=tree.pid, directory=local_exporter.registry_dir)
+    mig_node(scenario, FakeMig(gi=1, used=GIB, processes=[(tree.leaves[0], 512 * MIB)]))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(local_exporter.collector)
+    body = generate_latest(registry).decode()
+    assert "gpu_residency_mig_memory_used_bytes{" in body
+    lint = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
