@@ -31,7 +31,6 @@ def gpu_families(node: str, snapshot: Snapshot) -> Iterable[Metric]:
     specs = (
         ("mig_memory_used_bytes", "used_bytes", "GPU memory in use on one MIG device (NVML), part of its GPU's."),
         ("mig_memory_total_bytes", "total_bytes", "Memory size of one MIG device (NVML)."),
-        ("mig_memory_reserved_bytes", "reserved_bytes", "Memory of one MIG device reserved by the driver (NVML)."),
     )
     for name, field, doc in specs:
         family = GaugeMetricFamily(PREFIX + name, doc, labels=MIG_LABELS)

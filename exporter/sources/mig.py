@@ -4,9 +4,10 @@ The layout of a GPU (which MIG devices exist, their UUIDs, ids and profiles) is 
 NVML session and kept: walking every slot with nvmlDeviceGetMigDeviceHandleByIndex costs a
 failed look-up (NOT_FOUND) per empty slot, and repeating failed look-ups on every scrape is
 what made dcgm-exporter burn cores on dense MIG nodes (NVIDIA/dcgm-exporter#599). It is read
-again only on evidence that it changed: the MIG mode changed, a known instance's handle
-failed (destroyed), the parent listed a process on an instance the layout lacks (created), or
-LAYOUT_MAX_AGE seconds passed (an instance created with nothing on it yet). A change found
+again (MIG mode included: changing it takes a GPU reset, which fails the old handles) only on
+evidence that it changed: a known instance's handle failed (destroyed), the parent listed a
+process on an instance the layout lacks (created), or LAYOUT_MAX_AGE seconds passed (an
+instance created with nothing on it yet, MIG turned on). A change found
 mid-collection is re-read in that same collection, once, so it costs one collection at most;
 a GPU without MIG answers NOT_SUPPORTED once per session and is not asked again.
 """
@@ -74,31 +75,33 @@ class MigLayouts:
         `seen`: the (GI, CI) pairs the parent's process list named this collection."""
         if index in self._no_mig:
             return ()
-        try:
-            mode = nvml.nvmlDeviceGetMigMode(handle)[0]
-        except (nvml.NVMLError_NotSupported, nvml.NVMLError_FunctionNotFound):
-            self._no_mig.add(index)
-            return ()
-        except nvml.NVMLError as exc:
-            self._errors.inc("nvml", "mig_" + nvml_reason(exc))
-            return None
-        if mode != nvml.NVML_DEVICE_MIG_ENABLE:
-            self._layouts.pop(index, None)
-            return ()
         layout = self._layouts.get(index)
         rescanned = layout is None or time.monotonic() - layout.read_at > LAYOUT_MAX_AGE
         if rescanned or not seen <= {instance.key for instance in layout.instances}:
             layout, rescanned = self._enumerate(nvml, index, handle), True
+        if layout is None:
+            return () if index in self._no_mig else None
         readings, failed = self._memory(nvml, layout.instances, count=rescanned)
         if failed and not rescanned:  # an instance was destroyed: read the layout again, once
-            readings, _ = self._memory(nvml, self._enumerate(nvml, index, handle).instances, count=True)
+            layout = self._enumerate(nvml, index, handle)
+            readings, _ = self._memory(nvml, layout.instances, count=True) if layout else ((), False)
         return readings
 
-    def _enumerate(self, nvml, index: int, handle: object) -> _Layout:
-        """Every slot once; an empty one (NOT_FOUND) or a failing one is remembered as nothing."""
+    def _enumerate(self, nvml, index: int, handle: object) -> _Layout | None:
+        """The MIG mode, then every slot once; an empty slot (NOT_FOUND) or a failing one is
+        remembered as nothing. None when the mode cannot be read (or the GPU has no MIG)."""
+        self._layouts.pop(index, None)
+        try:
+            mode = nvml.nvmlDeviceGetMigMode(handle)[0]
+        except (nvml.NVMLError_NotSupported, nvml.NVMLError_FunctionNotFound):
+            self._no_mig.add(index)
+            return None
+        except nvml.NVMLError as exc:
+            self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+            return None
         instances = []
         try:
-            slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+            slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle) if mode == nvml.NVML_DEVICE_MIG_ENABLE else 0
         except nvml.NVMLError as exc:
             self._errors.inc("nvml", "mig_" + nvml_reason(exc))
             slots = 0
