@@ -9,8 +9,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors.names import PREFIX
 from exporter.snapshot.attribution import Snapshot
-from exporter.sources.mig import MigReading
 from exporter.sources.nvml import GpuReading
+from gpu_residency_common.nvml_mig import MigReading
 
 GPU_LABELS = ["node", "gpu", "uuid", "pci_bus_id", "model"]
 # A MIG device: its parent GPU (index, UUID), its GI/CI ids, profile and own MIG-... UUID.

@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from exporter.collectors.gpu import MIG_LABELS, mig_labels
 from exporter.collectors.names import PREFIX
 from exporter.snapshot.attribution import Snapshot
-from exporter.sources.mig import MigReading
+from gpu_residency_common.nvml_mig import MigReading
 
 
 def process_families(node: str, snapshot: Snapshot) -> Iterable[Metric]:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from exporter.engines.catalog import Engine
 from exporter.errors import ErrorCounter
-from exporter.sources.mig import MigReading
 from exporter.sources.nvml import GpuProcess, GpuReading, NvmlReading
 from exporter.sources.proctable import ProcInfo, ProcView
 from gpu_residency_common.holders import HolderId, holder_of
+from gpu_residency_common.nvml_mig import MigReading
 
 UNKNOWN = HolderId("unknown", "")  # a process that left /proc before we looked
 

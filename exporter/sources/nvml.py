@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 
 from exporter.errors import ErrorCounter
-from exporter.sources.mig import MigLayouts, MigReading
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
 from gpu_residency_common.nvml_memory import nvml_reason, read_memory, read_process_entries, text
+from gpu_residency_common.nvml_mig import MigLayouts, MigReading
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class NvmlSource:
         self._next_init = 0.0
         self._logged_failure = False
         self._identities: dict[int, _Identity] = {}
-        self._mig = MigLayouts(errors)
+        self._mig = MigLayouts(lambda reason: errors.inc("nvml", reason))
         self._driver_version = ""
 
     def _init(self) -> bool:

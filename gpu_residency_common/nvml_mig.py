@@ -15,9 +15,9 @@ a GPU without MIG answers NOT_SUPPORTED once per session and is not asked again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from exporter.errors import ErrorCounter
 from gpu_residency_common.nvml_memory import nvml_reason, read_memory, text
 
 LAYOUT_MAX_AGE = 30.0  # seconds a layout is trusted without evidence of change
@@ -60,8 +60,9 @@ class _Layout:
 class MigLayouts:
     """Per parent GPU index, its MIG layout for this NVML session (see the module docstring)."""
 
-    def __init__(self, errors: ErrorCounter) -> None:
-        self._errors = errors
+    def __init__(self, on_error: Callable[[str], None] = lambda reason: None) -> None:
+        """`on_error(reason)` counts a failed MIG call (reason: 'mig_' + NVML's error name)."""
+        self._on_error = on_error
         self._layouts: dict[int, _Layout] = {}
         self._no_mig: set[int] = set()  # GPUs that answered NOT_SUPPORTED: not asked again this session
 
@@ -97,13 +98,13 @@ class MigLayouts:
             self._no_mig.add(index)
             return None
         except nvml.NVMLError as exc:
-            self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+            self._on_error("mig_" + nvml_reason(exc))
             return None
         instances = []
         try:
             slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle) if mode == nvml.NVML_DEVICE_MIG_ENABLE else 0
         except nvml.NVMLError as exc:
-            self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+            self._on_error("mig_" + nvml_reason(exc))
             slots = 0
         for slot in range(slots):
             try:
@@ -121,7 +122,7 @@ class MigLayouts:
             except nvml.NVMLError_NotFound:
                 continue
             except nvml.NVMLError as exc:
-                self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+                self._on_error("mig_" + nvml_reason(exc))
         layout = self._layouts[index] = _Layout(tuple(instances), time.monotonic())
         return layout
 
@@ -138,7 +139,7 @@ class MigLayouts:
             except nvml.NVMLError as exc:
                 failed = True
                 if count:
-                    self._errors.inc("nvml", "mig_" + nvml_reason(exc))
+                    self._on_error("mig_" + nvml_reason(exc))
                 continue
             readings.append(MigReading(instance, info.used, info.total, info.reserved))
         return tuple(readings), failed
