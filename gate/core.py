@@ -17,7 +17,7 @@ from pathlib import Path
 from gate.decision import Decision, GateTimeout, GpuVerdict
 from gate.identity import LocalView, UnresolvedGpu, local_view, resolve
 from gate.pace import Pace
-from gate.readings import GIB, GpuSample, SourceError, normalise
+from gate.readings import GIB, GpuSample, SourceError, normalise, refuse_mig
 from gate.settings import (
     CLEAR_SAMPLES_ENV,
     DEFAULT_EAGER_S,
@@ -173,10 +173,13 @@ class ResidualGate:
             self._resolved[key] = targets
         return self._resolved[key]
 
-    @staticmethod
-    def _names(gpus: Sequence[int | str]) -> list[str]:
+    def _names(self, gpus: Sequence[int | str]) -> list[str]:
+        """The GPUs' names; a MIG device's only where the source reads MIG devices (`reads_mig`)."""
         try:
             names = [normalise(gpu) for gpu in gpus]
+            if not getattr(self.source, "reads_mig", False):
+                for name in names:
+                    refuse_mig(name, f"the {self.source.name} source")
         except ValueError as exc:
             raise GateConfigError(str(exc)) from None
         if not names:

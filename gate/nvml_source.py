@@ -8,6 +8,7 @@ from typing import ClassVar
 from gate.readings import GpuSample, SourceError
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
 from gpu_residency_common.nvml_memory import read_memory, read_processes
+from gpu_residency_common.nvml_mig import MigLayouts
 
 DEFAULT_NVML_TIMEOUT_S = 5.0
 
@@ -19,6 +20,7 @@ class NvmlSource:
     hanging the scheduler that imported it."""
 
     name = "nvml"
+    reads_mig = True  # MIG devices are samples of their own: MIG-... and `gpu:gi` name them
     poll_floor_s = 0.0  # a memory-only read costs ~0.1 ms for 8 GPUs: the gate's own pace decides
 
     _shared: ClassVar[dict[float, NvmlSource]] = {}
@@ -46,6 +48,7 @@ class NvmlSource:
         # index -> (handle, uuid, bus id): fixed while NVML stays initialised (the gate never shuts it
         # down); only the worker thread touches it.
         self._identities: dict[int, tuple[object, str, str]] = {}
+        self._mig = MigLayouts()  # each GPU's MIG devices, read as the exporter reads them
         try:
             self._runner.call(pynvml.nvmlInit, timeout)
         except DeadlineExceeded as exc:
@@ -74,6 +77,7 @@ class NvmlSource:
             raise SourceError(f"nvml source: {exc}") from None
         if any(index >= count for index in self._identities):
             self._identities.clear()  # GPUs went away: indices may now name other cards
+            self._mig.clear()
         samples = []
         for index in range(count):
             identity = self._identities.get(index)
@@ -88,6 +92,11 @@ class NvmlSource:
                 self._identities.pop(index, None)  # named afresh next time (a GPU lost and back)
                 continue  # this GPU cannot be read: a request for it finds no sample and blocks
             samples.append(GpuSample(index=index, uuid=identity[1], pci_bus_id=identity[2], used_bytes=used))
+            samples.extend(
+                GpuSample(index, mig.instance.uuid, identity[2], mig.used_bytes, parent_uuid=identity[1],
+                          gpu_instance=mig.instance.gpu_instance)
+                for mig in self._mig.read(nvml, index, identity[0], set()) or ()
+            )  # fmt: skip
         return samples
 
     def _identify(self, index: int) -> tuple[object, str, str]:
@@ -106,6 +115,8 @@ class NvmlSource:
         samples = self._read_used()
         processes = {}
         for sample in samples:
+            if sample.gpu_instance is not None:
+                continue  # a MIG device's holders are its parent's, told apart by the exporter only
             try:
                 handle = self._identities[sample.index][0]
                 processes[sample.uuid] = read_processes(nvml, handle)

@@ -137,3 +137,44 @@ def test_promtool_accepts_the_mig_families(local_exporter, scenario, spawn_tree)
     assert "gpu_residency_mig_memory_used_bytes{" in body
     lint = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, check=False)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+# ---------- the gate: a MIG device is waited on by its own memory ----------
+
+
+def test_the_nvml_gate_reads_a_mig_device_by_its_uuid_or_gpu_gi(fake_nvml_dir, scenario, monkeypatch):
+    from gate import ResidualGate
+    from gate.nvml_source import NvmlSource
+
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    ctypes.CDLL(str(fake_nvml_dir / fakenvml.SONAME))
+    mig_node(scenario, FakeMig(gi=1, used=3 * GIB), FakeMig(gi=2, used=GIB // 2))
+    gate = ResidualGate(2, source=NvmlSource())
+    held, free = scenario.gpus[0].mig_uuids
+
+    assert not gate.check([held]).ok and gate.check([free]).ok
+    assert not gate.check(["0:1"]).ok and gate.check(["0:2"]).ok
+    assert gate.check([f"{scenario.gpus[0].uuid}:2"]).ok
+    decision = gate.check(["0:2", free])
+    assert [v.sample.used_bytes for v in decision.gpus] == [GIB // 2, GIB // 2]
+    assert not gate.check([0]).ok, "the whole GPU is still the sum of its devices"
+    assert not gate.check(["0:7"]).ok and "no sample" in gate.check(["0:7"]).explain()
+
+
+def test_sources_that_do_not_read_mig_refuse_a_mig_name_with_the_reason():
+    from gate import GateConfigError, ResidualGate
+
+    class Remote:
+        name = "prometheus"
+
+        def read(self, node):
+            return []
+
+    for name in ("MIG-4f1c2a3b-0000-0000-0000-000000000000", "0:1", "GPU-4f1c2a3b-0000-0000-0000-000000000000:3"):
+        try:
+            ResidualGate(2, source=Remote()).check([name])
+        except GateConfigError as exc:
+            assert "not supported by the prometheus source" in str(exc)
+        else:
+            raise AssertionError(f"{name} was not refused")
+    assert ResidualGate(2, source=Remote()).check(["00000000:18:00.0"]).gpus[0].reason == "no sample for this GPU"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from exporter.errors import ErrorCounter
 from exporter.sources.nvml import GpuReading, NvmlReading, NvmlSource
 from exporter.web.server import client_gone
-from gate.readings import GpuSample, normalise
+from gate.readings import GpuSample, normalise, refuse_mig
 
 MAX_GPUS_PER_WAIT = 64
 MAX_GPU_NAME = 128
@@ -68,6 +68,7 @@ def parse_wait(query: dict[str, list[str]], max_wait: float) -> WaitRequest:
             raise BadRequest(f"gpus: {item[:20]}... is longer than {MAX_GPU_NAME} characters")
         try:
             names.append(normalise(item))
+            refuse_mig(item, "the exporter's wait API")
         except ValueError as exc:
             raise BadRequest(f"gpus: {exc}") from None
     raw_threshold = one("threshold_bytes")
