@@ -178,3 +178,37 @@ def test_sources_that_do_not_read_mig_refuse_a_mig_name_with_the_reason():
         else:
             raise AssertionError(f"{name} was not refused")
     assert ResidualGate(2, source=Remote()).check(["00000000:18:00.0"]).gpus[0].reason == "no sample for this GPU"
+
+
+def test_the_exporter_gate_waits_on_a_mig_device_through_the_long_poll(exporter_factory, scenario):
+    import threading
+    import time
+
+    from gate import ResidualGate
+
+    held, other = FakeMig(gi=1, used=3 * GIB), FakeMig(gi=2, used=GIB // 2)
+    mig_node(scenario, held, other)
+    exporter = exporter_factory(scenario)
+    gate = ResidualGate(2, source="exporter", exporter_url=exporter.url, poll_s=0.2)
+    parent = scenario.gpus[0].uuid
+    device, free = scenario.gpus[0].mig_uuids
+
+    assert gate.check([f"{parent}:2", free]).ok
+    blocked = gate.check([device])
+    assert not blocked.ok and blocked.gpus[0].sample.used_bytes == 3 * GIB
+
+    def release() -> None:
+        held.used = GIB // 4
+        mig_node(scenario, held, other)
+
+    timer = threading.Timer(0.5, release)
+    timer.start()
+    started = time.monotonic()
+    try:
+        decision = gate.wait([f"{parent}:1"], timeout=20)
+    finally:
+        timer.cancel()
+    assert decision.ok and decision.gpus[0].sample.used_bytes == GIB // 4
+    assert time.monotonic() - started < 10
+    whole = gate.check([parent])  # the GPU itself, named alone, is read as the whole card: its devices' sum
+    assert whole.ok and whole.gpus[0].sample.used_bytes == GIB // 4 + GIB // 2

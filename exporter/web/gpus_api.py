@@ -38,9 +38,11 @@ from exporter.web.wait import (
     nvml_reason,
     parse_wait,
 )
+from gpu_residency_common.nvml_mig import MigReading
 
 
 def gpu_body(gpu: GpuReading, snapshot: Snapshot | None) -> dict:
+    """A GPU with its holders, and under `mig` each MIG device with its own."""
     body = {
         "index": gpu.index,
         "uuid": gpu.uuid,
@@ -51,20 +53,56 @@ def gpu_body(gpu: GpuReading, snapshot: Snapshot | None) -> dict:
         "reserved_bytes": gpu.reserved_bytes,
     }
     if snapshot is not None:
-        body["engines"] = [
-            {"engine": u.engine, "used_bytes": u.used_bytes}
-            for u in snapshot.engine_usage
-            if u.gpu.uuid == gpu.uuid and u.used_bytes is not None
-        ]
-        body["holders"] = [
-            {"pid": p.pid, "comm": p.comm, "holder": p.holder.name, "kind": p.holder.kind, "engine": p.engine,
-             "pod_uid": p.pod_uid, "used_bytes": p.used_bytes}
-            for p in sorted(snapshot.processes, key=lambda p: -(p.used_bytes or 0))
-            if p.gpu.uuid == gpu.uuid and p.used_bytes is not None
-        ]  # fmt: skip
-        body["unattributed_bytes"] = next((v for g, v in snapshot.unattributed if g.uuid == gpu.uuid), None)
-        body["processes_known"] = gpu.processes is not None
+        body.update(_held(snapshot, gpu, None))
+    body["mig"] = [_mig_body(gpu, mig, snapshot) for mig in gpu.mig or ()]
     return body
+
+
+def _mig_body(gpu: GpuReading, mig: MigReading, snapshot: Snapshot | None) -> dict:
+    instance = mig.instance
+    body = {
+        "uuid": instance.uuid,
+        "gpu_instance": instance.gpu_instance,
+        "compute_instance": instance.compute_instance,
+        "profile": instance.profile,
+        "used_bytes": mig.used_bytes,
+        "total_bytes": mig.total_bytes,
+    }
+    if snapshot is not None:
+        body.update(_held(snapshot, gpu, mig))
+    return body
+
+
+def _held(snapshot: Snapshot, gpu: GpuReading, mig: MigReading | None) -> dict:
+    """Engines, processes and the rest on the GPU (`mig` None: all of it) or on one MIG device."""
+
+    def here(on_gpu: GpuReading, on_mig: MigReading | None) -> bool:
+        return on_gpu.uuid == gpu.uuid and (mig is None or on_mig is mig)
+
+    engines: dict[str, int | None] = {}  # summed over the GPU's devices; unknown if any part is
+    for usage in snapshot.engine_usage:
+        if here(usage.gpu, usage.mig):
+            known = engines.get(usage.engine, 0)
+            engines[usage.engine] = None if known is None or usage.used_bytes is None else known + usage.used_bytes
+    rest = snapshot.unattributed if mig is None else [(g, v) for g, m, v in snapshot.mig_unattributed if m is mig]
+    return {
+        "engines": [{"engine": name, "used_bytes": used} for name, used in engines.items() if used is not None],
+        "holders": [
+            {
+                "pid": p.pid,
+                "comm": p.comm,
+                "holder": p.holder.name,
+                "kind": p.holder.kind,
+                "engine": p.engine,
+                "pod_uid": p.pod_uid,
+                "used_bytes": p.used_bytes,
+            }
+            for p in sorted(snapshot.processes, key=lambda p: -(p.used_bytes or 0))
+            if here(p.gpu, p.mig) and p.used_bytes is not None
+        ],
+        "unattributed_bytes": next((v for g, v in rest if g.uuid == gpu.uuid), None),
+        "processes_known": gpu.processes is not None,
+    }
 
 
 class GpuApi:
@@ -153,8 +191,8 @@ class GpuApi:
         for name in wanted.names:
             found = match(reading, name)
             if len(found) == 1:
-                if all(g["uuid"] != found[0].uuid for g in gpus):
-                    gpus.append(gpu_body(found[0], snapshot))
+                if all(g["uuid"] != found[0][0].uuid for g in gpus):  # a MIG device comes with its GPU
+                    gpus.append(gpu_body(found[0][0], snapshot))
             else:
                 missing.append(name)
         return {
