@@ -180,15 +180,21 @@ def test_sources_that_do_not_read_mig_refuse_a_mig_name_with_the_reason():
     assert ResidualGate(2, source=Remote()).check(["00000000:18:00.0"]).gpus[0].reason == "no sample for this GPU"
 
 
-def test_the_exporter_gate_waits_on_a_mig_device_through_the_long_poll(exporter_factory, scenario):
+def test_the_exporter_and_prometheus_gates_read_a_mig_device(
+    exporter_factory, prometheus_factory, scenario, spawn_tree
+):
     import threading
     import time
 
     from gate import ResidualGate
 
-    held, other = FakeMig(gi=1, used=3 * GIB), FakeMig(gi=2, used=GIB // 2)
+    tree = spawn_tree(leaves=1)
+    registry = scenario.path.parent / "engines"
+    register_engine("on-mig", root_pid=tree.pid, directory=registry)
+    held = FakeMig(gi=1, used=3 * GIB, processes=[(tree.leaves[0], 2 * GIB)])
+    other = FakeMig(gi=2, used=GIB // 2)
     mig_node(scenario, held, other)
-    exporter = exporter_factory(scenario)
+    exporter = exporter_factory(scenario, "--registry.dir", str(registry), "--no-engines.discover")
     gate = ResidualGate(2, source="exporter", exporter_url=exporter.url, poll_s=0.2)
     parent = scenario.gpus[0].uuid
     device, free = scenario.gpus[0].mig_uuids
@@ -196,6 +202,7 @@ def test_the_exporter_gate_waits_on_a_mig_device_through_the_long_poll(exporter_
     assert gate.check([f"{parent}:2", free]).ok
     blocked = gate.check([device])
     assert not blocked.ok and blocked.gpus[0].sample.used_bytes == 3 * GIB
+    assert "engine on-mig: 2.0 GiB" in blocked.explain() and "unattributed: 1.0 GiB" in blocked.explain()
 
     def release() -> None:
         held.used = GIB // 4
@@ -212,3 +219,17 @@ def test_the_exporter_gate_waits_on_a_mig_device_through_the_long_poll(exporter_
     assert time.monotonic() - started < 10
     whole = gate.check([parent])  # the GPU itself, named alone, is read as the whole card: its devices' sum
     assert whole.ok and whole.gpus[0].sample.used_bytes == GIB // 4 + GIB // 2
+
+    # The same through Prometheus: the device's own series, its age checked like a GPU's.
+    held.used = 3 * GIB
+    mig_node(scenario, held, other)
+    prometheus = prometheus_factory([exporter.url.removeprefix("http://")])
+    prometheus.wait_for(f'gpu_residency_mig_memory_used_bytes{{mig_instance="1/0"}} == {3 * GIB}')
+    gate = ResidualGate(2, source="prometheus", prometheus_url=prometheus.url, max_age_s=30)
+    for names in ([device], [f"{parent}:1"]):
+        decision = gate.check(names, node="test-node")
+        assert not decision.ok and decision.gpus[0].sample.used_bytes == 3 * GIB, decision.explain()
+        assert "engine on-mig: 2.0 GiB" in decision.explain()
+    assert gate.check([free, f"{parent}:2"], node="test-node").ok
+    by_node = gate.check([parent], node="test-node")
+    assert not by_node.ok and by_node.gpus[0].sample.used_bytes == 3 * GIB + GIB // 2
