@@ -85,7 +85,6 @@ def build_query(node: str, uuids: list[str] = (), selector: str = "") -> str:
     )
 
 
-
 class PrometheusSource:
     """One instant query per poll against the Prometheus HTTP API; samples carry their age."""
 
