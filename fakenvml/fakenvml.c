@@ -592,16 +592,6 @@ static nvmlReturn_t do_mig_mode(nvmlDevice_t dev, unsigned int *current, unsigne
 
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned int *c, unsigned int *p) { LOCKED(do_mig_mode(d, c, p)); }
 
-static nvmlReturn_t do_mig_count(nvmlDevice_t dev, unsigned int *count) {
-    const jval *g;
-    nvmlReturn_t r = mig_parent(dev, "mig_count", &g);
-    if (r) return r;
-    *count = (unsigned int)jnum(g, "mig_max", 7);
-    return NVML_SUCCESS;
-}
-
-nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t d, unsigned int *c) { LOCKED(do_mig_count(d, c)); }
-
 static nvmlReturn_t do_mig_handle(nvmlDevice_t dev, unsigned int index, nvmlDevice_t *mig) {
     const jval *g;
     nvmlReturn_t r = mig_parent(dev, "mig_handle", &g);
@@ -621,31 +611,25 @@ nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t d, unsigned int i,
     LOCKED(do_mig_handle(d, i, m));
 }
 
-static nvmlReturn_t do_is_mig(nvmlDevice_t dev, unsigned int *answer) {
+/* The MIG calls that answer one number: "mig_count" (a GPU with MIG), "is_mig",
+ * "gpu_instance" and "compute_instance" (a MIG device; NOT_SUPPORTED on a GPU). */
+static nvmlReturn_t do_mig_number(nvmlDevice_t dev, const char *call, unsigned int *out) {
     const jval *g;
-    nvmlReturn_t r = gpu_for(dev, "is_mig", &g);
+    int count = !strcmp(call, "mig_count"), ids = !strcmp(call, "gpu_instance") || !strcmp(call, "compute_instance");
+    nvmlReturn_t r = count ? mig_parent(dev, call, &g) : gpu_for(dev, call, &g);
     if (r) return r;
-    *answer = is_mig(dev);
+    if (ids && !is_mig(dev)) return NVML_ERROR_NOT_SUPPORTED;
+    if (count) *out = (unsigned int)jnum(g, "mig_max", 7);
+    else if (ids) *out = (unsigned int)jnum(g, !strcmp(call, "gpu_instance") ? "gi" : "ci", 0);
+    else *out = is_mig(dev);
     return NVML_SUCCESS;
 }
 
-nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t d, unsigned int *a) { LOCKED(do_is_mig(d, a)); }
-
-/* A MIG device's GPU or compute instance id; NOT_SUPPORTED on a whole GPU. */
-static nvmlReturn_t do_instance_id(nvmlDevice_t dev, const char *call, const char *key, unsigned int *id) {
-    const jval *g;
-    nvmlReturn_t r = gpu_for(dev, call, &g);
-    if (r) return r;
-    if (!is_mig(dev)) return NVML_ERROR_NOT_SUPPORTED;
-    *id = (unsigned int)jnum(g, key, 0);
-    return NVML_SUCCESS;
-}
-
-nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t d, unsigned int *id) {
-    LOCKED(do_instance_id(d, "gpu_instance", "gi", id));
-}
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t d, unsigned int *c) { LOCKED(do_mig_number(d, "mig_count", c)); }
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t d, unsigned int *a) { LOCKED(do_mig_number(d, "is_mig", a)); }
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t d, unsigned int *id) { LOCKED(do_mig_number(d, "gpu_instance", id)); }
 nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t d, unsigned int *id) {
-    LOCKED(do_instance_id(d, "compute_instance", "ci", id));
+    LOCKED(do_mig_number(d, "compute_instance", id));
 }
 
 static nvmlReturn_t do_mig_parent_handle(nvmlDevice_t dev, nvmlDevice_t *parent_out) {

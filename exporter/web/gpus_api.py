@@ -52,29 +52,21 @@ def gpu_body(gpu: GpuReading, snapshot: Snapshot | None) -> dict:
         "total_bytes": gpu.total_bytes,
         "reserved_bytes": gpu.reserved_bytes,
     }
-    if snapshot is not None:
-        body.update(_held(snapshot, gpu, None))
-    body["mig"] = [_mig_body(gpu, mig, snapshot) for mig in gpu.mig or ()]
-    return body
+    return {**_held(snapshot, gpu, None), **body, "mig": [_mig_body(gpu, m, snapshot) for m in gpu.mig or ()]}
 
 
 def _mig_body(gpu: GpuReading, mig: MigReading, snapshot: Snapshot | None) -> dict:
     instance = mig.instance
-    body = {
-        "uuid": instance.uuid,
-        "gpu_instance": instance.gpu_instance,
-        "compute_instance": instance.compute_instance,
-        "profile": instance.profile,
-        "used_bytes": mig.used_bytes,
-        "total_bytes": mig.total_bytes,
-    }
-    if snapshot is not None:
-        body.update(_held(snapshot, gpu, mig))
-    return body
+    ids = {"uuid": instance.uuid, "gpu_instance": instance.gpu_instance, "compute_instance": instance.compute_instance}
+    return {**ids, "profile": instance.profile, "used_bytes": mig.used_bytes, "total_bytes": mig.total_bytes,
+            **_held(snapshot, gpu, mig)}  # fmt: skip
 
 
-def _held(snapshot: Snapshot, gpu: GpuReading, mig: MigReading | None) -> dict:
-    """Engines, processes and the rest on the GPU (`mig` None: all of it) or on one MIG device."""
+def _held(snapshot: Snapshot | None, gpu: GpuReading, mig: MigReading | None) -> dict:
+    """Engines, processes and the rest on the GPU (`mig` None: all of it) or on one MIG device;
+    nothing without a snapshot (a wait's reading)."""
+    if snapshot is None:
+        return {}
 
     def here(on_gpu: GpuReading, on_mig: MigReading | None) -> bool:
         return on_gpu.uuid == gpu.uuid and (mig is None or on_mig is mig)
