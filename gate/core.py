@@ -17,7 +17,7 @@ from pathlib import Path
 from gate.decision import Decision, GateTimeout, GpuVerdict
 from gate.identity import LocalView, UnresolvedGpu, local_view, resolve
 from gate.pace import Pace
-from gate.readings import GIB, GpuSample, SourceError, normalise, refuse_mig
+from gate.readings import GIB, GpuSample, SourceError, normalise
 from gate.settings import (
     CLEAR_SAMPLES_ENV,
     DEFAULT_EAGER_S,
@@ -40,7 +40,7 @@ from gate.settings import (
     parse_threshold,
     threshold_from_env,
 )
-from gate.sources import Source, build_source
+from gate.sources import Source, admit_mig, build_source
 from gate.verdicts import verdict
 from gpu_residency_common.files import ensure_dir, write_atomic
 
@@ -176,10 +176,7 @@ class ResidualGate:
     def _names(self, gpus: Sequence[int | str]) -> list[str]:
         """The GPUs' names; a MIG device's only where the source reads MIG devices (`reads_mig`)."""
         try:
-            names = [normalise(gpu) for gpu in gpus]
-            if not getattr(self.source, "reads_mig", False):
-                for name in names:
-                    refuse_mig(name, f"the {self.source.name} source")
+            names = admit_mig(self.source, [normalise(gpu) for gpu in gpus])
         except ValueError as exc:
             raise GateConfigError(str(exc)) from None
         if not names:

@@ -4,6 +4,7 @@ nvidia-ml-py (the collector in-process)."""
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 
 from conftest import one, require_tool, values
@@ -233,3 +234,23 @@ def test_the_exporter_and_prometheus_gates_read_a_mig_device(
     assert gate.check([free, f"{parent}:2"], node="test-node").ok
     by_node = gate.check([parent], node="test-node")
     assert not by_node.ok and by_node.gpus[0].sample.used_bytes == 3 * GIB + GIB // 2
+
+
+def test_the_nvidia_smi_gate_reads_mig_devices_from_list_and_summary(fake_nvml_dir, scenario, tmp_path, monkeypatch):
+    from fakenvml.smi import install
+    from gate import ResidualGate
+    from gate.identity import parse_smi_list
+    from gate.smi_source import NvidiaSmiSource
+
+    mig_node(scenario, FakeMig(gi=3, used=3 * GIB), FakeMig(gi=5, profile="2g.20gb", used=GIB // 2, slot=4))
+    install(tmp_path / "bin", fake_nvml_dir / fakenvml.SONAME, scenario.path)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    assert f"  MIG 2g.20gb     Device  1: (UUID: {scenario.gpus[0].mig_uuids[1]})" in listing
+    assert parse_smi_list(listing) == {0: scenario.gpus[0].uuid, 1: scenario.gpus[1].uuid}, "MIG lines are no GPUs"
+
+    gate = ResidualGate(2, source=NvidiaSmiSource())
+    held, free = scenario.gpus[0].mig_uuids
+    assert not gate.check([held]).ok and gate.check([free]).ok
+    assert gate.check(["0:5"]).ok and not gate.check(["0:3"]).ok and not gate.check([0]).ok
+    assert gate.check(["0:5"]).gpus[0].sample.pci_bus_id == scenario.gpus[0].pci_bus_id
