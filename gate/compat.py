@@ -96,7 +96,7 @@ def _measure(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -
         return None, str(exc)
     try:
         decision = gate.check(ids, node, holders=False)
-    except GateConfigError as exc:  # an id that names no GPU ("", -1, a MIG instance, an index it cannot resolve)
+    except GateConfigError as exc:  # an id naming no GPU: "", -1, a MIG name a source cannot read, an unknown index
         log.warning("GPU memory probe: %s", exc)
         return None, str(exc)
     if decision.reasons:
