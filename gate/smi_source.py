@@ -120,7 +120,11 @@ class NvidiaSmiSource:
             apps = parse_compute_apps(self._run("--query-compute-apps=gpu_uuid,pid,used_memory"))
         except SourceError:
             apps = None  # the GPUs were read; who holds them cannot be told
-        processes = {s.uuid: None if apps is None else apps.get(s.uuid.lower(), {}) for s in samples}
+        # A MIG device's processes are listed under its GPU: who holds the device cannot be told.
+        processes = {
+            s.uuid: None if apps is None or s.gpu_instance is not None else apps.get(s.uuid.lower(), {})
+            for s in samples
+        }
         return with_holders(samples, processes, None)
 
     def _run(self, *query: str, csv: bool = True) -> str:

@@ -254,3 +254,27 @@ def test_the_nvidia_smi_gate_reads_mig_devices_from_list_and_summary(fake_nvml_d
     assert not gate.check([held]).ok and gate.check([free]).ok
     assert gate.check(["0:5"]).ok and not gate.check(["0:3"]).ok and not gate.check([0]).ok
     assert gate.check(["0:5"]).gpus[0].sample.pci_bus_id == scenario.gpus[0].pci_bus_id
+
+
+def test_a_mig_look_up_that_hangs_costs_a_deadline_never_a_hung_scrape(tmp_path, fake_nvml_dir, scenario, monkeypatch):
+    import time
+
+    from conftest import build_local
+
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    exporter = build_local(tmp_path / "engines", None, fake_nvml_dir, "--nvml.timeout", "0.5")
+    first, second = FakeMig(gi=1, used=GIB), FakeMig(gi=2, used=GIB)
+    mig_node(scenario, first, second)
+    assert len(exporter.scrape()["gpu_residency_mig_memory_used_bytes"]) == 2
+    scenario.gpus[0].hangs = {"mig_handle"}  # the driver hangs in the look-up the layout change needs
+    mig_node(scenario, first)
+    started = time.monotonic()
+    m = exporter.scrape()
+    assert time.monotonic() - started < 3 and one(m, "gpu_residency_nvml_up") == 0
+    scenario.gpus[0].hangs = set()
+    scenario.write()
+    deadline = time.monotonic() + 20
+    while one(m := exporter.scrape(), "gpu_residency_nvml_up") != 1:
+        assert time.monotonic() < deadline, "NVML never came back"
+        time.sleep(0.05)
+    assert [s["mig_instance"] for s, _ in m["gpu_residency_mig_memory_used_bytes"]] == ["1/0"]

@@ -93,7 +93,9 @@ def _held(snapshot: Snapshot | None, gpu: GpuReading, mig: MigReading | None) ->
             if here(p.gpu, p.mig) and p.used_bytes is not None
         ],
         "unattributed_bytes": next((v for g, v in rest if g.uuid == gpu.uuid), None),
-        "processes_known": gpu.processes is not None,
+        # On a device: only if every process of its GPU was placed on one (else it may be this one's).
+        "processes_known": gpu.processes is not None
+        and (mig is None or all(p.mig is not None for p in snapshot.processes if p.gpu.uuid == gpu.uuid)),
     }
 
 
