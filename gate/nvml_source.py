@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from gate.readings import GpuSample, SourceError
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
-from gpu_residency_common.nvml_memory import read_memory, read_processes
+from gpu_residency_common.nvml_memory import read_memory, read_process_entries
 from gpu_residency_common.nvml_mig import MigLayouts
 
 DEFAULT_NVML_TIMEOUT_S = 5.0
@@ -113,13 +113,24 @@ class NvmlSource:
 
         nvml = self._nvml
         samples = self._read_used()
-        processes = {}
+        listed: dict[str, dict | None] = {}  # parent UUID -> its processes with their MIG devices
         for sample in samples:
-            if sample.gpu_instance is not None:
-                continue  # a MIG device's holders are its parent's, told apart by the exporter only
-            try:
-                handle = self._identities[sample.index][0]
-                processes[sample.uuid] = read_processes(nvml, handle)
-            except (KeyError, nvml.NVMLError):
-                processes[sample.uuid] = None  # the holders cannot be told: "cannot tell", never "nothing"
+            if sample.gpu_instance is None:
+                try:
+                    listed[sample.uuid] = read_process_entries(nvml, self._identities[sample.index][0])
+                except (KeyError, nvml.NVMLError):
+                    listed[sample.uuid] = None  # the holders cannot be told: "cannot tell", never "nothing"
+        processes = {s.uuid: _held_on(s, listed.get(s.parent_uuid or s.uuid)) for s in samples}
         return with_holders(samples, processes, None)
+
+
+def _held_on(sample: GpuSample, entries: dict | None) -> dict[int, int | None] | None:
+    """PID -> bytes on the GPU, or on the MIG device (its GPU instance: compute instances share its
+    memory); None when that cannot be told (unread, or a process NVML did not place)."""
+    if entries is None:
+        return None
+    if sample.gpu_instance is None:
+        return {pid: entry.used for pid, entry in entries.items()}
+    if any(entry.mig is None for entry in entries.values()):
+        return None
+    return {pid: entry.used for pid, entry in entries.items() if entry.mig[0] == sample.gpu_instance}

@@ -149,16 +149,20 @@ def test_the_nvml_gate_reads_a_mig_device_by_its_uuid_or_gpu_gi(fake_nvml_dir, s
 
     monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
     ctypes.CDLL(str(fake_nvml_dir / fakenvml.SONAME))
-    mig_node(scenario, FakeMig(gi=1, used=3 * GIB), FakeMig(gi=2, used=GIB // 2))
+    mig_node(scenario, FakeMig(gi=1, used=3 * GIB, processes=[(os.getpid(), 2 * GIB)]), FakeMig(gi=2, used=GIB // 2))
     gate = ResidualGate(2, source=NvmlSource())
     held, free = scenario.gpus[0].mig_uuids
 
-    assert not gate.check([held]).ok and gate.check([free]).ok
+    blocked = gate.check([held])
+    assert not blocked.ok and gate.check([free]).ok
+    explained = blocked.explain()  # the device's own holders: this process, and what it leaves
+    assert f"pid {os.getpid()}: 2.0 GiB" in explained and "unattributed: 1.0 GiB" in explained, explained
     assert not gate.check(["0:1"]).ok and gate.check(["0:2"]).ok
     assert gate.check([f"{scenario.gpus[0].uuid}:2"]).ok
     decision = gate.check(["0:2", free])
     assert [v.sample.used_bytes for v in decision.gpus] == [GIB // 2, GIB // 2]
     assert not gate.check([0]).ok, "the whole GPU is still the sum of its devices"
+    assert "unattributed: 1.5 GiB" in gate.check([0]).explain()
     assert not gate.check(["0:7"]).ok and "no sample" in gate.check(["0:7"]).explain()
 
 
