@@ -7,9 +7,9 @@ what made dcgm-exporter burn cores on dense MIG nodes (NVIDIA/dcgm-exporter#599)
 again (MIG mode included: changing it takes a GPU reset, which fails the old handles) only on
 evidence that it changed: a known instance's handle failed (destroyed), the parent listed a
 process on an instance the layout lacks (created), or LAYOUT_MAX_AGE seconds passed (an
-instance created with nothing on it yet, MIG turned on). A change found
-mid-collection is re-read in that same collection, once, so it costs one collection at most;
-a GPU without MIG answers NOT_SUPPORTED once per session and is not asked again.
+instance created with nothing on it yet, MIG turned on). A change found mid-collection is
+re-read in that same collection, once, so it costs one collection at most; a GPU without MIG
+answers NOT_SUPPORTED once per session and is not asked again.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ LAYOUT_MAX_AGE = 30.0  # seconds a layout is trusted without evidence of change
 class MigInstance:
     """What does not change while the instance exists."""
 
+    uuid: str  # MIG-...
+    gpu_instance: int
+    compute_instance: int
+    profile: str  # 1g.10gb, from the device name NVML gives ("NVIDIA H100 80GB HBM3 MIG 1g.10gb")
     handle: object = field(compare=False)  # ctypes pointers do not hash
-    uuid: str = ""  # MIG-...
-    gpu_instance: int = 0
-    compute_instance: int = 0
-    profile: str = ""  # 1g.10gb, from the device name NVML gives ("NVIDIA H100 80GB HBM3 MIG 1g.10gb")
 
     @property
     def key(self) -> tuple[int, int]:
@@ -48,7 +48,6 @@ class MigReading:
     instance: MigInstance
     used_bytes: int | None
     total_bytes: int | None
-    reserved_bytes: int | None
 
 
 @dataclass
@@ -134,12 +133,12 @@ class MigLayouts:
             try:
                 info = read_memory(nvml, instance.handle)
             except nvml.NVMLError_NotSupported:
-                readings.append(MigReading(instance, None, None, None))
+                readings.append(MigReading(instance, None, None))
                 continue
             except nvml.NVMLError as exc:
                 failed = True
                 if count:
                     self._on_error("mig_" + nvml_reason(exc))
                 continue
-            readings.append(MigReading(instance, info.used, info.total, info.reserved))
+            readings.append(MigReading(instance, info.used, info.total))
         return tuple(readings), failed
