@@ -45,9 +45,13 @@ class MigInstance:
 
 @dataclass(frozen=True)
 class MigReading:
+    """A device's memory: its GPU instance's, which every compute instance of it reports alike;
+    `shared`: an earlier device (a lower compute instance) of the same GPU instance reported it."""
+
     instance: MigInstance
     used_bytes: int | None
     total_bytes: int | None
+    shared: bool = False
 
 
 @dataclass
@@ -122,23 +126,27 @@ class MigLayouts:
                 continue
             except nvml.NVMLError as exc:
                 self._on_error("mig_" + nvml_reason(exc))
-        layout = self._layouts[index] = _Layout(tuple(instances), time.monotonic())
+        ordered = tuple(sorted(instances, key=lambda instance: instance.key))
+        layout = self._layouts[index] = _Layout(ordered, time.monotonic())
         return layout
 
     def _memory(self, nvml, instances: tuple[MigInstance, ...], count: bool) -> tuple[tuple[MigReading, ...], bool]:
         """The instances' memory, and whether a handle failed (its instance destroyed, or
-        failing); a failed instance is left out, and counted when `count`."""
-        readings, failed = [], False
+        failing); a failed instance is left out, and counted when `count`. Every handle is read,
+        a GPU instance's later compute instances too: a destroyed one must fail here."""
+        readings, failed, instances_seen = [], False, set()
         for instance in instances:
+            shared = instance.gpu_instance in instances_seen
             try:
                 info = read_memory(nvml, instance.handle)
             except nvml.NVMLError_NotSupported:
-                readings.append(MigReading(instance, None, None))
+                readings.append(MigReading(instance, None, None, shared))
                 continue
             except nvml.NVMLError as exc:
                 failed = True
                 if count:
                     self._on_error("mig_" + nvml_reason(exc))
                 continue
-            readings.append(MigReading(instance, info.used, info.total))
+            instances_seen.add(instance.gpu_instance)
+            readings.append(MigReading(instance, info.used, info.total, shared))
         return tuple(readings), failed

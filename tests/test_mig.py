@@ -63,6 +63,26 @@ def test_every_mig_device_is_measured_and_nothing_counts_twice(local_exporter, s
     assert one(m, "gpu_residency_unattributed_memory_bytes", gpu=0) == sum(mig_rest.values())
 
 
+def test_compute_instances_of_one_gpu_instance_share_its_memory_counted_once(local_exporter, scenario, spawn_tree):
+    tree = spawn_tree(leaves=2)
+    a, b = tree.leaves
+    # GPU instance 1 has two compute instances: NVML reports the GPU instance's memory on both.
+    shared = {"gi": 1, "profile": "2g.20gb", "total": 20 * GIB, "used": 6 * GIB}
+    first, second = FakeMig(ci=0, processes=[(a, 2 * GIB)], **shared), FakeMig(ci=1, processes=[(b, 3 * GIB)], **shared)
+    mig_node(scenario, first, second, FakeMig(gi=2, used=GIB))
+    scenario.gpus[0].used = 7 * GIB
+    scenario.write()
+
+    m = local_exporter.scrape()
+
+    used = {s["mig_instance"]: v for s, v in m["gpu_residency_mig_memory_used_bytes"]}
+    assert used == {"1/0": 6 * GIB, "2/0": GIB}, "the GPU instance's memory once, on its first compute instance"
+    assert sum(used.values()) == one(m, "gpu_residency_memory_used_bytes", gpu=0)
+    assert one(m, "gpu_residency_process_memory_bytes", pid=b, mig_instance="1/1") == 3 * GIB
+    rest = {s["mig_instance"]: v for s, v in m["gpu_residency_mig_unattributed_memory_bytes"]}
+    assert rest == {"1/0": 1 * GIB, "2/0": 1 * GIB}, "both compute instances' processes count against it"
+
+
 def test_a_process_nvml_does_not_place_goes_to_the_slice_its_environment_names(
     local_exporter, scenario, spawn_tree, monkeypatch
 ):

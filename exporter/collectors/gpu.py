@@ -37,7 +37,7 @@ def gpu_families(node: str, snapshot: Snapshot) -> Iterable[Metric]:
         for gpu in snapshot.nvml.gpus:
             for mig in gpu.mig or ():
                 value = getattr(mig, field)
-                if value is not None:
+                if value is not None and not mig.shared:  # a GPU instance's memory, once
                     family.add_metric(mig_labels(node, gpu, mig), value)
         yield family
 

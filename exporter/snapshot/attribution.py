@@ -119,9 +119,11 @@ class Attributor:
             rest = self._unattributed(gpu)
             if rest is not None:
                 unattributed.append((gpu, rest))
+            # Per GPU instance (its compute instances share its memory), on its first device.
             on_gpu = [usage for usage in processes if usage.gpu is gpu]
-            for mig in gpu.mig or ():
-                held = [usage.used_bytes for usage in on_gpu if usage.mig is mig]
+            for mig in (m for m in gpu.mig or () if not m.shared):
+                gi = mig.instance.gpu_instance
+                held = [usage.used_bytes for usage in on_gpu if usage.mig and usage.mig.instance.gpu_instance == gi]
                 rest = self._rest(mig.used_bytes, held, placed=all(usage.mig for usage in on_gpu))
                 if rest is not None:
                     mig_unattributed.append((gpu, mig, rest))
