@@ -83,6 +83,21 @@ def test_compute_instances_of_one_gpu_instance_share_its_memory_counted_once(loc
     assert rest == {"1/0": 1 * GIB, "2/0": 1 * GIB}, "both compute instances' processes count against it"
 
 
+def test_the_gate_judges_a_gpu_instance_with_several_compute_instances_by_its_one_memory(
+    fake_nvml_dir, scenario, monkeypatch
+):
+    from gate import ResidualGate
+    from gate.nvml_source import NvmlSource
+
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    ctypes.CDLL(str(fake_nvml_dir / fakenvml.SONAME))
+    shared = {"gi": 1, "total": 20 * GIB, "used": 6 * GIB}
+    mig_node(scenario, FakeMig(ci=0, **shared), FakeMig(ci=1, **shared))
+    decision = ResidualGate(8, source=NvmlSource()).check(["0:1", scenario.gpus[0].mig_uuids[1]])
+    assert decision.ok, decision.explain()
+    assert [v.sample.used_bytes for v in decision.gpus] == [6 * GIB, 6 * GIB]
+
+
 def test_a_process_nvml_does_not_place_goes_to_the_slice_its_environment_names(
     local_exporter, scenario, spawn_tree, monkeypatch
 ):
