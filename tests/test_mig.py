@@ -7,6 +7,7 @@ import ctypes
 import os
 import subprocess
 
+import pytest
 from conftest import one, require_tool, values
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -317,3 +318,32 @@ def test_a_mig_look_up_that_hangs_costs_a_deadline_never_a_hung_scrape(tmp_path,
         assert time.monotonic() < deadline, "NVML never came back"
         time.sleep(0.05)
     assert [s["mig_instance"] for s, _ in m["gpu_residency_mig_memory_used_bytes"]] == ["1/0"]
+
+
+def test_the_fake_answers_nvmls_mig_calls_through_the_real_binding(fake_nvml_dir, scenario, monkeypatch):
+    import pynvml
+
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    ctypes.CDLL(str(fake_nvml_dir / fakenvml.SONAME))
+    mig_node(scenario, FakeMig(gi=4, ci=1, slot=2, profile="3g.40gb", used=GIB, processes=[(os.getpid(), GIB)]))
+    pynvml.nvmlInit()
+    parent, whole = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml.nvmlDeviceGetHandleByIndex(1)
+    assert pynvml.nvmlDeviceGetMigMode(parent) == [1, 1] and pynvml.nvmlDeviceGetMaxMigDeviceCount(parent) == 7
+    for slot in (0, 1, 3):  # empty slots
+        with pytest.raises(pynvml.NVMLError_NotFound):
+            pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, slot)
+    mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, 2)
+    assert pynvml.nvmlDeviceGetUUID(mig) == scenario.gpus[0].mig_uuids[0]
+    assert pynvml.nvmlDeviceGetName(mig) == "NVIDIA H100 80GB HBM3 MIG 3g.40gb"
+    assert (pynvml.nvmlDeviceGetGpuInstanceId(mig), pynvml.nvmlDeviceGetComputeInstanceId(mig)) == (4, 1)
+    assert pynvml.nvmlDeviceIsMigDeviceHandle(mig).value == 1
+    assert pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(mig)) == scenario.gpus[0].uuid
+    assert pynvml.nvmlDeviceGetMemoryInfo(mig, version=pynvml.nvmlMemory_v2).used == GIB
+    for handle in (mig, parent):  # the device lists its own; the GPU every device's, with their ids
+        listed = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        assert [(p.pid, p.gpuInstanceId, p.computeInstanceId) for p in listed] == [(os.getpid(), 4, 1)]
+    with pytest.raises(pynvml.NVMLError_NotSupported):  # a card without MIG
+        pynvml.nvmlDeviceGetMigMode(whole)
+    mig_node(scenario)  # the device destroyed: its handle fails as a stale one does
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        pynvml.nvmlDeviceGetMemoryInfo(mig)
