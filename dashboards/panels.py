@@ -208,3 +208,25 @@ FLEET_PANELS = [
         ),
     ]),
 ]  # fmt: skip
+
+# MIG (issue 29): the GPUs' MIG devices, empty where MIG is off. A MIG device is named by its GPU,
+# its GPU/compute instance ids (mig_instance) and profile; the parent GPU's panels above still
+# show the whole card, which the devices' figures sum to. Node dashboard only: the fleet's reads
+# recording rules, and per-device series (up to 56 a node) are not worth one at fleet scale.
+NODE_PANELS.append(
+    (8, [
+        series(
+            "MIG devices: used vs size",
+            (f"max without (replica) (gpu_residency_mig_memory_used_bytes{{{sel_gpu}}})", "GPU {{gpu}} MIG {{mig_instance}} {{mig_profile}} used"),
+            (f"max without (replica) (gpu_residency_mig_memory_total_bytes{{{sel_gpu}}})", "GPU {{gpu}} MIG {{mig_instance}} {{mig_profile}} size"),
+            desc="Each MIG device's used memory (NVML, on the device) against its size: a wake-up onto a MIG slice waits on that slice's line (the gate takes MIG-... UUIDs and gpu:gi). Empty where MIG is off.",
+        ),
+        series(
+            "MIG devices: who holds them (stacked)",
+            (f'sum by (gpu, mig_instance, holder) (max without (replica) (gpu_residency_process_memory_bytes{{{sel_gpu}, mig_instance!=""}}))', "GPU {{gpu}} MIG {{mig_instance}} {{holder}}"),
+            (f"max without (replica) (gpu_residency_mig_unattributed_memory_bytes{{{sel_gpu}}})", "GPU {{gpu}} MIG {{mig_instance}} unattributed"),
+            stack=True,
+            desc="The processes NVML places on each MIG device, by holder (an engine's processes under its name), and what no listed process accounts for on it: processes hidden from the host (some vGPU setups) or PIDs the exporter cannot see. See the runbook's GpuMigUnattributedMemoryHigh.",
+        ),
+    ])
+)  # fmt: skip

@@ -10,7 +10,9 @@ exporter names from their titles, as on a miles node. Each is a real process who
 the fake NVML reports; one more engine is killed by SIGKILL at start, so the exit counters
 have something to show, and a leftover process holds memory in no engine. The engines and
 the trainer take turns every PHASE_SECONDS, as in colocated RL training: engines awake and
-the trainer offloaded, then engines asleep and the trainer awake.
+the trainer offloaded, then engines asleep and the trainer awake. A ninth card has MIG on, with
+three 1g.10gb devices: the leftover process holds memory on one, another holds memory no listed
+process accounts for (as when a vGPU setup hides its processes), the third is idle.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 import fakenvml
 from exporter.engines.registry import register_engine, set_engine_state
 from exporter.exits.report import report_exit
-from fakenvml import GIB, Scenario
+from fakenvml import GIB, FakeMig, Scenario
 from fakenvml.prometheus import free_port
 from fakenvml.sglang import FakeSglang
 from fakenvml.tree import Tree
@@ -58,7 +60,8 @@ class DemoNode:
         self.workdir = workdir
         self.lib_dir = lib_dir
         self.registry = workdir / "engines"
-        self.scenario = Scenario.with_gpus(workdir / "scenario.json", GPUS)
+        self.scenario = Scenario.with_gpus(workdir / "scenario.json", GPUS + 1)
+        self.scenario.gpus[GPUS].mig_mode = 1  # the MIG card: devices set in _move_memory
         self.engines: list[tuple[str, Tree]] = []
         self.trainer: Tree | None = None
         self.servers: list[FakeSglang] = []
@@ -101,7 +104,8 @@ class DemoNode:
         node._crash_one_engine()
         node._move_memory(engines_awake=True)
         node._thread.start()
-        log.info("demo node: %d fake GPUs, scenario %s, registry %s", GPUS, node.scenario.path, node.registry)
+        where = (node.scenario.path, node.registry)
+        log.info("demo node: %d fake GPUs and a MIG card, scenario %s, registry %s", GPUS, *where)
         return node
 
     def _crash_one_engine(self) -> None:
@@ -144,9 +148,10 @@ class DemoNode:
             self.scenario.gpus[len(self.engines) * TP + rank].processes.append((pid, vllm_bytes))
         for index, pid in enumerate(self.trainer.leaves):
             self.scenario.gpus[index].processes.append((pid, trainer_bytes))
-        self.scenario.gpus[-1].processes.append((self.orphan.leaves[0], int(1.2 * GIB)))
+        orphan = FakeMig(gi=1, used=int(1.2 * GIB) + CONTEXT_BYTES, processes=[(self.orphan.leaves[0], int(1.2 * GIB))])
+        self.scenario.gpus[GPUS].mig = [orphan, FakeMig(gi=2, used=3 * GIB), FakeMig(gi=3)]
         for gpu in self.scenario.gpus:
-            gpu.used = sum(used for _, used in gpu.processes) + CONTEXT_BYTES
+            gpu.used = sum(used for _, used in gpu.processes) + CONTEXT_BYTES + sum(m.used for m in gpu.mig)
         self.scenario.write()
 
     def _cycle(self) -> None:

@@ -56,6 +56,39 @@ def build(cache_dir: Path | None = None) -> Path:
 
 
 @dataclass
+class FakeMig:
+    """One MIG device (GPU instance `gi`, compute instance `ci`) of a FakeGpu with MIG on."""
+
+    gi: int
+    ci: int = 0
+    profile: str = "1g.10gb"
+    total: int = 10 * GIB
+    used: int = 0
+    reserved: int = 0
+    processes: list[tuple[int, int]] = field(default_factory=list)
+    slot: int | None = None  # its index for nvmlDeviceGetMigDeviceHandleByIndex (default: its position)
+    errors: dict[str, int] = field(default_factory=dict)
+    serial: int = 0  # tells apart instances re-created with the same ids (a new UUID, as on a real driver)
+
+    def uuid_on(self, card: int) -> str:
+        return f"MIG-{card:08x}-{self.gi:04x}-{self.ci:04x}-{self.serial:04x}-fake{card:08x}"
+
+    def to_json(self, card: int, position: int) -> dict:
+        return {
+            "uuid": self.uuid_on(card),
+            "gi": self.gi,
+            "ci": self.ci,
+            "profile": self.profile,
+            "slot": position if self.slot is None else self.slot,
+            "total": self.total,
+            "used": self.used,
+            "reserved": self.reserved,
+            "processes": [{"pid": pid, "used": used} for pid, used in self.processes],
+            "errors": self.errors,
+        }
+
+
+@dataclass
 class FakeGpu:
     """One simulated GPU; memory in bytes, processes as (pid, used bytes) pairs."""
 
@@ -72,6 +105,14 @@ class FakeGpu:
     # The physical card (its UUID and bus id) when this view numbers it otherwise: a pod given
     # the host's GPUs 4-7 sees card 4 as its GPU 0.
     card: int | None = None
+    mig_mode: int | None = None  # None: no MIG on this card (NOT_SUPPORTED); 0 off; 1 on
+    mig: list[FakeMig] = field(default_factory=list)
+    mig_max: int = 7
+
+    @property
+    def mig_uuids(self) -> list[str]:
+        card = self.index if self.card is None else self.card
+        return [instance.uuid_on(card) for instance in self.mig]
 
     @property
     def uuid(self) -> str:
@@ -96,7 +137,15 @@ class FakeGpu:
             "errors": self.errors,
             "delays_ms": self.delays_ms,
             "hangs": {call: 1 for call in sorted(self.hangs)},
+            **self._mig_json(),
         }
+
+    def _mig_json(self) -> dict:
+        if self.mig_mode is None:
+            return {}
+        card = self.index if self.card is None else self.card
+        mig = [instance.to_json(card, position) for position, instance in enumerate(self.mig)]
+        return {"mig_mode": self.mig_mode, "mig_max": self.mig_max, "mig": mig}
 
 
 @dataclass

@@ -27,8 +27,25 @@
  *     "hangs": {"memory": 1}        the call does not return while this is set
  *       (a GPU in a bad state: real drivers hang inside NVML, holding its
  *       lock, so every other call waits too); capped at 10 minutes
+ *     "mig_mode": 1,             MIG current mode (absent: the GPU has no MIG, NOT_SUPPORTED)
+ *     "mig_pending": 1,          pending mode (default: the current one)
+ *     "mig_max": 7,              nvmlDeviceGetMaxMigDeviceCount
+ *     "mig": [{                  the MIG devices (GPU instance + compute instance) now
+ *       "slot": 0,               its index for nvmlDeviceGetMigDeviceHandleByIndex
+ *                                (default: its position; an empty slot is NOT_FOUND)
+ *       "uuid": "MIG-...", "gi": 1, "ci": 0, "profile": "1g.10gb",
+ *       "total": ..., "used": ..., "reserved": ..., "processes": [...],
+ *       "errors": {...}, "delays_ms": {...}, "hangs": {...}   as for a GPU
+ *     }]
+ *     MIG calls' error/delay names: "mig_mode", "mig_count", "mig_handle",
+ *     "gpu_instance", "compute_instance", "mig_parent".
  *   }]
  * }
+ * A MIG device's handle stands for that instance (its UUID): once the
+ * scenario drops the instance the handle fails with INVALID_ARGUMENT, as a
+ * destroyed instance's does. With MIG on, the parent's process lists hold
+ * every instance's processes with their GPU/compute instance ids, as NVML's.
+ * fakeNvmlCallCount(name) tells a test how often a call name was made.
  */
 #include <ctype.h>
 #include <pthread.h>
@@ -46,6 +63,7 @@ enum {
     NVML_ERROR_UNINITIALIZED = 1,
     NVML_ERROR_INVALID_ARGUMENT = 2,
     NVML_ERROR_NOT_SUPPORTED = 3,
+    NVML_ERROR_NOT_FOUND = 6,
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
     NVML_ERROR_GPU_IS_LOST = 15,
     NVML_ERROR_UNKNOWN = 999,
@@ -226,36 +244,101 @@ static const jval *gpu_at(long idx) {
     return (g && idx >= 0 && idx < g->len) ? &g->items[idx] : NULL;
 }
 
+static const jval *mig_list(const jval *gpu) {
+    const jval *list = jget(gpu, "mig");
+    return (list && list->type == J_ARR) ? list : NULL;
+}
+
+/* MIG handles: MIG_BASE + the slot of the instance's UUID in this registry. */
+#define MIG_BASE 0x100000
+#define MIG_REGISTRY 4096
+static char *mig_uuids[MIG_REGISTRY];
+static size_t mig_registered;
+
+static nvmlDevice_t mig_handle_for(const char *uuid) {
+    for (size_t i = 0; i < mig_registered; i++)
+        if (!strcmp(mig_uuids[i], uuid)) return (nvmlDevice_t)(MIG_BASE + i);
+    if (mig_registered == MIG_REGISTRY) return NULL;
+    mig_uuids[mig_registered] = strdup(uuid);
+    return (nvmlDevice_t)(MIG_BASE + mig_registered++);
+}
+
+static int is_mig(nvmlDevice_t dev) { return (size_t)dev >= MIG_BASE; }
+
+/* The scenario object behind a handle, a GPU (handle = index + 1) or a MIG
+ * instance found by UUID in the current layout; *parent is the GPU's index. */
+static const jval *device_of(nvmlDevice_t dev, long *parent) {
+    size_t h = (size_t)dev;
+    const jval *g = gpus();
+    if (!g) return NULL;
+    if (!is_mig(dev)) {
+        long idx = (long)h - 1;
+        if (parent) *parent = idx;
+        return gpu_at(idx);
+    }
+    if (h - MIG_BASE >= mig_registered) return NULL;
+    const char *uuid = mig_uuids[h - MIG_BASE];
+    for (int i = 0; i < g->len; i++) {
+        const jval *list = mig_list(&g->items[i]);
+        for (int j = 0; list && j < list->len; j++)
+            if (!strcmp(jstr(&list->items[j], "uuid", ""), uuid)) {
+                if (parent) *parent = i;
+                return &list->items[j];
+            }
+    }
+    return NULL;
+}
+
 static void sleep_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
 }
 
+/* How often each call name was made (for tests of look-up caching). */
+#define MAX_COUNTED 64
+static char counted_names[MAX_COUNTED][32];
+static unsigned long counted[MAX_COUNTED];
+
+static void count_call(const char *call) {
+    for (int i = 0; i < MAX_COUNTED; i++) {
+        if (!counted_names[i][0]) snprintf(counted_names[i], sizeof(counted_names[i]), "%s", call);
+        if (!strcmp(counted_names[i], call)) { counted[i]++; return; }
+    }
+}
+
+unsigned long fakeNvmlCallCount(const char *call) {
+    pthread_mutex_lock(&lock);
+    unsigned long n = 0;
+    for (int i = 0; i < MAX_COUNTED && counted_names[i][0]; i++)
+        if (!strcmp(counted_names[i], call)) n = counted[i];
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
 /* Injected slowness: "delays_ms" sleeps, "hangs" blocks until the scenario
  * drops it (re-read every 20 ms, the lock held all along, as a hung driver). */
-static void stall(long idx, const char *call) {
-    const jval *gpu = gpu_at(idx);
-    long delay = (long)jnum(jget(gpu, "delays_ms"), call, 0);
+static void stall(nvmlDevice_t dev, const char *call) {
+    const jval *obj = device_of(dev, NULL);
+    long delay = (long)jnum(jget(obj, "delays_ms"), call, 0);
     if (delay > 0) sleep_ms(delay);
     for (int waited = 0; waited < 30000; waited++) {
-        gpu = gpu_at(idx);
-        if (!gpu || !jnum(jget(gpu, "hangs"), call, 0)) return;
+        obj = device_of(dev, NULL);
+        if (!obj || !jnum(jget(obj, "hangs"), call, 0)) return;
         sleep_ms(20);
         refresh();
     }
 }
 
-/* Look up the GPU behind a handle (index + 1) and its injected error for
+/* Look up the GPU or MIG instance behind a handle and its injected error for
  * the named call; returns NVML_SUCCESS with *out set, or an error code. */
 static nvmlReturn_t gpu_for2(nvmlDevice_t dev, const char *call, const char *variant,
                              const jval **out) {
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     refresh();
-    long idx = (long)(size_t)dev - 1;
-    stall(idx, call);
-    const jval *g = gpus();
-    if (!g || idx < 0 || idx >= g->len) return NVML_ERROR_GPU_IS_LOST;
-    *out = &g->items[idx];
+    count_call(call);
+    stall(dev, call);
+    *out = device_of(dev, NULL);
+    if (!*out) return is_mig(dev) ? NVML_ERROR_INVALID_ARGUMENT : NVML_ERROR_GPU_IS_LOST;
     const jval *errors = jget(*out, "errors");
     int err = (int)jnum(errors, call, 0);
     if (!err && variant) err = (int)jnum(errors, variant, 0);
@@ -356,9 +439,21 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *buf, unsigned int len) {
     LOCKED(do_string(d, "uuid", "uuid", "GPU-00000000-0000-0000-0000-000000000000", buf, len));
 }
 
-nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *buf, unsigned int len) {
-    LOCKED(do_string(d, "name", "name", "NVIDIA Fake GPU", buf, len));
+/* A MIG device is named after its parent and profile: "NVIDIA H100 80GB HBM3 MIG 1g.10gb". */
+static nvmlReturn_t do_name(nvmlDevice_t dev, char *buf, unsigned int len) {
+    const jval *g;
+    long parent = -1;
+    nvmlReturn_t r = gpu_for(dev, "name", &g);
+    if (r) return r;
+    if (!is_mig(dev)) return copy_str(jstr(g, "name", "NVIDIA Fake GPU"), buf, len);
+    device_of(dev, &parent);
+    char name[160];
+    snprintf(name, sizeof(name), "%s MIG %s", jstr(gpu_at(parent), "name", "NVIDIA Fake GPU"),
+             jstr(g, "profile", "1g.10gb"));
+    return copy_str(name, buf, len);
 }
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *buf, unsigned int len) { LOCKED(do_name(d, buf, len)); }
 
 /* nvmlPciInfo_t as laid out by NVML >= 9.0. */
 typedef struct {
@@ -369,8 +464,11 @@ typedef struct {
 
 static nvmlReturn_t do_pci(nvmlDevice_t dev, nvmlPciInfo_t *pci) {
     const jval *g;
+    long parent = -1;
     nvmlReturn_t r = gpu_for(dev, "pci", &g);
     if (r) return r;
+    device_of(dev, &parent);
+    g = gpu_at(parent); /* a MIG device is on its parent's bus */
     memset(pci, 0, sizeof(*pci));
     const char *bus_id = jstr(g, "pci_bus_id", "00000000:00:00.0");
     snprintf(pci->busId, sizeof(pci->busId), "%s", bus_id);
@@ -425,24 +523,37 @@ typedef struct {
     unsigned int gpuInstanceId, computeInstanceId;
 } nvmlProcessInfo_t;
 
-/* NVML's two-call protocol: count first (INSUFFICIENT_SIZE), then fill. */
+static unsigned int list_len(const jval *list) { return (list && list->type == J_ARR) ? list->len : 0; }
+
+/* Copy one scenario list in, from position `at`; ids 0xFFFFFFFF outside MIG. */
+static unsigned int fill(const jval *list, const jval *instance, nvmlProcessInfo_t *infos, unsigned int at) {
+    unsigned int n = list_len(list);
+    for (unsigned int i = 0; i < n; i++) {
+        const jval *p = &list->items[i];
+        double used = jnum(p, "used", 0);
+        infos[at + i].pid = (unsigned int)jnum(p, "pid", 0);
+        infos[at + i].usedGpuMemory = used < 0 ? ~0ULL : (unsigned long long)used;
+        infos[at + i].gpuInstanceId = instance ? (unsigned int)jnum(instance, "gi", 0) : 0xFFFFFFFF;
+        infos[at + i].computeInstanceId = instance ? (unsigned int)jnum(instance, "ci", 0) : 0xFFFFFFFF;
+    }
+    return n;
+}
+
+/* NVML's two-call protocol: count first (INSUFFICIENT_SIZE), then fill. A MIG
+ * device lists its own processes; a GPU with MIG on lists every instance's too. */
 static nvmlReturn_t do_processes(nvmlDevice_t dev, const char *key, const char *variant,
                                  unsigned int *count, nvmlProcessInfo_t *infos) {
     const jval *g;
     nvmlReturn_t r = gpu_for2(dev, key, variant, &g);
     if (r) return r;
-    const jval *list = jget(g, key);
-    unsigned int n = (list && list->type == J_ARR) ? list->len : 0;
+    const jval *instances = (!is_mig(dev) && jnum(g, "mig_mode", 0) == 1) ? mig_list(g) : NULL;
+    unsigned int n = list_len(jget(g, key));
+    for (int i = 0; instances && i < instances->len; i++) n += list_len(jget(&instances->items[i], key));
     if (n == 0) { *count = 0; return NVML_SUCCESS; }
     if (!infos || *count < n) { *count = n; return NVML_ERROR_INSUFFICIENT_SIZE; }
-    for (unsigned int i = 0; i < n; i++) {
-        const jval *p = &list->items[i];
-        double used = jnum(p, "used", 0);
-        infos[i].pid = (unsigned int)jnum(p, "pid", 0);
-        infos[i].usedGpuMemory = used < 0 ? ~0ULL : (unsigned long long)used;
-        infos[i].gpuInstanceId = 0xFFFFFFFF;
-        infos[i].computeInstanceId = 0xFFFFFFFF;
-    }
+    unsigned int at = fill(jget(g, key), is_mig(dev) ? g : NULL, infos, 0);
+    for (int i = 0; instances && i < instances->len; i++)
+        at += fill(jget(&instances->items[i], key), &instances->items[i], infos, at);
     *count = n;
     return NVML_SUCCESS;
 }
@@ -458,4 +569,80 @@ nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t d, unsigned i
 }
 nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(nvmlDevice_t d, unsigned int *c, nvmlProcessInfo_t *p) {
     LOCKED(do_processes(d, "graphics_processes", NULL, c, p));
+}
+
+/* ---------- MIG ---------- */
+
+/* A GPU (not a MIG device) that has MIG at all; NOT_SUPPORTED otherwise. */
+static nvmlReturn_t mig_parent(nvmlDevice_t dev, const char *call, const jval **g) {
+    nvmlReturn_t r = gpu_for(dev, call, g);
+    if (r) return r;
+    if (is_mig(dev)) return NVML_ERROR_INVALID_ARGUMENT;
+    return jget(*g, "mig_mode") ? NVML_SUCCESS : NVML_ERROR_NOT_SUPPORTED;
+}
+
+static nvmlReturn_t do_mig_mode(nvmlDevice_t dev, unsigned int *current, unsigned int *pending) {
+    const jval *g;
+    nvmlReturn_t r = mig_parent(dev, "mig_mode", &g);
+    if (r) return r;
+    *current = (unsigned int)jnum(g, "mig_mode", 0);
+    *pending = (unsigned int)jnum(g, "mig_pending", *current);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned int *c, unsigned int *p) { LOCKED(do_mig_mode(d, c, p)); }
+
+static nvmlReturn_t do_mig_handle(nvmlDevice_t dev, unsigned int index, nvmlDevice_t *mig) {
+    const jval *g;
+    nvmlReturn_t r = mig_parent(dev, "mig_handle", &g);
+    if (r) return r;
+    if (!mig || index >= (unsigned int)jnum(g, "mig_max", 7)) return NVML_ERROR_INVALID_ARGUMENT;
+    const jval *list = jnum(g, "mig_mode", 0) == 1 ? mig_list(g) : NULL;
+    for (int i = 0; list && i < list->len; i++) {
+        const jval *instance = &list->items[i];
+        if ((unsigned int)jnum(instance, "slot", i) != index) continue;
+        *mig = mig_handle_for(jstr(instance, "uuid", ""));
+        return *mig ? NVML_SUCCESS : NVML_ERROR_UNKNOWN;
+    }
+    return NVML_ERROR_NOT_FOUND;
+}
+
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t d, unsigned int i, nvmlDevice_t *m) {
+    LOCKED(do_mig_handle(d, i, m));
+}
+
+/* The MIG calls that answer one number: "mig_count" (a GPU with MIG), "is_mig",
+ * "gpu_instance" and "compute_instance" (a MIG device; NOT_SUPPORTED on a GPU). */
+static nvmlReturn_t do_mig_number(nvmlDevice_t dev, const char *call, unsigned int *out) {
+    const jval *g;
+    int count = !strcmp(call, "mig_count"), ids = !strcmp(call, "gpu_instance") || !strcmp(call, "compute_instance");
+    nvmlReturn_t r = count ? mig_parent(dev, call, &g) : gpu_for(dev, call, &g);
+    if (r) return r;
+    if (ids && !is_mig(dev)) return NVML_ERROR_NOT_SUPPORTED;
+    if (count) *out = (unsigned int)jnum(g, "mig_max", 7);
+    else if (ids) *out = (unsigned int)jnum(g, !strcmp(call, "gpu_instance") ? "gi" : "ci", 0);
+    else *out = is_mig(dev);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t d, unsigned int *c) { LOCKED(do_mig_number(d, "mig_count", c)); }
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t d, unsigned int *a) { LOCKED(do_mig_number(d, "is_mig", a)); }
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t d, unsigned int *id) { LOCKED(do_mig_number(d, "gpu_instance", id)); }
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t d, unsigned int *id) {
+    LOCKED(do_mig_number(d, "compute_instance", id));
+}
+
+static nvmlReturn_t do_mig_parent_handle(nvmlDevice_t dev, nvmlDevice_t *parent_out) {
+    const jval *g;
+    long parent = -1;
+    nvmlReturn_t r = gpu_for(dev, "mig_parent", &g);
+    if (r) return r;
+    if (!is_mig(dev)) return NVML_ERROR_INVALID_ARGUMENT;
+    device_of(dev, &parent);
+    *parent_out = (nvmlDevice_t)(size_t)(parent + 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t m, nvmlDevice_t *d) {
+    LOCKED(do_mig_parent_handle(m, d));
 }

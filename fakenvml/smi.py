@@ -3,6 +3,11 @@
     nvidia-smi -L
     nvidia-smi [--id=0,1] --query-gpu=index,uuid,pci.bus_id,memory.used,memory.total,name --format=csv,noheader,nounits
     nvidia-smi --query-compute-apps=gpu_uuid,gpu_bus_id,pid,used_memory --format=csv,noheader,nounits
+    nvidia-smi              the summary's "MIG devices" table only (GPU, GI, CI, MIG Dev, Memory-Usage)
+
+With MIG on, `-L` lists each GPU's MIG devices under it ("  MIG 1g.10gb     Device  0: (UUID:
+MIG-...)"), and the compute apps are the parent GPU's list (every device's processes, under the
+GPU's UUID). Per-device memory is only in the summary's table: no --query-gpu field has it.
 
 It answers from the same NVML the exporter reads, so a test's nvidia-smi, its NVML and its
 exporter all describe one node. `install(directory)` writes it as an executable named
@@ -18,6 +23,7 @@ import pynvml
 
 from fakenvml.interpreter import shebang_python
 from gpu_residency_common.nvml_memory import read_memory
+from gpu_residency_common.nvml_mig import MigLayouts
 
 MIB = 1024**2
 
@@ -53,6 +59,23 @@ def _apps(handle: object, uuid: str, bus: str) -> list[dict[str, str]]:
     ]
 
 
+def _mig_table(handles: dict[int, object]) -> str:
+    """The summary's "MIG devices" block, as nvidia-smi draws it (two lines per device)."""
+    rule = "+------------------+----------------------------------+-----------+-----------------------+"
+    lines = [rule, "| MIG devices:" + " " * (len(rule) - 15) + " |", rule,
+             "| GPU  GI  CI  MIG |                     Memory-Usage |        Vol|        Shared         |",
+             "|      ID  ID  Dev |                       BAR1-Usage | SM     Unc| CE ENC  DEC  OFA  JPG |",
+             "|==================+==================================+===========+=======================|"]  # fmt: skip
+    for i, handle in handles.items():
+        for n, mig in enumerate(MigLayouts().read(pynvml, i, handle, set()) or ()):
+            usage = f"{_mib(mig.used_bytes)}MiB / {_mib(mig.total_bytes)}MiB"
+            ids = f"{i:>2}{mig.instance.gpu_instance:>5}{mig.instance.compute_instance:>4}{n:>4}"
+            lines += [f"| {ids}  |{usage:>33} | 14      0 |  1   0    1    0    1 |",
+                      "|                  |                 0MiB / 16383MiB  |           |                       |",
+                      rule]  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     options = dict(arg.split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
@@ -68,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             for i, handle in handles.items():
                 fields = _gpu_fields(i, handle)
                 print(f"GPU {i}: {fields['name']} (UUID: {fields['uuid']})")
+                for n, mig in enumerate(MigLayouts().read(pynvml, i, handle, set()) or ()):
+                    print(f"  MIG {mig.instance.profile:<12}Device {n:>2}: (UUID: {mig.instance.uuid})")
+            return 0
+        if not args:
+            print(_mig_table(handles))
             return 0
         if "--query-gpu" in options:
             wanted = options["--query-gpu"].split(",")

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
         )
-        sub.add_argument("--gpus", required=True, help="comma-separated indices, UUIDs or PCI bus ids")
+        gpus_help = "comma-separated indices, UUIDs or PCI bus ids; a MIG device: MIG-... or gpu:gi"
+        sub.add_argument("--gpus", required=True, help=gpus_help)
         sub.add_argument(
             "--node", default=default_node(), help="node label to read in Prometheus (default $NODE_NAME or host name)"
         )

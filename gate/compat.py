@@ -91,7 +91,7 @@ def look(gpu_ids: Sequence[int | str], node: str | None, timeout_s: float) -> tu
         return None, str(exc)
     try:
         gate = ResidualGate.from_env(threshold_gb=DEFAULT_THRESHOLD_GB, source=source, fail_open=False)
-        # GateConfigError from check: an id that names no GPU ("", -1, a MIG instance, an unresolvable index)
+        # GateConfigError from check: an id naming no GPU ("", -1, a MIG name a source cannot read, an unknown index)
         decision = gate.check(ids, node, holders=False)
     except GateConfigError as exc:
         log.warning("GPU memory probe: %s", exc)

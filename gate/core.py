@@ -40,7 +40,7 @@ from gate.settings import (
     parse_threshold,
     threshold_from_env,
 )
-from gate.sources import Source, build_source
+from gate.sources import Source, admit_mig, build_source
 from gate.verdicts import verdict
 from gpu_residency_common.files import ensure_dir, write_atomic
 
@@ -173,10 +173,10 @@ class ResidualGate:
             self._resolved[key] = targets
         return self._resolved[key]
 
-    @staticmethod
-    def _names(gpus: Sequence[int | str]) -> list[str]:
+    def _names(self, gpus: Sequence[int | str]) -> list[str]:
+        """The GPUs' names; a MIG device's only where the source reads MIG devices (`reads_mig`)."""
         try:
-            names = [normalise(gpu) for gpu in gpus]
+            names = admit_mig(self.source, [normalise(gpu) for gpu in gpus])
         except ValueError as exc:
             raise GateConfigError(str(exc)) from None
         if not names:

@@ -24,6 +24,7 @@ class ExporterSource:
     """A reading per look from the exporter's JSON API; waits by long poll."""
 
     name = "exporter"
+    reads_mig = True  # the exporter lists each GPU's MIG devices under it (its /api/v1 answers)
     remote = True  # the exporter's view of the node: asked by UUID
     poll_floor_s = 0.0
 
@@ -92,7 +93,7 @@ def samples_from_api(body: object, where: str) -> list[GpuSample]:
         age = float(body.get("age_seconds") or 0.0)
         if not math.isfinite(age):
             raise ValueError(f"age_seconds {age}")
-        return [_sample(gpu, max(0.0, age)) for gpu in body["gpus"]]
+        return [sample for gpu in body["gpus"] for sample in _samples(gpu, max(0.0, age))]
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise SourceError(f"exporter source: unexpected answer from {where}: {exc!r}") from None
 
@@ -107,7 +108,16 @@ def _growth(engine: dict) -> float | None:
     )
 
 
-def _sample(gpu: dict, age: float) -> GpuSample:
+def _samples(gpu: dict, age: float) -> list[GpuSample]:
+    """The GPU's sample, then one per MIG device it lists (numbered and bused as their GPU)."""
+    whole = _sample(gpu, age)
+    devices = gpu.get("mig") or []  # absent from exporters before MIG support
+    if not isinstance(devices, list):
+        raise ValueError(f"mig {type(devices).__name__}")
+    return [whole, *(_sample(device, age, whole) for device in devices)]
+
+
+def _sample(gpu: dict, age: float, parent: GpuSample | None = None) -> GpuSample:
     used = gpu.get("used_bytes")
     if used is not None and (isinstance(used, bool) or not isinstance(used, int) or used < 0):
         raise ValueError(f"used_bytes {used!r}")
@@ -131,11 +141,16 @@ def _sample(gpu: dict, age: float) -> GpuSample:
         )
     if gpu.get("unattributed_bytes") is not None:
         holders.append(Holder("unattributed", "", int(gpu["unattributed_bytes"])))
-    index = gpu.get("index")
+    index = gpu.get("index") if parent is None else parent.index
+    instance = gpu.get("gpu_instance") if parent is not None else None
+    if parent is not None and (isinstance(instance, bool) or not isinstance(instance, int)):
+        raise ValueError(f"gpu_instance {instance!r}")
     return GpuSample(
         index=index if isinstance(index, int) and not isinstance(index, bool) else None,
         uuid=str(gpu.get("uuid") or ""),
-        pci_bus_id=str(gpu.get("pci_bus_id") or ""),
+        pci_bus_id=str(gpu.get("pci_bus_id") or "") if parent is None else parent.pci_bus_id,
+        parent_uuid="" if parent is None else parent.uuid,
+        gpu_instance=instance,
         used_bytes=used,
         age_seconds=age,
         holders=tuple(sorted(holders, key=lambda h: -h.used_bytes)),

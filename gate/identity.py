@@ -26,7 +26,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-from gate.readings import GpuSample, SourceError
+from gate.readings import GpuSample, SourceError, split_instance
 
 VISIBLE_ENV = "NVIDIA_VISIBLE_DEVICES"
 SMI_LIST = re.compile(r"^GPU (\d+): .*\(UUID: (GPU-[0-9A-Za-z-]+)\)\s*$")
@@ -150,6 +150,10 @@ def resolve(names: list[str], view: LocalView | None, samples: list[GpuSample] |
     needs the source's samples and none were given."""
     resolved = []
     for name in names:
+        parent, gi = split_instance(name)
+        if gi is not None and parent.isdigit():  # `gpu:gi` on an index: the index is this view's
+            resolved.append(f"{resolve([parent], view, samples)[0]}:{gi}")
+            continue
         if not name.isdigit():
             resolved.append(name)
             continue

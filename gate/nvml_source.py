@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from gate.readings import GpuSample, SourceError
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
-from gpu_residency_common.nvml_memory import read_memory, read_processes
+from gpu_residency_common.nvml_memory import read_memory, read_process_entries
+from gpu_residency_common.nvml_mig import MigLayouts
 
 DEFAULT_NVML_TIMEOUT_S = 5.0
 
@@ -19,6 +20,7 @@ class NvmlSource:
     hanging the scheduler that imported it."""
 
     name = "nvml"
+    reads_mig = True  # MIG devices are samples of their own: MIG-... and `gpu:gi` name them
     poll_floor_s = 0.0  # a memory-only read costs ~0.1 ms for 8 GPUs: the gate's own pace decides
 
     _shared: ClassVar[dict[float, NvmlSource]] = {}
@@ -46,6 +48,7 @@ class NvmlSource:
         # index -> (handle, uuid, bus id): fixed while NVML stays initialised (the gate never shuts it
         # down); only the worker thread touches it.
         self._identities: dict[int, tuple[object, str, str]] = {}
+        self._mig = MigLayouts()  # each GPU's MIG devices, read as the exporter reads them
         try:
             self._runner.call(pynvml.nvmlInit, timeout)
         except DeadlineExceeded as exc:
@@ -74,6 +77,7 @@ class NvmlSource:
             raise SourceError(f"nvml source: {exc}") from None
         if any(index >= count for index in self._identities):
             self._identities.clear()  # GPUs went away: indices may now name other cards
+            self._mig.clear()
         samples = []
         for index in range(count):
             identity = self._identities.get(index)
@@ -88,6 +92,11 @@ class NvmlSource:
                 self._identities.pop(index, None)  # named afresh next time (a GPU lost and back)
                 continue  # this GPU cannot be read: a request for it finds no sample and blocks
             samples.append(GpuSample(index=index, uuid=identity[1], pci_bus_id=identity[2], used_bytes=used))
+            samples.extend(
+                GpuSample(index, mig.instance.uuid, identity[2], mig.used_bytes, parent_uuid=identity[1],
+                          gpu_instance=mig.instance.gpu_instance)
+                for mig in self._mig.read(nvml, index, identity[0], set()) or ()
+            )  # fmt: skip
         return samples
 
     def _identify(self, index: int) -> tuple[object, str, str]:
@@ -104,11 +113,24 @@ class NvmlSource:
 
         nvml = self._nvml
         samples = self._read_used()
-        processes = {}
+        listed: dict[str, dict | None] = {}  # parent UUID -> its processes with their MIG devices
         for sample in samples:
-            try:
-                handle = self._identities[sample.index][0]
-                processes[sample.uuid] = read_processes(nvml, handle)
-            except (KeyError, nvml.NVMLError):
-                processes[sample.uuid] = None  # the holders cannot be told: "cannot tell", never "nothing"
+            if sample.gpu_instance is None:
+                try:
+                    listed[sample.uuid] = read_process_entries(nvml, self._identities[sample.index][0])
+                except (KeyError, nvml.NVMLError):
+                    listed[sample.uuid] = None  # the holders cannot be told: "cannot tell", never "nothing"
+        processes = {s.uuid: _held_on(s, listed.get(s.parent_uuid or s.uuid)) for s in samples}
         return with_holders(samples, processes, None)
+
+
+def _held_on(sample: GpuSample, entries: dict | None) -> dict[int, int | None] | None:
+    """PID -> bytes on the GPU, or on the MIG device (its GPU instance: compute instances share its
+    memory); None when that cannot be told (unread, or a process NVML did not place)."""
+    if entries is None:
+        return None
+    if sample.gpu_instance is None:
+        return {pid: entry.used for pid, entry in entries.items()}
+    if any(entry.mig is None for entry in entries.values()):
+        return None
+    return {pid: entry.used for pid, entry in entries.items() if entry.mig[0] == sample.gpu_instance}

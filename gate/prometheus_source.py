@@ -7,7 +7,7 @@ import json
 import math
 import re
 
-from gate.readings import GpuSample, Holder, SourceError
+from gate.readings import GpuSample, Holder, SourceError, split_instance
 from gate.settings import SELECTOR_ENV, GateConfigError
 
 MIB = 1024**2
@@ -25,7 +25,10 @@ METRICS = (
     "gpu_residency_process_memory_bytes",
     "gpu_residency_unattributed_memory_bytes",
     GROWTH,
+    "gpu_residency_mig_memory_used_bytes",
+    "gpu_residency_mig_unattributed_memory_bytes",
 )
+USED = ("gpu_residency_memory_used_bytes", "gpu_residency_mig_memory_used_bytes")  # a GPU's, a MIG device's
 
 
 SAMPLE_TIME_LABEL = "gate_field"  # marks the series that carry each GPU's sample time
@@ -35,7 +38,7 @@ UUID_PATTERN = re.compile(r"^GPU-[0-9A-Za-z-]+$")
 # Labels that name a series within one reading, not the reading: the rest (replica, job,
 # instance, prometheus...) tell copies of one GPU's reading apart.
 SERIES_LABELS = ("__name__", SAMPLE_TIME_LABEL, "engine", "pid", "comm", "holder", "holder_kind", "container",
-                 "container_id", "pod_uid", "kind")  # fmt: skip
+                 "container_id", "pod_uid", "kind", "mig_instance", "mig_profile", "mig_uuid")  # fmt: skip
 
 
 # A label-matcher list and nothing else: name, operator, one quoted string (valid escapes only).
@@ -61,8 +64,9 @@ def parse_selector(selector: str | None) -> str:
 
 
 def asks_by_uuid(names: list[str]) -> bool:
-    """Every GPU is named by UUID: the query asks by UUID, unambiguous in any number of clusters."""
-    return bool(names) and all(UUID_PATTERN.match(name) for name in names)
+    """Every GPU is named by UUID (a MIG device by its GPU's, `GPU-...:gi`): the query asks by UUID,
+    unambiguous in any number of clusters."""
+    return bool(names) and all(UUID_PATTERN.match(split_instance(name)[0]) for name in names)
 
 
 def build_query(node: str, uuids: list[str] = (), selector: str = "") -> str:
@@ -74,11 +78,13 @@ def build_query(node: str, uuids: list[str] = (), selector: str = "") -> str:
     An instant query honours Prometheus' own staleness: once the exporter's target is down (or a
     series vanished), its series are absent rather than their last value."""
     names = "|".join(METRICS)
-    match = f'uuid=~"(?i){"|".join(uuids)}"' if asks_by_uuid(uuids) else f'node="{escape_label_value(node)}"'
+    parents = sorted({split_instance(name)[0] for name in uuids})
+    match = f'uuid=~"(?i){"|".join(parents)}"' if asks_by_uuid(uuids) else f'node="{escape_label_value(node)}"'
     selector = f"{match},{selector}" if selector else match
+    used = "|".join(USED)  # timestamp() drops the name: a GPU's and a device's labels still differ
     return (
         f'{{__name__=~"{names}",{selector}}} or label_replace(timestamp('
-        f'gpu_residency_memory_used_bytes{{{selector}}}), "{SAMPLE_TIME_LABEL}", "sample_time", "", "")'
+        f'{{__name__=~"{used}",{selector}}}), "{SAMPLE_TIME_LABEL}", "sample_time", "", "")'
     )
 
 
@@ -86,6 +92,7 @@ class PrometheusSource:
     """One instant query per poll against the Prometheus HTTP API; samples carry their age."""
 
     name = "prometheus"
+    reads_mig = True  # the exporter's gpu_residency_mig_memory_used_bytes: MIG-... and `gpu:gi` name a device
     remote = True  # the exporter's view of the node: asked by UUID
     poll_floor_s = 0.1  # its data changes once per scrape interval; faster looks only load Prometheus
 
@@ -138,7 +145,7 @@ class PrometheusSource:
     def _samples(result: list) -> list[GpuSample]:
         """Samples from an instant query's result, one per copy of a GPU's reading (HA replicas, two
         scrape jobs: told apart by `origin`); KeyError/TypeError/ValueError/IndexError on a bad shape."""
-        used: dict[str, list[dict]] = {}
+        used: dict[str, list[dict]] = {}  # GPU or MIG device UUID -> copies of its used series
         sampled_at: dict[frozenset, float] = {}
         evaluated_at = 0.0
         holder_series: dict[str, list[tuple[dict, Holder]]] = {}
@@ -149,16 +156,18 @@ class PrometheusSource:
             evaluated_at = max(evaluated_at, stamp)
             if not math.isfinite(value):
                 continue
-            name, uuid = labels.get("__name__"), labels.get("uuid", "")
+            name, uuid, device = labels.get("__name__"), labels.get("uuid", ""), labels.get("mig_uuid", "")
             if labels.get(SAMPLE_TIME_LABEL) == "sample_time":
                 sampled_at[_reading_key(labels)] = value
-            elif name == "gpu_residency_memory_used_bytes":
-                used.setdefault(uuid, []).append({**labels, "__value__": value})
+            elif name in USED:
+                used.setdefault(device or uuid, []).append({**labels, "__value__": value})
             elif name == GROWTH:
                 growth_series.setdefault(uuid, []).append((labels, value))
             else:
                 holder = _holder(name, labels, int(value))
-                if holder is not None:
+                if holder is not None and device:  # on a MIG device: its holder, and (but for what
+                    holder_series.setdefault(device, []).append((labels, holder))  # it leaves) its GPU's
+                if holder is not None and name != "gpu_residency_mig_unattributed_memory_bytes":
                     holder_series.setdefault(uuid, []).append((labels, holder))
         samples = []
         for uuid, copies in used.items():
@@ -179,7 +188,7 @@ class PrometheusSource:
                 sampled = sampled_at.get(_reading_key(copy))
                 # Age against Prometheus' own evaluation time: no clock skew between this host and it.
                 age = evaluated_at - sampled if sampled is not None else math.inf
-                gpu = copy.get("gpu", "")
+                gpu, instance = copy.get("gpu", ""), copy.get("mig_instance", "").split("/")[0]
                 samples.append(
                     GpuSample(
                         index=int(gpu) if gpu.isdigit() else None,
@@ -187,11 +196,13 @@ class PrometheusSource:
                         pci_bus_id=copy.get("pci_bus_id", ""),
                         used_bytes=int(copy["__value__"]),
                         age_seconds=max(0.0, age),
-                        holders=tuple(sorted(mine, key=lambda h: -h.used_bytes)),
+                        holders=_merged(mine),
                         origin=origin,
                         # The exporter publishes a GPU's processes, and what they leave unattributed, only
                         # once it has listed them: with neither series, who holds the GPU is not known.
                         holders_known=any(h.kind in ("unattributed", "process") for h in mine),
+                        parent_uuid=copy.get("uuid", "") if copy.get("mig_uuid") else "",
+                        gpu_instance=int(instance) if copy.get("mig_uuid") and instance.isdigit() else None,
                     )
                 )
         return samples
@@ -240,6 +251,20 @@ def samples_from_answer(payload: object) -> list[GpuSample]:
         raise SourceError(f"prometheus source: unexpected answer: {exc!r}") from None
 
 
+def _merged(holders: list[Holder]) -> tuple[Holder, ...]:
+    """Largest first, an engine's rows on several MIG devices of one GPU summed into one (its creep,
+    known per GPU, kept)."""
+    engines: dict[str, Holder] = {}
+    for holder in holders:
+        if holder.kind == "engine":
+            seen = engines.get(holder.name)
+            engines[holder.name] = (
+                holder if seen is None else dataclasses.replace(seen, used_bytes=seen.used_bytes + holder.used_bytes)
+            )
+    rest = [h for h in holders if h.kind != "engine"] + list(engines.values())
+    return tuple(sorted(rest, key=lambda h: -h.used_bytes))
+
+
 def _holder(name: str, labels: dict, value: int) -> Holder | None:
     if name == "gpu_residency_engine_memory_bytes":
         return Holder("engine", labels.get("engine", ""), value)
@@ -254,6 +279,6 @@ def _holder(name: str, labels: dict, value: int) -> Holder | None:
             pid=int(pid) if pid.isdigit() else None,
             role=labels.get("holder_kind", ""),
         )
-    if name == "gpu_residency_unattributed_memory_bytes":
+    if name in ("gpu_residency_unattributed_memory_bytes", "gpu_residency_mig_unattributed_memory_bytes"):
         return Holder("unattributed", "", value)
     return None

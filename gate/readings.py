@@ -57,17 +57,54 @@ class GpuSample:
     # The source listed this GPU's processes and named their engines: an engine absent from
     # `holders` really holds nothing here. False: it cannot tell.
     holders_known: bool = False
+    # A MIG device: its parent GPU's UUID and its GPU instance id; `uuid` is its own MIG-... id,
+    # `index` and `pci_bus_id` its parent's. Empty/None for a whole GPU.
+    parent_uuid: str = ""
+    gpu_instance: int | None = None
 
     def matches(self, name: str) -> bool:
-        """A GPU is named by its NVML index, UUID or PCI bus id (any case, short bus id too)."""
+        """A GPU is named by its NVML index, UUID or PCI bus id (any case, short bus id too); a
+        MIG device by its MIG-... UUID or `gpu:gi` (its parent's index or UUID, its GPU instance)."""
         text = name.strip()
+        lowered = text.lower()
+        if lowered.startswith("mig-"):
+            return self.uuid.lower() == lowered
+        parent, gi = split_instance(text)
+        if gi is not None:
+            return self.gpu_instance == gi and self._names_gpu(parent, self.parent_uuid)
+        return self.gpu_instance is None and self._names_gpu(text, self.uuid)
+
+    def _names_gpu(self, text: str, uuid: str) -> bool:
         if text.isdigit():
             return self.index == int(text)
         lowered = text.lower()
         if lowered.startswith("gpu-"):
-            return self.uuid.lower() == lowered
+            return uuid.lower() == lowered
         bus = self.pci_bus_id.lower()
         return bool(bus) and (bus == lowered or (bus.endswith(lowered) and ":" in lowered))
+
+
+def split_instance(name: str) -> tuple[str, int | None]:
+    """`gpu:gi` (an index or GPU-... UUID, then a GPU instance id) -> (gpu, gi); else (name, None).
+    A PCI bus id has colons too, but never ends in digits after one with a GPU before it."""
+    head, _, tail = name.strip().rpartition(":")
+    if tail.isdigit() and (head.isdigit() or head.lower().startswith("gpu-")):
+        return head, int(tail)
+    return name.strip(), None
+
+
+def names_mig(name: str) -> bool:
+    """A MIG device's name: MIG-... or `gpu:gi`."""
+    return name.strip().lower().startswith("mig-") or split_instance(name)[1] is not None
+
+
+def refuse_mig(name: str, where: str) -> None:
+    """ValueError for a MIG name where MIG devices are not read yet (`where`: the source or API)."""
+    if names_mig(name):
+        raise ValueError(
+            f"GPU {name.strip()}: MIG instances are not supported by {where} yet (only the nvml source reads them); "
+            "name the parent GPU (its GPU-... UUID)"
+        )
 
 
 def normalise(gpu: int | str) -> str:
@@ -76,8 +113,4 @@ def normalise(gpu: int | str) -> str:
     text = str(gpu).strip()
     if not text or (isinstance(gpu, int) and gpu < 0):
         raise ValueError(f"GPU {gpu!r}: give an index, a UUID or a PCI bus id")
-    if text.lower().startswith("mig-"):
-        # A MIG instance's memory is a slice of its parent's: whole-GPU used memory is what a
-        # wake-up onto the card must wait for, and NVML's per-instance view is not read here.
-        raise ValueError(f"GPU {text}: MIG instances are not supported; name the parent GPU (its GPU-... UUID)")
     return text

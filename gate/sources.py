@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gate.readings import GpuSample, SourceError
+from gate.readings import GpuSample, SourceError, names_mig, refuse_mig
 from gate.settings import EXPORTER_ENV, PROMETHEUS_ENV, SOURCES, GateConfigError
 
 
@@ -24,11 +24,25 @@ class Source(Protocol):
     - `poll_floor_s`: the shortest sensible time between two looks (a process per look,
       a scrape interval behind the data);
     - `remote = True`: it reads another view than this process's (the node's exporter,
-      Prometheus): an index is resolved in this process's view and asked by UUID."""
+      Prometheus): an index is resolved in this process's view and asked by UUID;
+    - `reads_mig = True`: its samples include MIG devices (named MIG-... or `gpu:gi`); a gate
+      refuses MIG names for a source without it, and calls its `include_mig()`, if it has one,
+      when a MIG name is asked for (nvidia-smi reads them only then)."""
 
     name: str
 
     def read(self, node: str) -> list[GpuSample]: ...
+
+
+def admit_mig(source: Source, names: list[str]) -> list[str]:
+    """`names`, once the source can read the MIG devices among them: ValueError (with the reason)
+    where it cannot; a source that reads them only when asked (nvidia-smi) is told to."""
+    if not getattr(source, "reads_mig", False):
+        for name in names:
+            refuse_mig(name, f"the {source.name} source")
+    elif any(names_mig(name) for name in names) and hasattr(source, "include_mig"):
+        source.include_mig()
+    return names
 
 
 def build_source(

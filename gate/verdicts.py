@@ -11,7 +11,7 @@ def verdict(name: str, target: str, samples: list[GpuSample], threshold_bytes: i
     second scrape job) that would decide otherwise makes the card ambiguous, which blocks.
     `name` is what the caller asked for, `target` what it matches in the samples."""
     found = [s for s in samples if s.matches(target)]
-    cards = {s.uuid.lower() or s.pci_bus_id.lower() for s in found}
+    cards = {_memory_of(s) for s in found}
     if not found or len(cards) > 1:
         reason = "no sample for this GPU" if not found else f"ambiguous: matches {len(cards)} GPUs"
         return GpuVerdict(name, None, False, reason)
@@ -25,6 +25,14 @@ def verdict(name: str, target: str, samples: list[GpuSample], threshold_bytes: i
     # figure (the RLix probe) errs towards "held".
     highest = max([copies[0], *rivals], key=lambda c: -1 if c.used_bytes is None else c.used_bytes)
     return GpuVerdict(name, highest, False, f"ambiguous: fresh readings of this GPU disagree: {readings}")
+
+
+def _memory_of(sample: GpuSample) -> str:
+    """What holds the sample's memory: the card, or a MIG device's GPU instance (its compute
+    instances, each a MIG device of its own, report that one memory alike)."""
+    if sample.gpu_instance is not None:
+        return f"{sample.parent_uuid.lower()}:{sample.gpu_instance}"
+    return sample.uuid.lower() or sample.pci_bus_id.lower()
 
 
 def judge(name: str, sample: GpuSample, threshold_bytes: int, max_age_s: float) -> GpuVerdict:

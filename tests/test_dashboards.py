@@ -33,6 +33,8 @@ CONTRACT_METRICS = {
     "gpu_residency_engine_state_mismatches_total", "gpu_residency_engine_release_cycles_total",
     "gpu_residency_engine_release_residual_bytes", "gpu_residency_engine_release_residual_growth_bytes_per_cycle",
     "gpu_residency_engine_release_floor_bytes",
+    "gpu_residency_mig_memory_used_bytes", "gpu_residency_mig_memory_total_bytes",
+    "gpu_residency_mig_unattributed_memory_bytes",
 }  # fmt: skip
 # Series from other exporters a panel joins with; those panels are tested where that series exists
 # (test_holders: the pod panel against a kube_pod_info target).
@@ -138,7 +140,7 @@ def test_dashboard_variables_and_panels(tmp_path):
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("threshold", "holds", "sglang", "exits", "exporter health", "holder kind", "kubernetes pod",
-                  "vllm sleep level", "vllm kv cache usage", "vllm kv cache capacity",
+                  "vllm sleep level", "vllm kv cache usage", "vllm kv cache capacity", "mig devices",
                   "residual after each release, against the cycle number"):  # fmt: skip
         assert topic in titles
 

@@ -386,14 +386,14 @@ def test_probe_never_uses_a_sample_the_gate_judged_stale(monkeypatch):
     assert probe_max_used_gpu_mem_gb([0]) is None
 
 
-def test_a_mig_id_is_refused_with_the_reason():
+def test_a_mig_id_is_refused_with_the_reason_by_a_source_that_does_not_read_mig():
     class Any:
         name = "any"
 
         def read(self, node):
             return []
 
-    with pytest.raises(GateConfigError, match="MIG instances are not supported"):
+    with pytest.raises(GateConfigError, match="MIG instances are not supported by the any source"):
         ResidualGate(2, source=Any()).check(["MIG-4f1c2a3b-0000-0000-0000-000000000000"])
 
 

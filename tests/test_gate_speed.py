@@ -280,7 +280,6 @@ def test_api_wait_answers_when_clear_or_at_its_timeout(api_exporter, node):
         ("gpus=0&threshold_bytes=5&timeout=-1", "timeout"),
         ("gpus=0&threshold_bytes=5&timeout=nan", "timeout"),
         ("gpus=0,,1&threshold_bytes=5", "gpus"),
-        ("gpus=MIG-1234&threshold_bytes=5", "MIG"),
         ("gpus=" + ",".join(["0"] * 65) + "&threshold_bytes=5", "gpus"),
         ("gpus=" + "x" * 200 + "&threshold_bytes=5", "longer than"),
         ("gpus=0&gpus=1&threshold_bytes=5", "more than once"),

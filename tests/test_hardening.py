@@ -26,7 +26,7 @@ from exporter.pollers.sglang_metrics import parse_metrics as parse_sglang_metric
 from exporter.pollers.sglang_parse import ShapeError, parse_server_info
 from exporter.registry import EngineEntry, RegistryError, register_engine, unregister_engine
 from fakenvml import GIB, GPU_IS_LOST
-from gate.prometheus_source import METRICS, build_query
+from gate.prometheus_source import METRICS, USED, build_query
 
 # Families whose series legitimately accumulate (counters of events) or change every scrape.
 COUNTED = ("gpu_residency_engine_exits", "gpu_residency_errors", "gpu_residency_collections", "gpu_residency_scrape")
@@ -305,7 +305,7 @@ def test_gate_query_keeps_any_node_string_inside_its_label_value(node):
     query = build_query(node)
     names = "|".join(METRICS)
     prefix = f'{{__name__=~"{names}",node="'
-    middle = '"} or label_replace(timestamp(gpu_residency_memory_used_bytes{node="'
+    middle = f'"}} or label_replace(timestamp({{__name__=~"{"|".join(USED)}",node="'
     suffix = '"}), "gate_field", "sample_time", "", "")'
     assert query.startswith(prefix) and query.endswith(suffix) and middle in query
     first, second = query[len(prefix) : -len(suffix)].split(middle)

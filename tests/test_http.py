@@ -26,9 +26,11 @@ CONTRACT = {
         "pod_uid",
         "holder",
         "holder_kind",
+        "mig_instance",  # "" on a whole GPU: Prometheus stores no empty label, the series is unchanged
+        "mig_uuid",
     },
     "gpu_residency_holder_memory_bytes": {"node", "gpu", "uuid", "holder", "kind", "pod_uid"},
-    "gpu_residency_engine_memory_bytes": {"node", "engine", "gpu", "uuid"},
+    "gpu_residency_engine_memory_bytes": {"node", "engine", "gpu", "uuid", "mig_instance", "mig_uuid"},
     "gpu_residency_unattributed_memory_bytes": {"node", "gpu", "uuid"},
     "gpu_residency_engine_up": {"node", "engine", "kind"},
     "gpu_residency_nvml_up": {"node"},

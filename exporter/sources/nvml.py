@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from exporter.errors import ErrorCounter
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
-from gpu_residency_common.nvml_memory import read_memory, read_processes
+from gpu_residency_common.nvml_memory import nvml_reason, read_memory, read_process_entries, text
+from gpu_residency_common.nvml_mig import MigLayouts, MigReading
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 class GpuProcess:
     pid: int
     used_bytes: int | None  # None: NVML lists the process but cannot say its memory
+    mig: tuple[int, int] | None = None  # (GPU instance, compute instance) it runs on, with MIG on
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class GpuReading:
     reserved_bytes: int | None
     processes: tuple[GpuProcess, ...] | None  # None: the process lists could not be read
     v1_memory: bool = False  # memory info v1: `used` includes the driver-reserved part
+    mig: tuple[MigReading, ...] | None = ()  # its MIG devices; () without MIG, None: unreadable
+
+    def mig_instance(self, key: tuple[int, int] | None) -> MigReading | None:
+        """The MIG device with these (GPU instance, compute instance) ids, if read."""
+        return next((m for m in self.mig or () if m.instance.key == key), None) if key else None
 
 
 @dataclass(frozen=True)
@@ -57,14 +64,6 @@ class NvmlReading:
     def complete(self) -> bool:
         """Every GPU and every GPU's process list was read: only then may "holds nothing" be believed."""
         return self.up and self.unreadable_gpus == 0 and all(gpu.processes is not None for gpu in self.gpus)
-
-
-def _reason(exc: Exception) -> str:
-    """A short label value for an NVML error: 'gpu_is_lost', 'not_supported', ..."""
-    name = type(exc).__name__
-    if name.startswith("NVMLError_"):
-        name = name[len("NVMLError_") :]
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_") or "unknown"
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,7 @@ class NvmlSource:
         self._next_init = 0.0
         self._logged_failure = False
         self._identities: dict[int, _Identity] = {}
+        self._mig = MigLayouts(lambda reason: errors.inc("nvml", reason))
         self._driver_version = ""
 
     def _init(self) -> bool:
@@ -110,9 +110,10 @@ class NvmlSource:
         except OSError as exc:
             return self._init_failed("library_not_found", f"cannot load {self._library_path}: {exc}")
         except Exception as exc:
-            return self._init_failed(_reason(exc), str(exc))
+            return self._init_failed(nvml_reason(exc), str(exc))
         self._nvml = pynvml
         self._identities.clear()
+        self._mig.clear()
         log.info("NVML initialised, driver %s", self._driver_version)
         self._logged_failure = False
         return True
@@ -149,10 +150,11 @@ class NvmlSource:
             try:
                 count = nvml.nvmlDeviceGetCount()
             except nvml.NVMLError as exc:
-                self._errors.inc("nvml", _reason(exc))
+                self._errors.inc("nvml", nvml_reason(exc))
                 return NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
             if any(index >= count for index in self._identities):
                 self._identities.clear()  # GPUs went away: indices may now name other cards
+                self._mig.clear()
             gpus = [gpu for index in range(count) if (gpu := self._read_gpu(index)) is not None]
             return NvmlReading(
                 up=True, gpus=tuple(gpus), driver_version=self._driver_version, unreadable_gpus=count - len(gpus)
@@ -164,10 +166,12 @@ class NvmlSource:
             identity = self._identities.get(index) or self._identify(index)
         except nvml.NVMLError as exc:
             # Without a UUID the GPU cannot be named in a series: drop it, count why.
-            self._errors.inc("nvml", _reason(exc))
+            self._errors.inc("nvml", nvml_reason(exc))
             return None
         handle = identity.handle
         used, total, reserved, v1 = self._memory(handle)
+        processes = self._processes(handle)
+        seen = {proc.mig for proc in processes or () if proc.mig}
         return GpuReading(
             index=index,
             uuid=identity.uuid,
@@ -176,8 +180,9 @@ class NvmlSource:
             used_bytes=used,
             total_bytes=total,
             reserved_bytes=reserved,
-            processes=self._processes(handle),
+            processes=processes,
             v1_memory=v1,
+            mig=self._mig.read(self._nvml, index, handle, seen),
         )
 
     def _identify(self, index: int) -> _Identity:
@@ -187,7 +192,7 @@ class NvmlSource:
         identity = _Identity(
             handle=handle,
             uuid=str(nvml.nvmlDeviceGetUUID(handle)),
-            pci_bus_id=_text(nvml.nvmlDeviceGetPciInfo(handle).busId),
+            pci_bus_id=text(nvml.nvmlDeviceGetPciInfo(handle).busId),
             model=str(nvml.nvmlDeviceGetName(handle)),
         )
         self._identities[index] = identity
@@ -198,19 +203,15 @@ class NvmlSource:
         try:
             info = read_memory(self._nvml, handle)
         except self._nvml.NVMLError as exc:
-            self._errors.inc("nvml", _reason(exc))
+            self._errors.inc("nvml", nvml_reason(exc))
             return None, None, None, False
         return info.used, info.total, info.reserved, info.reserved is None
 
     def _processes(self, handle: object) -> tuple[GpuProcess, ...] | None:
         """Compute and graphics processes merged by PID; None when the lists cannot be read."""
         try:
-            merged = read_processes(self._nvml, handle)
+            merged = read_process_entries(self._nvml, handle)
         except self._nvml.NVMLError as exc:
-            self._errors.inc("nvml", _reason(exc))
+            self._errors.inc("nvml", nvml_reason(exc))
             return None
-        return tuple(GpuProcess(pid=pid, used_bytes=used) for pid, used in merged.items())
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return tuple(GpuProcess(pid=pid, used_bytes=entry.used, mig=entry.mig) for pid, entry in merged.items())

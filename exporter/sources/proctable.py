@@ -24,6 +24,7 @@ CGROUP_BYTES = 65536
 TITLE_BYTES = 512  # cmdline of a GPU process: a title (ray::…, sglang::…) is its first field
 LAUNCHER_ARGV_BYTES = 4096  # cmdline of a GPU process and each ancestor: is it torchrun or Megatron?
 DISCOVERY_ARGV_BYTES = 16384  # cmdline of every process, in discovery: an engine launch's --host/--port
+ENVIRON_BYTES = 65536  # environ of a GPU process on a MIG GPU that NVML does not place on an instance
 
 # Container ids in cgroup paths: docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope
 # (not crio-conmon-<id>.scope: that is the runtime's monitor), libpod-<id>.scope, /docker/<id>,
@@ -219,6 +220,14 @@ class ProcView:
         """(pid, 'torchrun' | 'megatron') for the process and its ancestors that are launchers, nearest first."""
         chain = [(ancestor.pid, launcher_of(self.argv(ancestor.pid))) for ancestor in self.ancestry(pid)]
         return tuple((found, kind) for found, kind in chain if kind)
+
+    def visible_devices(self, pid: int) -> tuple[str, ...]:
+        """CUDA_VISIBLE_DEVICES from the process's environment, only to match it against the
+        node's MIG UUIDs (never published); () where unreadable: another user's environ needs
+        CAP_SYS_PTRACE, which the chart drops."""
+        raw = _read_bytes(f"{self._root}/{pid}/environ", ENVIRON_BYTES) or b""
+        entry = next((e for e in raw.split(b"\0") if e.startswith(b"CUDA_VISIBLE_DEVICES=")), b"=")
+        return tuple(v.strip() for v in entry.split(b"=", 1)[1].decode("utf-8", "replace").split(",") if v.strip())
 
     def cgroup(self, pid: int) -> tuple[str, str]:
         """(container id, pod UID) from the process's cgroup path ('' where not in one)."""

@@ -19,6 +19,7 @@ paths sit behind the same TLS and basic auth as /metrics (server.make_responder)
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -40,12 +41,14 @@ from exporter.web.wait import (
     nvml_reason,
     parse_wait,
 )
+from gpu_residency_common.nvml_mig import MigReading
 
 # (engine, GPU uuid) -> its post-release residual's growth in bytes per cycle, None when not known
 Growth = Callable[[str, str], float | None]
 
 
 def gpu_body(gpu: GpuReading, snapshot: Snapshot | None, growth: Growth | None = None) -> dict:
+    """A GPU with its holders, and under `mig` each MIG device with its own; `growth` names each engine's creep."""
     body = {
         "index": gpu.index,
         "uuid": gpu.uuid,
@@ -55,21 +58,56 @@ def gpu_body(gpu: GpuReading, snapshot: Snapshot | None, growth: Growth | None =
         "total_bytes": gpu.total_bytes,
         "reserved_bytes": gpu.reserved_bytes,
     }
-    if snapshot is not None:
-        body["engines"] = [
-            _engine_body(u.engine, u.used_bytes, growth(u.engine, gpu.uuid) if growth else None)
-            for u in snapshot.engine_usage
-            if u.gpu.uuid == gpu.uuid and u.used_bytes is not None
-        ]
-        body["holders"] = [
-            {"pid": p.pid, "comm": p.comm, "holder": p.holder.name, "kind": p.holder.kind, "engine": p.engine,
-             "pod_uid": p.pod_uid, "used_bytes": p.used_bytes}
+    held = functools.partial(_held, snapshot, gpu, growth=growth)
+    return {**held(None), **body, "mig": [_mig_body(m, held) for m in gpu.mig or ()]}
+
+
+def _mig_body(mig: MigReading, held: Callable[[MigReading], dict]) -> dict:
+    instance = mig.instance
+    ids = {"uuid": instance.uuid, "gpu_instance": instance.gpu_instance, "compute_instance": instance.compute_instance}
+    return {**ids, "profile": instance.profile, "used_bytes": mig.used_bytes, "total_bytes": mig.total_bytes,
+            **held(mig)}  # fmt: skip
+
+
+def _held(snapshot: Snapshot | None, gpu: GpuReading, mig: MigReading | None, growth: Growth | None) -> dict:
+    """Engines, processes and the rest on the GPU (`mig` None: all of it) or on one MIG device;
+    nothing without a snapshot (a wait's reading)."""
+    if snapshot is None:
+        return {}
+
+    def here(on_gpu: GpuReading, on_mig: MigReading | None) -> bool:
+        return on_gpu.uuid == gpu.uuid and (mig is None or on_mig is mig)
+
+    engines: dict[str, int | None] = {}  # summed over the GPU's devices; unknown if any part is
+    for usage in snapshot.engine_usage:
+        if here(usage.gpu, usage.mig):
+            known = engines.get(usage.engine, 0)
+            engines[usage.engine] = None if known is None or usage.used_bytes is None else known + usage.used_bytes
+    rest = snapshot.unattributed if mig is None else [(g, v) for g, m, v in snapshot.mig_unattributed if m is mig]
+    return {
+        "engines": [
+            _engine_body(name, used, growth(name, gpu.uuid) if growth else None)
+            for name, used in engines.items()
+            if used is not None
+        ],
+        "holders": [
+            {
+                "pid": p.pid,
+                "comm": p.comm,
+                "holder": p.holder.name,
+                "kind": p.holder.kind,
+                "engine": p.engine,
+                "pod_uid": p.pod_uid,
+                "used_bytes": p.used_bytes,
+            }
             for p in sorted(snapshot.processes, key=lambda p: -(p.used_bytes or 0))
-            if p.gpu.uuid == gpu.uuid and p.used_bytes is not None
-        ]  # fmt: skip
-        body["unattributed_bytes"] = next((v for g, v in snapshot.unattributed if g.uuid == gpu.uuid), None)
-        body["processes_known"] = gpu.processes is not None
-    return body
+            if here(p.gpu, p.mig) and p.used_bytes is not None
+        ],
+        "unattributed_bytes": next((v for g, v in rest if g.uuid == gpu.uuid), None),
+        # On a device: only if every process of its GPU was placed on one (else it may be this one's).
+        "processes_known": gpu.processes is not None
+        and (mig is None or all(p.mig is not None for p in snapshot.processes if p.gpu.uuid == gpu.uuid)),
+    }
 
 
 def _engine_body(engine: str, used: int, growth: float | None) -> dict:
@@ -168,8 +206,8 @@ class GpuApi:
         for name in wanted.names:
             found = match(reading, name)
             if len(found) == 1:
-                if all(g["uuid"] != found[0].uuid for g in gpus):
-                    gpus.append(gpu_body(found[0], snapshot, self._growth))
+                if all(g["uuid"] != found[0][0].uuid for g in gpus):  # a MIG device comes with its GPU
+                    gpus.append(gpu_body(found[0][0], snapshot, self._growth))
             else:
                 missing.append(name)
         return {

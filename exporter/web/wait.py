@@ -13,6 +13,7 @@ from exporter.errors import ErrorCounter
 from exporter.sources.nvml import GpuReading, NvmlReading, NvmlSource
 from exporter.web.server import client_gone
 from gate.readings import GpuSample, normalise
+from gpu_residency_common.nvml_mig import MigReading
 
 MAX_GPUS_PER_WAIT = 64
 MAX_GPU_NAME = 128
@@ -177,14 +178,26 @@ def nvml_reason(before: dict[tuple[str, str], int], after: dict[tuple[str, str],
     return "; ".join(NVML_REASONS.get(reason, f"NVML error: {reason}") for reason in sorted(reasons))
 
 
-def match(reading: NvmlReading, name: str) -> list[GpuReading]:
-    return [gpu for gpu in reading.gpus if GpuSample(gpu.index, gpu.uuid, gpu.pci_bus_id, None).matches(name)]
+def match(reading: NvmlReading, name: str) -> list[tuple[GpuReading, MigReading | None]]:
+    """The GPUs (with None) and MIG devices (with their GPU) that `name` names."""
+    found = []
+    for gpu in reading.gpus:
+        if GpuSample(gpu.index, gpu.uuid, gpu.pci_bus_id, None).matches(name):
+            found.append((gpu, None))
+        for mig in gpu.mig or ():
+            instance = mig.instance
+            device = GpuSample(gpu.index, instance.uuid, gpu.pci_bus_id, None, parent_uuid=gpu.uuid,
+                               gpu_instance=instance.gpu_instance)  # fmt: skip
+            if device.matches(name):
+                found.append((gpu, mig))
+    return found
 
 
 def all_clear(reading: NvmlReading, request: WaitRequest) -> bool:
-    """Every named GPU matches exactly one GPU, whose used memory is known and under the threshold."""
+    """Every name matches exactly one GPU or MIG device, whose used memory is known and under the threshold."""
     for name in request.names:
         found = match(reading, name)
-        if len(found) != 1 or found[0].used_bytes is None or found[0].used_bytes >= request.threshold_bytes:
+        used = None if len(found) != 1 else (found[0][1] or found[0][0]).used_bytes
+        if used is None or used >= request.threshold_bytes:
             return False
     return True
