@@ -5,6 +5,7 @@ the flags it declared (exporter/*/flags.py); this module only connects them."""
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from exporter.exits.report import EXITS_PATH
 from exporter.pollers.flags import build_pollers
 from exporter.pollers.sglang import SglangPoller
 from exporter.pollers.vllm import VllmPoller
+from exporter.sleep_wake.cycles import CycleHistory
 from exporter.sleep_wake.flags import build_cycles, build_transitions
 from exporter.sleep_wake.gate_records import GateRecords
 from exporter.sleep_wake.transitions import TransitionTracker
@@ -122,7 +124,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
             max_waiters=args.api_max_waiters,
             max_wait=args.api_max_wait,
             interval=args.api_wait_interval,
-            growth=cycles.growth,
+            notes=functools.partial(_engine_notes, cycles, vllm),
         ).routes()
     )
     if "sleep_wake" not in disabled:
@@ -132,3 +134,16 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
             exporter.loops.append(SupervisedLoop("forensics", exporter.watch_exits, args.forensics_interval, errors))
         exporter.routes[EXITS_PATH] = exits_route(exits, args.api_max_waiters)
     return exporter
+
+
+def _engine_notes(cycles: CycleHistory, vllm: VllmPoller | None, engine: str, uuid: str) -> dict:
+    """The JSON API's fields beside an engine's memory on a GPU: its creep, and the resources its own
+    report cannot say were released (the gate names both)."""
+    notes: dict = {}
+    growth = cycles.growth(engine, uuid)
+    if growth is not None:
+        notes["residual_growth_bytes_per_cycle"] = growth
+    unknown = vllm.unknown_resources(engine) if vllm is not None else ()
+    if unknown:
+        notes["unknown_resources"] = list(unknown)
+    return notes

@@ -99,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fake-mode", default="ok")
     parser.add_argument("--fake-lifetime", type=float, default=300.0)
     parser.add_argument("--fake-op-seconds", type=float, default=0.0, help="how long each sleep-mode call takes")
+    parser.add_argument("--fake-fail-first", action="store_true", help="the first sleep-mode call fails (HTTP 500)")
     args = parser.parse_args(argv)
     dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE", "0") == "1"
     host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host  # the fake stays on loopback
     server = FakeVllm(args.fake_version, args.fake_mode, args.data_parallel_size, dev_mode, host, args.port, None)
     server.op_seconds = args.fake_op_seconds
+    server.fail_next = args.fake_fail_first
     tp = args.tensor_parallel_size
     if tp > 1:  # the engine core's workers hold the memory
         tree = start_tree(tp, depth=1, title="VLLM::Worker_TP{rank}", max_seconds=args.fake_lifetime,

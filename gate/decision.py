@@ -79,8 +79,10 @@ class Decision:
             total = whole.used_bytes if whole is not None else sum(h.used_bytes for h in mine)
             if total:
                 who = ", ".join(f"pid {h.pid} {h.name}" if h.pid is not None else h.name for h in mine[:3])
-                creep = whole.creep() if whole is not None else ""
-                held.append(f"{total / GIB:.1f} GiB on GPU {verdict.requested}" + (f" ({who})" if who else "") + creep)
+                remarks = whole.remarks() if whole is not None else ""
+                held.append(
+                    f"{total / GIB:.1f} GiB on GPU {verdict.requested}" + (f" ({who})" if who else "") + remarks
+                )
         if not held:
             unknown = [v.requested for v in self.gpus if v.sample is None or not v.sample.holders_known]
             if unknown:

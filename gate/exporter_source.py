@@ -98,13 +98,21 @@ def samples_from_api(body: object, where: str) -> list[GpuSample]:
         raise SourceError(f"exporter source: unexpected answer from {where}: {exc!r}") from None
 
 
-def _growth(engine: dict) -> float | None:
-    """How much more each of the engine's releases leaves on this GPU, when the exporter knows it."""
-    value = engine.get("residual_growth_bytes_per_cycle")
-    return (
-        float(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        else None
+def _engine(entry: dict) -> Holder:
+    """An engine's entry: its memory, how much more each of its releases leaves on this GPU and what
+    its own report cannot say it released, where the exporter knows them (anything else is ignored)."""
+    growth = entry.get("residual_growth_bytes_per_cycle")
+    unknown = entry.get("unknown_resources")
+    return Holder(
+        "engine",
+        str(entry["engine"]),
+        int(entry["used_bytes"]),
+        growth_bytes_per_cycle=float(growth)
+        if isinstance(growth, int | float) and not isinstance(growth, bool) and math.isfinite(growth)
+        else None,
+        unknown_resources=tuple(str(r)[:64] for r in unknown[:8] if isinstance(r, str))
+        if isinstance(unknown, list)
+        else (),
     )
 
 
@@ -121,10 +129,7 @@ def _sample(gpu: dict, age: float, parent: GpuSample | None = None) -> GpuSample
     used = gpu.get("used_bytes")
     if used is not None and (isinstance(used, bool) or not isinstance(used, int) or used < 0):
         raise ValueError(f"used_bytes {used!r}")
-    holders = [
-        Holder("engine", str(e["engine"]), int(e["used_bytes"]), growth_bytes_per_cycle=_growth(e))
-        for e in gpu.get("engines") or ()
-    ]
+    holders = [_engine(e) for e in gpu.get("engines") or ()]
     for proc in gpu.get("holders") or ():
         engine = str(proc.get("engine") or "")
         pid = proc.get("pid")

@@ -19,12 +19,14 @@ def escape_label_value(value: str) -> str:
 
 
 GROWTH = "gpu_residency_engine_release_residual_growth_bytes_per_cycle"  # an engine's creep, per GPU
+UNKNOWN = "gpu_residency_engine_release_unknown"  # per GPU: a resource an engine cannot say it released
 METRICS = (
     "gpu_residency_memory_used_bytes",
     "gpu_residency_engine_memory_bytes",
     "gpu_residency_process_memory_bytes",
     "gpu_residency_unattributed_memory_bytes",
     GROWTH,
+    UNKNOWN,
     "gpu_residency_mig_memory_used_bytes",
     "gpu_residency_mig_unattributed_memory_bytes",
 )
@@ -150,6 +152,7 @@ class PrometheusSource:
         evaluated_at = 0.0
         holder_series: dict[str, list[tuple[dict, Holder]]] = {}
         growth_series: dict[str, list[tuple[dict, float]]] = {}
+        unknown_series: dict[str, list[dict]] = {}
         for series in result:
             labels = series["metric"]
             stamp, value = float(series["value"][0]), float(series["value"][1])
@@ -163,6 +166,8 @@ class PrometheusSource:
                 used.setdefault(device or uuid, []).append({**labels, "__value__": value})
             elif name == GROWTH:
                 growth_series.setdefault(uuid, []).append((labels, value))
+            elif name == UNKNOWN:
+                unknown_series.setdefault(uuid, []).append(labels)
             else:
                 holder = _holder(name, labels, int(value))
                 if holder is not None and device:  # on a MIG device: its holder, and (but for what
@@ -179,9 +184,16 @@ class PrometheusSource:
                 growth = {
                     lbl.get("engine", ""): value for lbl, value in growth_series.get(uuid, ()) if _from(origin, lbl)
                 }
+                unknown: dict[str, tuple[str, ...]] = {}
+                for lbl in unknown_series.get(uuid, ()):
+                    if _from(origin, lbl):
+                        engine = lbl.get("engine", "")
+                        unknown[engine] = tuple(sorted({*unknown.get(engine, ()), lbl.get("resource", "")}))
                 mine = [
-                    dataclasses.replace(h, growth_bytes_per_cycle=growth[h.name])
-                    if h.kind == "engine" and h.name in growth
+                    dataclasses.replace(
+                        h, growth_bytes_per_cycle=growth.get(h.name), unknown_resources=unknown.get(h.name, ())
+                    )
+                    if h.kind == "engine"
                     else h
                     for h in mine
                 ]

@@ -27,20 +27,27 @@ class Holder:
     role: str = ""  # for a process: its holder's kind (trainer, ray, vllm, sglang, process)
     # For an engine: how much more each of its releases leaves on this GPU (the exporter's trend), if known.
     growth_bytes_per_cycle: float | None = None
+    # For an engine: the resources its own report cannot say were released (vLLM's `unknown`).
+    unknown_resources: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         used = f"{self.used_bytes / GIB:.1f} GiB"
         if self.kind == "process":
             pid = f" pid {self.pid}" if self.pid is not None else ""
             return f"{self.role or 'process'} {self.name}{pid}: {used}"
-        return f"{self.kind} {self.name}: {used}{self.creep()}" if self.name else f"{self.kind}: {used}"
+        return f"{self.kind} {self.name}: {used}{self.remarks()}" if self.name else f"{self.kind}: {used}"
 
-    def creep(self) -> str:
-        """ " (creeping: each release leaves 120 MiB more)" for an engine whose residual grows, else ""."""
+    def remarks(self) -> str:
+        """What else is known of an engine's hold, e.g. " (creeping: each release leaves 120 MiB more)"
+        or " (its weights state unknown after a failed sleep or wake: counted as held)"; else ""."""
+        out = ""
         growth = self.growth_bytes_per_cycle
-        if growth is None or growth <= CREEP_BYTES_PER_CYCLE:
-            return ""
-        return f" (creeping: each release leaves {growth / MIB:.0f} MiB more)"
+        if growth is not None and growth > CREEP_BYTES_PER_CYCLE:
+            out += f" (creeping: each release leaves {growth / MIB:.0f} MiB more)"
+        if self.unknown_resources:
+            what = " and ".join(self.unknown_resources)
+            out += f" (its {what} state unknown after a failed sleep or wake: counted as held)"
+        return out
 
 
 @dataclass(frozen=True)

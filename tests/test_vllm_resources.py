@@ -8,11 +8,12 @@ import threading
 import time
 
 import requests
-from conftest import one, polled, scrape_until, values
+from conftest import gate_waiting_for, one, polled, scrape_until, values
 from test_vllm import _hold, _start, engine, new_poller, poll_again
 
 from exporter.pollers.vllm_parse import parse_metrics
 from fakenvml.prometheus import free_port
+from gate.prometheus_source import PrometheusSource
 
 
 def resources(m: dict, name: str, rank: str = "0") -> dict[str, str]:
@@ -143,3 +144,38 @@ def test_release_is_timed_from_the_start_of_vllms_own_call_through_the_exporter(
     assert resources(m, name) == {"scheduler": "paused", "weights": "offloaded", "kv_cache": "released"}
     assert one(m, "gpu_residency_vllm_operation_duration_seconds_count", engine=name, operation="sleep") == 1
     assert one(m, "gpu_residency_vllm_operation_duration_seconds_sum", engine=name, operation="sleep") >= 1.5
+
+
+def test_a_failed_sleep_keeps_the_memory_held_and_the_gate_says_why(exporter_factory, scenario, vllm_serve, tmp_path):
+    """vLLM's sleep fails part-way (HTTP 500) and leaves its weights and KV cache `unknown`: the exporter marks
+    each GPU the engine holds, and the gate, from the exporter and from Prometheus' copy of those series, names
+    the state beside the engine it waits for."""
+    port = free_port()
+    served = vllm_serve("m", "--port", str(port), "-tp", "2", "--fake-version", "main", "--fake-fail-first")
+    name = f"vllm-{port}-{served.pid}"
+    _hold(scenario, served.workers, 20)
+    exporter = _start(exporter_factory, scenario, tmp_path)
+    scrape_until(exporter, lambda m: resources(m, name).get("weights") == "resident")
+    assert requests.post(f"{served.url}/sleep?level=1", timeout=5).status_code == 500
+    m = scrape_until(exporter, lambda m: len(values(m, "gpu_residency_engine_release_unknown", engine=name)) == 4)
+    marked = {(lbl["gpu"], lbl["resource"]) for lbl, _ in m["gpu_residency_engine_release_unknown"]}
+    assert marked == {(gpu, r) for gpu in ("0", "1") for r in ("kv_cache", "weights")}
+
+    gate = gate_waiting_for(scenario, name, "0,1", "2", "--source", "exporter", "--exporter-url", exporter.url)
+    remark = "(its kv_cache and weights state unknown after a failed sleep or wake: counted as held)"
+    assert gate.returncode == 1, gate.stdout + gate.stderr
+    assert f"{name} still holds 20.0 GiB on GPU 0 (pid {served.workers[0]} VLLM::Worker_TP0) {remark}" in gate.stdout
+
+    # The same series as Prometheus' instant query returns them: the Prometheus source says the same.
+    now = time.time()
+    result = [
+        {"metric": {"__name__": family, **labels}, "value": [now, str(value)]}
+        for family in ("gpu_residency_memory_used_bytes", "gpu_residency_engine_memory_bytes",
+                       "gpu_residency_engine_release_unknown")
+        for labels, value in m[family]
+    ] + [{"metric": {"gate_field": "sample_time", **labels}, "value": [now, str(now)]}
+         for labels, _ in m["gpu_residency_memory_used_bytes"]]  # fmt: skip
+    samples = {s.uuid: s for s in PrometheusSource._samples(result)}
+    engine = next(h for h in samples[scenario.gpus[0].uuid].holders if h.kind == "engine")
+    assert (engine.name, engine.unknown_resources) == (name, ("kv_cache", "weights"))
+    assert remark in str(engine)

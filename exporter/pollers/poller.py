@@ -249,6 +249,13 @@ class EnginePoller(Generic[T]):
         with self._lock:
             return {t.name: self._results[t] for t in self._targets.values() if t in self._results}
 
+    def last(self, name: str) -> PollResult[T] | None:
+        """The latest result for the engine of that name, if it is polled: for readers beside the
+        scrape (the JSON API), which must not change what is tracked."""
+        with self._lock:
+            target = self._targets.get(name)
+            return self._results.get(target) if target is not None else None
+
 
 def parsed(parse: Callable[[bytes], T], body: bytes, where: str, unparsable: str, shape_error: type[ValueError]) -> T:
     """`parse(body)`, its failures as poll errors: unexpected_shape for a body of the wrong shape (the

@@ -221,4 +221,14 @@ class VllmPoller(EnginePoller[VllmStatus]):
                     if value is not None:
                         family.add_metric(labels, value)
         yield from (up, level, usage, tokens, blocks, block_size)
-        yield from resource_families(node, {name: r.value for name, r in sorted(results.items()) if r.ok and r.value})
+        statuses = {name: r.value for name, r in sorted(results.items()) if r.ok and r.value}
+        gpus: dict[str, set[tuple[str, str]]] = {}
+        for usage in snapshot.engine_usage:
+            gpus.setdefault(usage.engine, set()).add((str(usage.gpu.index), usage.gpu.uuid))
+        yield from resource_families(node, statuses, {name: sorted(held) for name, held in gpus.items()})
+
+    def unknown_resources(self, engine: str) -> tuple[str, ...]:
+        """The resources the engine's last poll could not vouch for (vLLM's `unknown`): not released."""
+        result = self.last(engine)
+        status = result.value if result is not None and result.ok else None
+        return status.sleep.unknown if status is not None and status.sleep is not None else ()

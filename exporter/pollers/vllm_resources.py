@@ -7,6 +7,10 @@ failed sleep or wake RPC: vLLM cannot say whether the memory went, and the engin
 rebuilt; it is never counted as released here. Its frontend also times each sleep-mode call
 (`vllm:rl_sleep_mode_operation_duration_seconds{operation}`, before that without `rl_`) and
 counts the calls awaited now.
+
+Where a resource is `unknown`, gpu_residency_engine_release_unknown marks each GPU the engine
+holds memory on, with the UUID the gate asks by, so that its explanation can say why the memory
+counts as held.
 """
 
 from __future__ import annotations
@@ -16,17 +20,21 @@ from typing import Protocol
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from exporter.pollers.vllm_parse import RankAccounting, Timing
+from exporter.pollers.vllm_parse import RankAccounting, SleepReport, Timing
 
 
 class _Status(Protocol):
     ranks: tuple[RankAccounting, ...]
+    sleep: SleepReport | None
     timings: dict[str, Timing]
     in_flight: dict[str, float]
 
 
-def resource_families(node: str, statuses: Mapping[str, _Status]) -> Iterable[Metric]:
-    """The four families, from each engine's last successful poll (absent where vLLM does not say)."""
+def resource_families(
+    node: str, statuses: Mapping[str, _Status], gpus: Mapping[str, Iterable[tuple[str, str]]]
+) -> Iterable[Metric]:
+    """The five families, from each engine's last successful poll (absent where vLLM does not say);
+    `gpus`: engine -> (index, uuid) of each GPU it holds memory on."""
     state = GaugeMetricFamily(
         "gpu_residency_vllm_resource_state",
         "vLLM's own state of each resource of a data-parallel engine (scheduler running|paused; weights "
@@ -51,7 +59,16 @@ def resource_families(node: str, statuses: Mapping[str, _Status]) -> Iterable[Me
         "vLLM sleep-mode calls being awaited now, per operation.",
         labels=["node", "engine", "operation"],
     )
+    unknown = GaugeMetricFamily(
+        "gpu_residency_engine_release_unknown",
+        "1 on each GPU an engine holds memory on while its own report cannot say a resource was released (vLLM's "
+        "unknown after a failed sleep or wake): that memory counts as held, and the gate says so.",
+        labels=["node", "engine", "gpu", "uuid", "resource"],
+    )
     for name, status in sorted(statuses.items()):
+        for resource in status.sleep.unknown if status.sleep is not None else ():
+            for index, uuid in gpus.get(name, ()):
+                unknown.add_metric([node, name, index, uuid, resource], 1)
         for rank in status.ranks:
             for resource, current in rank.resources:
                 state.add_metric([node, name, rank.dp_rank, resource, current], 1)
@@ -61,4 +78,4 @@ def resource_families(node: str, statuses: Mapping[str, _Status]) -> Iterable[Me
             duration.add_metric([node, name, operation], list(timing.buckets), timing.sum)
         for operation, count in sorted(status.in_flight.items()):
             flight.add_metric([node, name, operation], count)
-    yield from (state, awake, duration, flight)
+    yield from (state, awake, duration, flight, unknown)

@@ -43,12 +43,13 @@ from exporter.web.wait import (
 )
 from gpu_residency_common.nvml_mig import MigReading
 
-# (engine, GPU uuid) -> its post-release residual's growth in bytes per cycle, None when not known
-Growth = Callable[[str, str], float | None]
+# (engine, GPU uuid) -> what the exporter knows of the engine there beside its memory, as fields of its
+# entry: residual_growth_bytes_per_cycle (its creep), unknown_resources (what it cannot say it released)
+EngineNotes = Callable[[str, str], dict]
 
 
-def gpu_body(gpu: GpuReading, snapshot: Snapshot | None, growth: Growth | None = None) -> dict:
-    """A GPU with its holders, and under `mig` each MIG device with its own; `growth` names each engine's creep."""
+def gpu_body(gpu: GpuReading, snapshot: Snapshot | None, notes: EngineNotes | None = None) -> dict:
+    """A GPU with its holders, and under `mig` each MIG device with its own; `notes` add to each engine's entry."""
     body = {
         "index": gpu.index,
         "uuid": gpu.uuid,
@@ -58,7 +59,7 @@ def gpu_body(gpu: GpuReading, snapshot: Snapshot | None, growth: Growth | None =
         "total_bytes": gpu.total_bytes,
         "reserved_bytes": gpu.reserved_bytes,
     }
-    held = functools.partial(_held, snapshot, gpu, growth=growth)
+    held = functools.partial(_held, snapshot, gpu, notes=notes)
     return {**held(None), **body, "mig": [_mig_body(m, held) for m in gpu.mig or ()]}
 
 
@@ -69,7 +70,7 @@ def _mig_body(mig: MigReading, held: Callable[[MigReading], dict]) -> dict:
             **held(mig)}  # fmt: skip
 
 
-def _held(snapshot: Snapshot | None, gpu: GpuReading, mig: MigReading | None, growth: Growth | None) -> dict:
+def _held(snapshot: Snapshot | None, gpu: GpuReading, mig: MigReading | None, notes: EngineNotes | None) -> dict:
     """Engines, processes and the rest on the GPU (`mig` None: all of it) or on one MIG device;
     nothing without a snapshot (a wait's reading)."""
     if snapshot is None:
@@ -86,7 +87,7 @@ def _held(snapshot: Snapshot | None, gpu: GpuReading, mig: MigReading | None, gr
     rest = snapshot.unattributed if mig is None else [(g, v) for g, m, v in snapshot.mig_unattributed if m is mig]
     return {
         "engines": [
-            _engine_body(name, used, growth(name, gpu.uuid) if growth else None)
+            {"engine": name, "used_bytes": used, **(notes(name, gpu.uuid) if notes else {})}
             for name, used in engines.items()
             if used is not None
         ],
@@ -110,13 +111,6 @@ def _held(snapshot: Snapshot | None, gpu: GpuReading, mig: MigReading | None, gr
     }
 
 
-def _engine_body(engine: str, used: int, growth: float | None) -> dict:
-    body = {"engine": engine, "used_bytes": used}
-    if growth is not None:
-        body["residual_growth_bytes_per_cycle"] = growth
-    return body
-
-
 class GpuApi:
     """The handlers; `routes()` is what exporter/runtime.py registers with the server."""
 
@@ -129,11 +123,11 @@ class GpuApi:
         max_waiters: int = DEFAULT_MAX_WAITERS,
         max_wait: float = DEFAULT_MAX_WAIT_S,
         interval: float = DEFAULT_WAIT_INTERVAL_S,
-        growth: Growth | None = None,
+        notes: EngineNotes | None = None,
     ) -> None:
-        """`growth`: the cycle history's trend per engine and GPU, named beside each engine's total."""
+        """`notes`: what else is known of each engine on each GPU (its creep, what it cannot say it released)."""
         self._node = node
-        self._growth = growth
+        self._notes = notes
         self._snapshots = snapshots
         self._errors = errors
         self._max_wait = max_wait
@@ -157,7 +151,7 @@ class GpuApi:
             "taken_at": snapshot.taken_at,
             "age_seconds": max(0.0, time.time() - snapshot.taken_at),
             "unreadable_gpus": snapshot.nvml.unreadable_gpus,
-            "gpus": [gpu_body(gpu, snapshot, self._growth) for gpu in snapshot.nvml.gpus],
+            "gpus": [gpu_body(gpu, snapshot, self._notes) for gpu in snapshot.nvml.gpus],
         }
 
     def gpus(self, request: Request) -> Response:
@@ -207,7 +201,7 @@ class GpuApi:
             found = match(reading, name)
             if len(found) == 1:
                 if all(g["uuid"] != found[0][0].uuid for g in gpus):  # a MIG device comes with its GPU
-                    gpus.append(gpu_body(found[0][0], snapshot, self._growth))
+                    gpus.append(gpu_body(found[0][0], snapshot, self._notes))
             else:
                 missing.append(name)
         return {
