@@ -37,8 +37,9 @@ FLAGS = [
     (("--exits.retention",), 3600.0),
     (("--forensics.cgroup-root",), "/sys/fs/cgroup"),
     (("--forensics.child-window",), 10.0),
-    (("--forensics.interval",), 0.5),
+    (("--forensics.interval",), 1.0),
     (("--forensics.kmsg",), "/dev/kmsg"),
+    (("--forensics.tree-interval",), 30.0),
     (("--forensics.window",), 60.0),
     (("--log.level",), "info"),
     (("--node",), "n"),
@@ -60,7 +61,7 @@ FLAGS = [
 NON_NEGATIVE = {"--collection.min-interval", "--exits.first-zero-seconds", "--forensics.interval"}
 INTEGER = {"--web.max-connections", "--api.max-waiters"}
 # sha256 over every flag's (options, help, metavar, choices, dest), sorted, as JSON.
-HELP_DIGEST = "3ea62a01250e8847453a486c03f27a3f25df8bfbfa771621a0f645da41eb90b0"
+HELP_DIGEST = "f106549b980c498e7f7d9a7ea6c46fccc78027c9edf5c36c8e458378510fc48e"
 
 
 @pytest.fixture
