@@ -1,5 +1,5 @@
-"""`--collector.processes`: per-process, per-holder, per-engine and unattributed memory, and
-engine_up, from the snapshot's attribution."""
+"""`--collector.processes`: per-process, per-holder, per-engine and unattributed memory, the two
+residuals (exporter/collectors/residual.py) and engine_up, from the snapshot's attribution."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors.names import PREFIX
+from exporter.collectors.residual import residual_families
 from exporter.snapshot.attribution import Snapshot
 
 
@@ -56,6 +57,7 @@ def process_families(node: str, snapshot: Snapshot) -> Iterable[Metric]:
     for gpu, value in snapshot.unattributed:
         unattributed.add_metric([node, str(gpu.index), gpu.uuid], value)
     yield unattributed
+    yield from residual_families(node, snapshot)
     engine_up = GaugeMetricFamily(
         PREFIX + "engine_up",
         "1 while the engine's root process lives (same PID and start time), else 0.",
