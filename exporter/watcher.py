@@ -36,6 +36,8 @@ from exporter.sources.nvml import NvmlSource
 from exporter.supervisor import run_supervised
 
 BUSY_SECONDS = 0.25  # the pace while exits wait for evidence or a grace period
+SCRAPE_FED = 1.5  # a collection this many history intervals old still counts as the tick's reading
+SCRAPED_PAUSE = 3.0  # while scrapes feed the history, the tick looks again after this many intervals
 FAILED_RETRY_SECONDS = 1.0  # after a step failed (logged and counted), the next try
 FULL_READ_EVERY = 30  # history ticks: every GPU is read now and then (an engine may spread to another)
 
@@ -140,7 +142,12 @@ class Watcher:
             if now >= self._next_refresh:
                 self._next_refresh = now + self._refresh_interval
         elif self._forensics is not None and now >= self._next_history:
-            self._history()
+            age = self._collector.shared.age()
+            if age is not None and age < SCRAPE_FED * self._history_interval:
+                # Scrapes' collections feed the history: no read of its own, and a look again only later.
+                self._next_history = now - age + SCRAPED_PAUSE * self._history_interval
+            else:
+                self._history()
 
     def _registry_changed(self, ready: set[str]) -> bool:
         if self._registry is not None and self._registry.armed:
