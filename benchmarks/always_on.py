@@ -154,11 +154,13 @@ def scaling(configs: list[tuple[int, int, int]], window: float) -> list[dict]:
             try:
                 time.sleep(4)
                 (idle,) = measure(pair, None, window)
+                (slow,) = measure(pair, 15.0, max(window, 45.0))
                 (busy,) = measure(pair, 1.0, window)
             finally:
                 pair[0][0].stop()
                 pair[0][1].close()
-            rows.append({"gpus": gpus, "engines": engines, "processes": len(scan_pids()), "idle": idle, "busy": busy})
+            rows.append({"gpus": gpus, "engines": engines, "processes": len(scan_pids()), "idle": idle, "slow": slow,
+                         "busy": busy})  # fmt: skip
             print(f"  scaling {rows[-1]}", flush=True)
     return rows
 
@@ -221,10 +223,13 @@ def report(side: list[dict], how: str, scale: list[dict], reads: list[dict], com
         "",
         "How gpu-residency's CPU grows (alone, same method, one window each):",
         "",
-        "| GPUs | engines | host processes | idle ms/s | scraped every 1 s, ms/s |",
-        "|---|---|---|---|---|",
+        "| GPUs | engines | host processes | idle ms/s | scraped every 15 s, ms/s | scraped every 1 s, ms/s |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['gpus']} | {r['engines']} | {r['processes']} | {r['idle']:.2f} | {r['busy']:.2f} |" for r in scale]
+    lines += [
+        f"| {r['gpus']} | {r['engines']} | {r['processes']} | {r['idle']:.2f} | {r['slow']:.2f} | {r['busy']:.2f} |"
+        for r in scale
+    ]
     lines += [
         "",
         "What each remaining periodic read costs (8 GPUs, 8 engines, timed in-process, CPU ms per call; a thread "

@@ -35,6 +35,7 @@ from exporter.sources.kernel_events import DirectoryWatch
 from exporter.sources.nvml import NvmlSource
 from exporter.supervisor import run_supervised
 
+REARM_SECONDS = 1.0  # a registry directory that does not exist yet is looked for this often
 BUSY_SECONDS = 0.25  # the pace while exits wait for evidence or a grace period
 SCRAPE_FED = 1.5  # a collection this many history intervals old still counts as the tick's reading
 SCRAPED_PAUSE = 3.0  # while scrapes feed the history, the tick looks again after this many intervals
@@ -113,8 +114,9 @@ class Watcher:
         due: list[float] = []
         if self._transitions is not None and (self._transitions.pending() or self._vllm):
             due.append(self._state_interval)
-        if self._registry is None or not self._registry.armed:
-            due.append(self._state_interval)  # no inotify: the directory is looked at instead
+        if self._registry is not None and not self._registry.armed:
+            # No inotify: the directory is looked at instead. A directory not there yet: tried again now and then.
+            due.append(self._state_interval if self._registry.fileno() is None else REARM_SECONDS)
         if self._exits is not None and self._exits.busy():
             due.append(BUSY_SECONDS)
         if self._forensics is not None and self._forensics.watched():
@@ -150,10 +152,12 @@ class Watcher:
                 self._history()
 
     def _registry_changed(self, ready: set[str]) -> bool:
-        if self._registry is not None and self._registry.armed:
+        if self._registry is None:
+            return False
+        if self._registry.armed:
             return "registry" in ready and self._registry.changed()
-        if self._registry is not None and self._registry.arm():
-            return True  # the directory appeared: from now on it is heard
+        if self._registry.fileno() is not None:
+            return self._registry.arm()  # the directory appeared: from now on it is heard
         mtime = self._catalog.registry_mtime()
         changed, self._mtime = mtime != self._mtime, mtime
         return changed
