@@ -219,6 +219,7 @@ def report(side: list[dict], how: str, scale: list[dict], reads: list[dict], com
     for row in side:
         ratio = statistics.median(row["nvitop"]) / max(1e-9, statistics.median(row["ours"]))
         lines.append(f"| {row['mode']} | {_spread(row['ours'])} | {_spread(row['nvitop'])} | {ratio:.1f}x |")
+    lines += ["", *_targets(side)]
     lines += [
         "",
         "How gpu-residency's CPU grows (alone, same method, one window each):",
@@ -242,6 +243,17 @@ def report(side: list[dict], how: str, scale: list[dict], reads: list[dict], com
     ]
     lines += [f"| {r['processes']} | {r['history']:.3f} | {r['tree']:.2f} | {r['discovery']:.2f} |" for r in reads]
     return "\n".join([*lines, "", *WHY]) + "\n"
+
+
+def _targets(side: list[dict]) -> list[str]:
+    """Issue 26's targets against this run: idle <= 1 ms/s; >= 5x less than nvitop-exporter scraped."""
+    idle, slow, busy = (statistics.median(row["ours"]) for row in side)
+    ratios = [statistics.median(row["nvitop"]) / max(1e-9, statistics.median(row["ours"])) for row in side[1:]]
+    said = [f"Targets (issue 26): idle at most 1 ms/s: {idle:.2f}, " + ("met" if idle <= 1.0 else "missed")]
+    for (label, mine), ratio in zip((("15 s", slow), ("1 s", busy)), ratios, strict=True):
+        verdict = "met" if ratio >= 5 else f"missed: ours would need {mine * ratio / 5:.2f} ms/s, not {mine:.2f}"
+        said.append(f"at a {label} scrape at least 5x less than nvitop-exporter: {ratio:.1f}x, {verdict}")
+    return ["; ".join(said) + "."]
 
 
 WHY = [
