@@ -26,7 +26,7 @@ from exporter.exits.forensics import Forensics
 from exporter.registry import register_engine
 from exporter.sources.oom_evidence import memory_counter_files, read_oom_kills
 from exporter.sources.proctable import read_proc
-from fakenvml import GIB
+from fakenvml import GIB, SONAME
 
 # A launcher (the engine's root) and one titled child, as SGLang's launch_server and its scheduler.
 # The child, once `go` exists: "oom" allocates until killed, "fail" exits 1, "exit0" exits 0 (a helper
@@ -496,3 +496,27 @@ def test_describe_exit_says_what_the_evidence_says():
     text = describe_exit(-9, 3.0, "http://h:1", evidence=record)
     assert text.endswith("The exporter found: oom_kill: kernel OOM killer killed pid 11 (sglang::scheduler_TP0)")
     assert "OOM killer (host or cgroup memory), SGLang" in describe_exit(-9, 3.0, "http://h:1"), "no evidence: options"
+
+
+def test_the_history_tick_reads_only_the_live_engines_gpus(tmp_path, scenario, fake_nvml_dir, spawn_tree, monkeypatch):
+    """Between scrapes the GPU history needs the engines' GPUs alone (issue 26): used memory and process
+    lists of those, no other GPU; with no engine watched, nothing at all."""
+    from exporter.engines.catalog import EngineCatalog
+    from exporter.sources.nvml import NvmlSource
+    from exporter.sources.proctable import ProcView
+
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    tree, registry = spawn_tree(), tmp_path / "reg"
+    scenario.gpus[1].processes = [(tree.leaves[0], 5 * GIB)]
+    scenario.gpus[1].used = 6 * GIB
+    scenario.write()
+    nvml = NvmlSource(ErrorCounter(), str(fake_nvml_dir / SONAME))
+    forensics = Forensics("n", ErrorCounter(), kmsg=None)
+    assert forensics.wanted_gpus() == set(), "no engine watched: no read"
+    register_engine("e", root_pid=tree.pid, directory=registry)
+    forensics.sync(EngineCatalog(ErrorCounter(), registry, discover=False).resolve(ProcView()))
+    assert forensics.wanted_gpus() is None, "nothing read yet: every GPU once"
+    forensics.record(nvml.read())
+    assert forensics.wanted_gpus() == {1}
+    reading = nvml.read(forensics.wanted_gpus())
+    assert [(gpu.index, gpu.used_bytes) for gpu in reading.gpus] == [(1, 6 * GIB)] and reading.complete
