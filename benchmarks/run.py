@@ -1,7 +1,7 @@
 """All benchmarks in one run, side by side on the same simulated node; writes docs/BENCHMARKS.md
 and docs/benchmarks.png.
 
-    python -m benchmarks            # ~15 minutes on 2 cores; --quick for a smoke run
+    python -m benchmarks            # ~30 minutes on 2 cores; --quick for a smoke run
     python -m benchmarks --reaction # only the gate's reaction time (benchmarks/reaction.py), ~9 minutes
 
 Peers: nvitop-exporter (from PyPI, in its own virtual environment under benchmarks/.peers)
@@ -28,7 +28,7 @@ import requests
 from prometheus_client import CollectorRegistry, generate_latest
 
 import fakenvml
-from benchmarks import reaction
+from benchmarks import always_on, reaction
 from benchmarks.baseline import TodaysProbe
 from benchmarks.node import ROOT, HostProcesses, SimulatedNode
 from benchmarks.sections import splice
@@ -360,5 +360,7 @@ def main() -> int:
     text = report(side, scale, memory, gate, command, time.monotonic() - started)
     splice(args.out / "BENCHMARKS.md", "node", text)
     print(text)
+    print("always-on ...", flush=True)
+    always_on.main(["--out", str(args.out), *(["--quick"] if args.quick else [])])
     print("reaction ...", flush=True)
     return reaction.main(["--out", str(args.out), *(["--quick"] if args.quick else [])])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
@@ -26,8 +27,11 @@ class Served:
         self.proc.wait(timeout=20)
 
 
-def serve(name: str, command: list[str], env: dict[str, str], port: int) -> Served:
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def serve(
+    name: str, command: list[str], env: dict[str, str], port: int, preexec: Callable[[], None] | None = None
+) -> Served:
+    """`preexec`: run in the child before exec (joining a cgroup that counts its CPU)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
     url = f"http://127.0.0.1:{port}/metrics"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

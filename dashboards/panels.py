@@ -164,7 +164,7 @@ FLEET_PANELS = [
         ),
         series(
             "Top GPUs by memory nobody accounts for",
-            ('topk($top, node_gpu:gpu_residency_residual_unclaimed_bytes:sum{cluster=~"$cluster"})', "{{cluster}} {{node}} GPU {{gpu}}"),
+            ('topk($top, max without (replica) (gpu_residency_residual_unclaimed_bytes{cluster=~"$cluster"}))', "{{cluster}} {{node}} GPU {{gpu}}"),
             to_node=True,
             desc="Used minus every recognised holder (engines, trainers, Ray actors, titled workers): orphans and leaked contexts, what GpuResidualMemoryHigh alerts on.",
         ),

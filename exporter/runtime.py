@@ -27,7 +27,7 @@ from exporter.sleep_wake.gate_records import GateRecords
 from exporter.sleep_wake.transitions import TransitionTracker
 from exporter.sources.flags import build_nvml
 from exporter.sources.nvml import NvmlSource
-from exporter.supervisor import SupervisedLoop
+from exporter.watcher import Watcher
 from exporter.web.exits_api import exits_route
 from exporter.web.gpus_api import GpuApi
 from exporter.web.server import Route
@@ -45,44 +45,24 @@ class Exporter:
     vllm: VllmPoller | None = None
     forensics: Forensics | None = None
     nvml: NvmlSource | None = None  # the collector's, shared with the JSON API's long poll
-    loops: list[SupervisedLoop] = field(default_factory=list)
+    watcher: Watcher | None = None
     routes: dict[str, Route] = field(default_factory=dict)
-    _watched: dict = field(default_factory=dict)
 
     def start(self) -> None:
         self.catalog.start()
         self.poller.start()
         if self.vllm is not None:
             self.vllm.start()
-        for loop in self.loops:
-            loop.start()
+        if self.watcher is not None:
+            self.watcher.start()
 
     def stop(self) -> None:
-        for loop in self.loops:
-            loop.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.vllm is not None:
             self.vllm.stop()
         self.poller.stop()
         self.catalog.stop()
-
-    def watch_transitions(self) -> None:
-        """Time releases and wakes between scrapes: a full collection only while one is under way,
-        the registry directory changed (a state change renames a file into it) or an engine's own
-        report of its state changed."""
-        seen = (self.catalog.registry_mtime(), self.transitions.states.changes())
-        if not self.transitions.pending() and seen == self._watched.get("seen"):
-            return
-        self._watched["seen"] = seen
-        snapshot, _ = self.collector.snapshot(max_age=0)
-        self.transitions.observe(snapshot)
-
-    def watch_exits(self) -> None:
-        """Crash forensics between scrapes: every look checks the engines' trees, their OOM
-        counters and the kernel log; a collection a second feeds the history, and exits are
-        counted with their evidence as soon as it is in."""
-        snapshot, _ = self.collector.snapshot(max_age=1.0)
-        self.forensics.tick(snapshot.engines)
-        self.exits.update(snapshot)
 
 
 def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
@@ -111,7 +91,7 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
         concerns=concerns,
         min_interval=args.min_interval,
         disabled=disabled,
-        observers=[forensics.record] if forensics is not None else [],
+        observers=[lambda snapshot: forensics.record(snapshot.nvml, snapshot.taken_at)] if forensics else [],
     )
     exporter = Exporter(collector, catalog, poller, transitions, exits, vllm, forensics, nvml)
     # The JSON API for gates on other nodes: the collector's NVML source serves its long poll.
@@ -127,12 +107,22 @@ def build_exporter(args: argparse.Namespace, errors: ErrorCounter) -> Exporter:
             notes=functools.partial(_engine_notes, cycles, vllm),
         ).routes()
     )
-    if "sleep_wake" not in disabled:
-        exporter.loops.append(SupervisedLoop("transitions", exporter.watch_transitions, args.state_interval, errors))
     if "exits" not in disabled:
-        if forensics is not None:
-            exporter.loops.append(SupervisedLoop("forensics", exporter.watch_exits, args.forensics_interval, errors))
         exporter.routes[EXITS_PATH] = exits_route(exits, args.api_max_waiters)
+    if not {"sleep_wake", "exits"} <= set(disabled):
+        exporter.watcher = Watcher(
+            collector,
+            catalog,
+            nvml,
+            errors,
+            Path(args.registry_dir),
+            transitions=None if "sleep_wake" in disabled else transitions,
+            exits=None if "exits" in disabled else exits,
+            forensics=None if "exits" in disabled else forensics,
+            state_interval=args.state_interval,
+            history_interval=args.forensics_interval or args.state_interval,
+            refresh_interval=args.forensics_tree_interval,
+        )
     return exporter
 
 

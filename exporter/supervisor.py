@@ -38,25 +38,3 @@ def run_supervised(name: str, step: Callable[[], object], errors: ErrorCounter) 
         if due:
             log.error("%s failed; it goes on (gpu_residency_errors_total{source=%r})", name, name, exc_info=first)
         return False
-
-
-class SupervisedLoop:
-    """A daemon thread calling `step` every `interval` seconds until stopped."""
-
-    def __init__(self, name: str, step: Callable[[], object], interval: float, errors: ErrorCounter) -> None:
-        self.name = name
-        self._step = step
-        self._interval = interval
-        self._errors = errors
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            run_supervised(self.name, self._step, self._errors)

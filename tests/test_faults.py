@@ -21,7 +21,7 @@ from exporter.errors import ErrorCounter
 from exporter.exits import report_exit
 from exporter.pollers.url_policy import UrlPolicy
 from exporter.registry import register_engine, set_engine_state
-from exporter.supervisor import SupervisedLoop
+from exporter.supervisor import run_supervised
 from fakenvml import GIB, NOT_SUPPORTED
 from gate import GateConfigError, ResidualGate, probe_max_used_gpu_mem_gb
 from gate.nvml_source import NvmlSource as GateNvmlSource
@@ -153,7 +153,8 @@ def test_events_file_that_is_a_symlink_is_never_appended_to(tmp_path):
 # ---------- background threads are supervised ----------
 
 
-def test_a_failing_loop_step_is_logged_counted_and_the_loop_goes_on(caplog):
+def test_a_failing_background_step_is_logged_counted_and_the_next_goes_on(caplog):
+    """What the watcher thread does with each step (exporter/watcher.py): a failure costs that step only."""
     errors = ErrorCounter()
     calls = []
 
@@ -162,14 +163,9 @@ def test_a_failing_loop_step_is_logged_counted_and_the_loop_goes_on(caplog):
         if len(calls) < 3:
             raise RecursionError("maximum recursion depth exceeded")
 
-    loop = SupervisedLoop("transitions", step, 0.01, errors)
-    loop.start()
-    try:
-        _wait_for(lambda: len(calls) >= 5, timeout=5)
-    finally:
-        loop.stop()
-    assert errors.snapshot()[("transitions", "exception")] == 2
-    assert "transitions failed" in caplog.text
+    assert [run_supervised("watcher", step, errors) for _ in range(5)] == [False, False, True, True, True]
+    assert errors.snapshot()[("watcher", "exception")] == 2
+    assert "watcher failed" in caplog.text
 
 
 def test_a_deeply_nested_server_info_is_counted_and_polling_goes_on(fake_sglang):

@@ -39,8 +39,9 @@ FLAGS = [
     (("--exits.retention",), 3600.0),
     (("--forensics.cgroup-root",), "/sys/fs/cgroup"),
     (("--forensics.child-window",), 10.0),
-    (("--forensics.interval",), 0.5),
+    (("--forensics.interval",), 1.0),
     (("--forensics.kmsg",), "/dev/kmsg"),
+    (("--forensics.tree-interval",), 30.0),
     (("--forensics.window",), 60.0),
     (("--log.level",), "info"),
     (("--node",), "n"),
@@ -63,7 +64,7 @@ NON_NEGATIVE = {"--collection.min-interval", "--exits.first-zero-seconds", "--fo
 INTEGER = {"--web.max-connections", "--api.max-waiters"}
 CYCLES = {"--engines.residual-window"}  # a whole number of cycles, 5 to 100 (issue 35)
 # sha256 over every flag's (options, help, metavar, choices, dest), sorted, as JSON.
-HELP_DIGEST = "f330cbfc9f942b6216f89dbe311c8c4c0ca3c170f7298d57377d124ea98cb0d1"
+HELP_DIGEST = "fc3f7604bc8722e3e8f02015bfeb60beee9c1ca14c2a08ed9bcb50fd1f169df2"
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from exporter.exits.forensics import Forensics
 from exporter.registry import register_engine
 from exporter.sources.oom_evidence import memory_counter_files, read_oom_kills
 from exporter.sources.proctable import read_proc
-from fakenvml import GIB
+from fakenvml import GIB, SONAME
 
 # A launcher (the engine's root) and one titled child, as SGLang's launch_server and its scheduler.
 # The child, once `go` exists: "oom" allocates until killed, "fail" exits 1, "exit0" exits 0 (a helper
@@ -167,7 +167,8 @@ def test_every_cause_from_evidence_on_real_processes(exporter_factory, scenario,
             engine.start_failing()
         outside.proc.send_signal(signal.SIGKILL)
         silent.proc.send_signal(signal.SIGKILL)  # nobody will report this one
-        for engine in (oom, child, outside, plain):
+        # The quick deaths reported first: each report must beat the 1 s grace period of its own death.
+        for engine in (plain, outside, oom, child):
             report_exit(engine.name, engine.proc.wait(timeout=30), directory=registry)
 
         record = exits_of(exporter, "oom")
@@ -215,6 +216,40 @@ def test_every_cause_from_evidence_on_real_processes(exporter_factory, scenario,
     finally:
         trainer.kill()
         trainer.wait()
+
+
+def test_a_death_is_heard_within_a_second_with_every_tick_a_minute_long(exporter_factory, scenario, engines, tmp_path):
+    """Issue 26: deaths come from events, not ticks. Every timed look is set to 60 s; an engine registered
+    after start-up is watched at once (inotify on the registry), its child's failure and its root's death are
+    heard at once (pidfds), and the reported exit is counted with its cause and the GPU peak before the
+    death within a second, with no scrape asking (/api/v1/exits only reads what was counted)."""
+    registry = tmp_path / "reg"
+    registry.mkdir()
+    exporter = exporter_factory(scenario, "--registry.dir", str(registry), "--no-engines.discover",
+                                "--forensics.interval", "60", "--forensics.tree-interval", "60",
+                                "--engines.state-interval", "60", "--exits.grace-period", "60")  # fmt: skip
+    engine = FakeEngine(tmp_path, "heard", "fail")
+    engines.append(engine)
+    scenario.gpus[1].processes = [(engine.child, 30 * GIB)]
+    scenario.gpus[1].used = 31 * GIB
+    scenario.write()
+    before = one(exporter.scrape(), "gpu_residency_forensics_history_collections")
+    register_engine("heard", root_pid=engine.proc.pid, directory=registry)
+    # Heard: the registration alone makes the exporter collect (this scrape's own collection aside).
+    scrape_until(exporter, lambda m: one(m, "gpu_residency_forensics_history_collections") >= before + 2)
+    engine.start_failing()
+    code = engine.proc.wait(timeout=30)
+    died = time.monotonic()
+    report_exit("heard", code, directory=registry)
+    record, deadline = None, died + 10
+    while record is None and time.monotonic() < deadline:
+        found = requests.get(exporter.url + "/api/v1/exits", params={"engine": "heard"}, timeout=10).json()["exits"]
+        record, took = (found[0] if found else None), time.monotonic() - died
+        time.sleep(0.02)
+    assert record is not None, exporter.log()[-3000:]
+    assert took < 1.0, f"the exit was counted {took:.2f}s after the death"
+    assert record["cause"] == "child_failure" and record["victim_pid"] == engine.child, record
+    assert [(g["gpu"], g["used_bytes"]) for g in record["gpus"]] == [(1, 31 * GIB)], "the GPU state before the death"
 
 
 def test_an_oom_kill_is_told_by_the_memory_cgroup_alone(exporter_factory, scenario, engines, tmp_path, child_cgroup):
@@ -461,3 +496,27 @@ def test_describe_exit_says_what_the_evidence_says():
     text = describe_exit(-9, 3.0, "http://h:1", evidence=record)
     assert text.endswith("The exporter found: oom_kill: kernel OOM killer killed pid 11 (sglang::scheduler_TP0)")
     assert "OOM killer (host or cgroup memory), SGLang" in describe_exit(-9, 3.0, "http://h:1"), "no evidence: options"
+
+
+def test_the_history_tick_reads_only_the_live_engines_gpus(tmp_path, scenario, fake_nvml_dir, spawn_tree, monkeypatch):
+    """Between scrapes the GPU history needs the engines' GPUs alone (issue 26): used memory and process
+    lists of those, no other GPU; with no engine watched, nothing at all."""
+    from exporter.engines.catalog import EngineCatalog
+    from exporter.sources.nvml import NvmlSource
+    from exporter.sources.proctable import ProcView
+
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    tree, registry = spawn_tree(), tmp_path / "reg"
+    scenario.gpus[1].processes = [(tree.leaves[0], 5 * GIB)]
+    scenario.gpus[1].used = 6 * GIB
+    scenario.write()
+    nvml = NvmlSource(ErrorCounter(), str(fake_nvml_dir / SONAME))
+    forensics = Forensics("n", ErrorCounter(), kmsg=None)
+    assert forensics.wanted_gpus() == set(), "no engine watched: no read"
+    register_engine("e", root_pid=tree.pid, directory=registry)
+    forensics.sync(EngineCatalog(ErrorCounter(), registry, discover=False).resolve(ProcView()))
+    assert forensics.wanted_gpus() is None, "nothing read yet: every GPU once"
+    forensics.record(nvml.read())
+    assert forensics.wanted_gpus() == {1}
+    reading = nvml.read(forensics.wanted_gpus())
+    assert [(gpu.index, gpu.used_bytes) for gpu in reading.gpus] == [(1, 6 * GIB)] and reading.complete

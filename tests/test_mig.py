@@ -62,6 +62,8 @@ def test_every_mig_device_is_measured_and_nothing_counts_twice(local_exporter, s
     mig_rest = {s["mig_instance"]: v for s, v in m["gpu_residency_mig_unattributed_memory_bytes"]}
     assert mig_rest == {"1/0": 1 * GIB, "2/0": 1 * GIB, "3/0": 1 * GIB}
     assert one(m, "gpu_residency_unattributed_memory_bytes", gpu=0) == sum(mig_rest.values())
+    # The GPU's residual outside engines takes the engine's rows on every device once: 10 - 7 GiB.
+    assert one(m, "gpu_residency_residual_outside_engines_bytes", gpu=0) == sum(used.values()) - sum(engine.values())
 
 
 def test_compute_instances_of_one_gpu_instance_share_its_memory_counted_once(local_exporter, scenario, spawn_tree):

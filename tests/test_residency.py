@@ -58,6 +58,10 @@ def test_two_engines_and_a_stranger_on_one_gpu(local_exporter, scenario, spawn_t
     engines = {lbl["engine"] for lbl, _ in m["gpu_residency_engine_memory_bytes"]}
     assert engines == {"a", "b"}
     assert one(m, "gpu_residency_unattributed_memory_bytes", gpu=0) == 1 * GIB
+    # The residuals the fleet rules used to rebuild: outside both engines, and claimed by no recognised
+    # holder (the stranger is a plain process: its GiB and the unlisted GiB are nobody's).
+    assert one(m, "gpu_residency_residual_outside_engines_bytes", gpu=0) == 2 * GIB
+    assert one(m, "gpu_residency_residual_unclaimed_bytes", gpu=0) == 2 * GIB
 
 
 def test_unattributed_is_used_minus_every_listed_process(local_exporter, scenario, spawn_tree):
@@ -160,6 +164,8 @@ def test_process_lists_not_supported_give_no_process_series_and_no_unattributed(
     assert one(m, "gpu_residency_memory_used_bytes", gpu=0) == 5 * GIB
     assert values(m, "gpu_residency_process_memory_bytes", gpu=0) == []
     assert values(m, "gpu_residency_unattributed_memory_bytes", gpu=0) == []
+    for residual in ("outside_engines", "unclaimed"):
+        assert values(m, f"gpu_residency_residual_{residual}_bytes", gpu=0) == [], "unknown is absent"
     assert one(m, "gpu_residency_errors_total", source="nvml", reason="not_supported") >= 1
 
 
@@ -175,6 +181,7 @@ def test_unknown_process_memory_is_absent_not_zero(local_exporter, scenario, spa
     assert values(m, "gpu_residency_process_memory_bytes", pid=tree.leaves[0]) == []
     assert values(m, "gpu_residency_engine_memory_bytes", engine="e") == []
     assert values(m, "gpu_residency_unattributed_memory_bytes", gpu=0) == []
+    assert values(m, "gpu_residency_residual_outside_engines_bytes", gpu=0) == [], "its engine's share is unknown"
 
 
 def test_older_driver_falls_back_to_memory_v1_and_process_v2(local_exporter, scenario, spawn_tree):

@@ -34,7 +34,7 @@ LAYERS = {
     "pollers": (5, ("exporter.pollers",)),
     "collectors": (6, ("exporter.collectors",)),
     "web": (7, ("exporter.web",)),
-    "cli": (8, ("exporter.cli", "exporter.runtime", "exporter.demo", "exporter.__main__")),
+    "cli": (8, ("exporter.cli", "exporter.runtime", "exporter.watcher", "exporter.demo", "exporter.__main__")),
 }
 MAX_MODULE_LINES = 300
 

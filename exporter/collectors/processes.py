@@ -1,5 +1,5 @@
-"""`--collector.processes`: per-process, per-holder, per-engine and unattributed memory, and
-engine_up, from the snapshot's attribution."""
+"""`--collector.processes`: per-process, per-holder, per-engine and unattributed memory, the two
+residuals (exporter/collectors/residual.py) and engine_up, from the snapshot's attribution."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors.gpu import MIG_LABELS, mig_labels
 from exporter.collectors.names import PREFIX
+from exporter.collectors.residual import residual_families
 from exporter.snapshot.attribution import Snapshot
 from gpu_residency_common.nvml_mig import MigReading
 
@@ -70,6 +71,7 @@ def process_families(node: str, snapshot: Snapshot) -> Iterable[Metric]:
     for gpu, mig, value in snapshot.mig_unattributed:
         mig_unattributed.add_metric(mig_labels(node, gpu, mig), value)
     yield mig_unattributed
+    yield from residual_families(node, snapshot)
     engine_up = GaugeMetricFamily(
         PREFIX + "engine_up",
         "1 while the engine's root process lives (same PID and start time), else 0.",

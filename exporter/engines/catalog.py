@@ -13,13 +13,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-from exporter.engines.discovery import Discovered, discover_engines, is_loopback_or_any, net_identity
+from exporter.engines.discovery import Discovered, discover_engines, net_identity
 from exporter.engines.registry import ENTRY_SUFFIX, EngineEntry, RegistryError, read_entry
 from exporter.engines.static import StaticEngine, pid_from_file
+from exporter.engines.urls import reachable_url
 from exporter.errors import ErrorCounter
 from exporter.sources.proctable import ProcView, own_namespace, scan_pids, translate_nspids
 from exporter.supervisor import run_supervised
@@ -42,33 +43,6 @@ class Engine:
     state: str | None = None  # the framework's word: starting | active | asleep | stopped
     state_since: float | None = None
     url_problem: str | None = None  # why `url` cannot be polled from here (another pod's loopback)
-
-
-def reachable_url(entry: EngineEntry, own_net_ns: int | None) -> tuple[str | None, str | None]:
-    """(URL the exporter should use, why it cannot) for an entry's URL.
-
-    A loopback URL written in another network namespace (another pod) names that pod's
-    loopback, which the exporter cannot reach: it is rewritten to the writer's advertised
-    address when the entry has one (the URL policy still decides whether that address may
-    be polled), else refused with the reason."""
-    if entry.url is None or entry.net_ns is None or own_net_ns is None or entry.net_ns == own_net_ns:
-        return entry.url, None
-    try:
-        parts = urlsplit(entry.url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return entry.url, None  # the URL policy explains what is wrong with it
-    if not is_loopback_or_any(host):
-        return entry.url, None
-    if entry.advertise_host is None:
-        return None, (
-            f"{entry.url} is the loopback of another network namespace (another pod) and the entry has no "
-            "advertise_host ($POD_IP at registration); register a URL the exporter can reach"
-        )
-    shown = f"[{entry.advertise_host}]" if ":" in entry.advertise_host else entry.advertise_host
-    netloc = f"{shown}:{port}" if port else shown
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), None
 
 
 @dataclass
@@ -114,6 +88,7 @@ class EngineCatalog:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.on_change: Callable[[], None] | None = None  # told when a scan found engines or roots anew
 
     # --- background: discovery and namespace lookups read the whole process table ---
 
@@ -129,7 +104,8 @@ class EngineCatalog:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self._discovery_interval)
+            # Without discovery the table is read only when a namespace lookup asks (a wake-up).
+            self._wake.wait(self._discovery_interval if self._discover else None)
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -137,12 +113,14 @@ class EngineCatalog:
             self._stop.wait(MIN_SCAN_SPACING_SECONDS)
 
     def scan(self) -> None:
-        """One pass over the process table: engine discovery and the wanted NSpid translations."""
+        """One pass over the process table: engine discovery and the wanted NSpid translations;
+        `on_change` is told when either found something new."""
         pids = scan_pids()
+        changed = False
         if self._discover:
             found = discover_engines(pids, net_identity("self"))
             with self._lock:
-                self._discovered = found
+                changed, self._discovered = found != self._discovered, found
         with self._lock:
             wanted = set(self._wanted)
         if wanted:
@@ -150,6 +128,9 @@ class EngineCatalog:
             with self._lock:
                 self._translated.update(found)
                 self._wanted -= set(found)
+            changed |= bool(found)
+        if changed and self.on_change is not None:
+            self.on_change()
 
     # --- registry ---
 

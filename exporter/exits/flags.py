@@ -7,7 +7,7 @@ from pathlib import Path
 
 from exporter.errors import ErrorCounter
 from exporter.exits.causes import CHILD_WINDOW_SECONDS
-from exporter.exits.forensics import DEFAULT_WINDOW_SECONDS, Forensics
+from exporter.exits.forensics import DEFAULT_TREE_INTERVAL, DEFAULT_WINDOW_SECONDS, Forensics
 from exporter.exits.log import ExitLog
 from exporter.flags import group, seconds
 
@@ -55,10 +55,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         forensics,
         "--forensics.interval",
         "forensics_interval",
-        0.5,
-        "how often engine trees, memory cgroup OOM counters and the kernel log are looked at; a collection "
-        "a second feeds the history (default 0.5; 0 turns forensics off: causes are then from exit codes only)",
+        1.0,
+        "how often, while engines live, their GPUs' used memory and process lists are read for the peak before a "
+        "death; deaths themselves are heard at once (a pidfd per process), the kernel log and OOM counters read "
+        "then (default 1; 0 turns forensics off: causes are then from exit codes only)",
         zero=True,
+    )
+    seconds(
+        forensics,
+        "--forensics.tree-interval",
+        "forensics_tree_interval",
+        DEFAULT_TREE_INTERVAL,
+        "how often, while engines live, the whole process table is read for children of their trees that never "
+        "touch a GPU, and the engines resolved again; a new engine, or a new GPU process in a tree, has its tree "
+        f"read at once (default {DEFAULT_TREE_INTERVAL:g})",
     )
     seconds(
         forensics,
@@ -104,6 +114,7 @@ def build_exit_log(args: argparse.Namespace, errors: ErrorCounter) -> tuple[Exit
             child_window=args.forensics_child_window,
             cgroup_root=Path(args.forensics_cgroup_root),
             kmsg=args.forensics_kmsg or None,
+            tree_interval=args.forensics_tree_interval,
         )
     exits = ExitLog(
         args.node,

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 MAX_READ_BYTES = 4 * 1024 * 1024  # per collection: a huge backlog is caught up over several
 RECENT_IDS = 20_000  # ids remembered against a file read twice (replaced in place, restored)
 RECENT_EVENTS = 256
-SETTLE_SECONDS = 1.0  # after a death is seen, how long late evidence (a kernel log line) may still come
+SETTLE_SECONDS = 0.3  # after a death is heard, how long late evidence (a kernel log line) may still come
 EVIDENCE_WAIT_SECONDS = 3.0  # how long a reported exit waits for its death to be seen before it is counted
 
 
@@ -264,6 +264,11 @@ class ExitLog:
             records = [dict(r) for r in self._recent if engine is None or r.get("engine") == engine]
         return sorted(records, key=lambda r: -float(r.get("time", 0)))
 
+    def busy(self) -> bool:
+        """Exits wait for their evidence, or a root is gone with no report yet: worth looking again soon."""
+        with self._lock:
+            return bool(self._pending) or any(key not in self._reported for key in self._dead_since)
+
     def update(self, snapshot: Snapshot) -> None:
         """Read new events, record unreported deaths, count what has its evidence, save."""
         with self._lock:
@@ -288,4 +293,4 @@ class ExitLog:
             family.add_metric([self._node, engine, code, signal_label, cause], value)
         yield family
         if self._forensics is not None:
-            yield from self._forensics.families(snapshot)
+            yield from self._forensics.families()

@@ -59,6 +59,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+ENGINES_MAX_AGE = 30.0  # seconds a poller takes the catalog's last resolution as current
+
+
 def build_pollers(
     args: argparse.Namespace, errors: ErrorCounter, catalog: EngineCatalog
 ) -> tuple[SglangPoller, VllmPoller]:
@@ -75,6 +78,8 @@ def build_pollers(
             engines=lambda: catalog.current(max_age=max_age),
         )
 
-    sglang = poller(SglangPoller, args.sglang_interval, args.sglang_timeout, 5.0)
-    vllm = poller(VllmPoller, args.vllm_interval, args.vllm_timeout, min(5.0, args.vllm_interval))
+    # The engines as last resolved: the watcher resolves again at every registry change, discovery
+    # find and death (exporter/watcher.py), so a poller need not read /proc on its own every few seconds.
+    sglang = poller(SglangPoller, args.sglang_interval, args.sglang_timeout, ENGINES_MAX_AGE)
+    vllm = poller(VllmPoller, args.vllm_interval, args.vllm_timeout, ENGINES_MAX_AGE)
     return sglang, vllm

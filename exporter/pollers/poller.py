@@ -28,6 +28,7 @@ from exporter.supervisor import run_supervised
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MIN_WAIT_SECONDS = 0.05  # the shortest sleep between looks (a poll just came due)
 Get = Callable[[str], Response]
 # (the last successful value of this engine or None, the new one, wall-clock time of the poll) -> value kept
 Fold = Callable[[T | None, T, float], T]
@@ -125,7 +126,17 @@ class EnginePoller(Generic[T]):
                 refreshed = time.monotonic()
                 run_supervised(f"{self.source}-poller", lambda: self.track(self._engine_source()), self._errors)
             run_supervised(f"{self.source}-poller", self._start_due, self._errors)
-            self._stop.wait(self._tick)
+            self._stop.wait(self._until_due(refreshed + min(self._interval, 5.0)))
+
+    def _until_due(self, refresh_at: float) -> float:
+        """Asleep until the next poll or engine refresh is due: no engine to poll, no wake-up each tick.
+        A poll in flight is looked after at the tick (its next one is set when it ends)."""
+        wake = refresh_at
+        with self._lock:
+            for target in self._targets.values():
+                due = time.monotonic() + self._tick if target in self._in_flight else self._next_poll.get(target, 0.0)
+                wake = min(wake, due)
+        return max(MIN_WAIT_SECONDS, wake - time.monotonic())
 
     # --- which engines ---
 

@@ -56,7 +56,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--engines.state-interval",
         "state_interval",
         0.25,
-        "how often a release or wake in progress is measured, between scrapes (default 0.25)",
+        "how often a release or wake in progress is measured, between scrapes; with none in progress nothing is "
+        "(default 0.25)",
     )
     states.add_argument(
         "--engines.residual-window",

@@ -41,6 +41,11 @@ class SharedSnapshot:
         self._lock = threading.Lock()
         self._last: tuple[float, Snapshot, float] | None = None  # (finished, snapshot, duration)
 
+    def age(self) -> float | None:
+        """Seconds since the last collection finished (None before the first)."""
+        last = self._last
+        return None if last is None else time.monotonic() - last[0]
+
     def snapshot(self, max_age: float | None = None) -> tuple[Snapshot, float]:
         """A collection no older than `max_age` (default: the min interval), or one that
         finished while this call waited for a concurrent one: never a second pass at once."""

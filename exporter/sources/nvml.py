@@ -130,10 +130,10 @@ class NvmlSource:
             self._logged_failure = True
         return False
 
-    def read(self) -> NvmlReading:
-        """Every GPU, or nvml_up=0 when NVML is missing, failing or past its deadline."""
+    def read(self, only: set[int] | None = None) -> NvmlReading:
+        """Every GPU (or the indices in `only`), or nvml_up=0 when NVML is missing, failing or past its deadline."""
         try:
-            return self._runner.call(self._read, self._timeout)
+            return self._runner.call(lambda: self._read(only), self._timeout)
         except DeadlineExceeded as exc:
             self._errors.inc("nvml", "hung" if exc.busy else "timeout")
             if not exc.busy:
@@ -142,7 +142,7 @@ class NvmlSource:
                 )
             return NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
 
-    def _read(self) -> NvmlReading:
+    def _read(self, only: set[int] | None) -> NvmlReading:
         with self._lock:
             if not self._init():
                 return NvmlReading(up=False, gpus=())
@@ -155,9 +155,10 @@ class NvmlSource:
             if any(index >= count for index in self._identities):
                 self._identities.clear()  # GPUs went away: indices may now name other cards
                 self._mig.clear()
-            gpus = [gpu for index in range(count) if (gpu := self._read_gpu(index)) is not None]
+            asked = [index for index in range(count) if only is None or index in only]
+            gpus = [gpu for index in asked if (gpu := self._read_gpu(index)) is not None]
             return NvmlReading(
-                up=True, gpus=tuple(gpus), driver_version=self._driver_version, unreadable_gpus=count - len(gpus)
+                up=True, gpus=tuple(gpus), driver_version=self._driver_version, unreadable_gpus=len(asked) - len(gpus)
             )
 
     def _read_gpu(self, index: int) -> GpuReading | None:

@@ -39,6 +39,10 @@ class KernelLog:
             except OSError as exc:
                 log.info("kernel log %s not readable (%s): OOM kills are told by memory cgroups only", path, exc)
 
+    def fileno(self) -> int | None:
+        """Polls readable when a new record is in: the log is read then, not on a tick."""
+        return self._fd
+
     def read(self) -> None:
         if self._fd is None:
             return
