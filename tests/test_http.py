@@ -43,6 +43,8 @@ CONTRACT = {
     "gpu_residency_forensics_history_collections": {"node"},
     "gpu_residency_collector_duration_seconds": {"node", "collector"},
     "gpu_residency_engine_release_floor_bytes": {"node"},
+    "gpu_residency_residual_outside_engines_bytes": {"node", "gpu", "uuid"},
+    "gpu_residency_residual_unclaimed_bytes": {"node", "gpu", "uuid"},
 }
 
 
@@ -68,6 +70,9 @@ def test_scrape_over_http_matches_the_contract(exporter_factory, scenario, spawn
         "gpu_residency_collections_created",
     }
     assert not [n for n in m if n.startswith(("process_", "python_"))], "default collectors must be off"
+    # The residuals the fleet reads, from the exporter: GPU 1's 5 GiB less the engine's 4 GiB.
+    outside = {labels["gpu"]: v for labels, v in m["gpu_residency_residual_outside_engines_bytes"]}
+    assert (outside["0"], outside["1"]) == (0, 1 * GIB)
     assert one(m, "gpu_residency_engine_memory_bytes", engine="rollout-0", gpu=1) == 4 * GIB
     assert one(m, "gpu_residency_unattributed_memory_bytes", gpu=1) == GIB
     assert one(m, "gpu_residency_nvml_up", node="test-node") == 1
