@@ -4,8 +4,9 @@ read from its zombie (before its parent reaps it) and the tree's own memory cgro
 then, once, instead of on every tick.
 
 New members come from the GPU process lists (a GPU process whose ancestry reaches a watched root:
-`owner`), and from a pass over the whole process table when an engine is first watched, when a new
-GPU process joins a tree, and every `tree_interval` for children that never touch a GPU. A dead
+`owner`), and from a pass over the process table when an engine is first watched (every process's
+parent), when a new GPU process joins a tree and every `tree_interval` for children that never touch
+a GPU (the parents of processes new since the last pass only). A dead
 process leaves its tree once it is older than the child window: it can no longer be a cause.
 Not thread-safe: exporter/exits/forensics.py locks around every call.
 """
@@ -57,6 +58,8 @@ class Trees:
         self.counters_seen = False  # an engine's OOM counter file was readable at least once
         self._last_scan = 0.0
         self._scan_wanted = False
+        self._whole = True  # the next pass reads every process (a new engine's tree is all there already)
+        self._seen_pids: set[int] = set()
 
     def watch(self, name: str, root_pid: int) -> bool:
         """Watch an engine's root (again, if the root changed; True then); its tree is read at the next look."""
@@ -67,7 +70,7 @@ class Trees:
             self.forget(old)
         self.watches[name] = Watch(name, root_pid)
         self._add_member(self.watches[name], root_pid, "")
-        self._scan_wanted = True
+        self._scan_wanted = self._whole = True
         return True
 
     def owner(self, pid: int, view: ProcView) -> str:
@@ -141,14 +144,19 @@ class Trees:
         return memory_counter_files(text, self._cgroup_root)
 
     def _scan(self) -> None:
-        """Every watched engine's whole tree: one pass over the process table for parent links."""
+        """New members from the process table's parent links. A newly watched engine needs every
+        process's; after that only processes new since the last pass can have joined a tree (a
+        process never gets a new parent inside one), so only their stat is read."""
+        pids = set(scan_pids())
+        fresh = pids if self._whole else pids - self._seen_pids
+        self._seen_pids, self._whole = pids, False
         children: dict[int, list[int]] = {}
-        for pid in scan_pids():
+        for pid in fresh:
             info = read_proc(pid)
             if info is not None and info.alive:
                 children.setdefault(info.ppid, []).append(pid)
         for watch in self.watches.values():
-            stack = list(children.get(watch.root_pid, ()))
+            stack = [child for m in watch.members.values() if m.gone_at is None for child in children.get(m.pid, ())]
             seen = 0
             while stack and seen < MAX_TREE:
                 pid = stack.pop()
