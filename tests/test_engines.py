@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, one, require_root_tools, scrape_until, values
+from conftest import ROOT, kill_with_descendants, one, require_root_tools, scrape_until, values
 
 from exporter.engines.catalog import EngineCatalog
 from exporter.engines.discovery import parse_launch
@@ -226,8 +226,7 @@ def test_entry_from_another_pid_namespace_is_resolved_through_nspid(tmp_path):
         assert engine.up and engine.root_pid not in (1, proc.pid), "the container's own PID 1, proven by NSpid"
         assert parse_nspid(Path(f"/proc/{engine.root_pid}/status").read_text())[-1] == 1
     finally:
-        proc.kill()
-        proc.wait()
+        kill_with_descendants(proc)  # the namespace's init too: killing unshare alone leaves it running
 
 
 def test_a_second_file_claiming_a_name_is_refused_and_the_engine_keeps_its_tree(local_exporter, scenario, spawn_tree,
