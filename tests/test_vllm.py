@@ -375,7 +375,15 @@ def test_a_vllm_engine_that_sleeps_and_frees_its_memory_2s_later_records_a_2s_re
     name = f"vllm-{port}-{served.pid}"  # discovered: kind, port and the launch process's PID
     _hold(scenario, served.workers, 20)
     exporter = _start(exporter_factory, scenario, tmp_path)
-    m = scrape_until(exporter, lambda m: values(m, "gpu_residency_engine_state", engine=name, state="active") == [1])
+    # Each concern reads the poller's latest result when its families are built: in the scrape that
+    # first sees the state, the vLLM families (built earlier) may still predate the first poll.
+    m = scrape_until(
+        exporter,
+        lambda m: (
+            values(m, "gpu_residency_engine_state", engine=name, state="active") == [1]
+            and values(m, "gpu_residency_vllm_kv_cache_usage_ratio", engine=name, dp_rank="0") != []
+        ),
+    )
     # Discovered from its command line; its workers, two levels down, are its memory.
     assert one(m, "gpu_residency_engine_up", engine=name, kind="vllm") == 1
     assert one(m, "gpu_residency_engine_state", engine=name, state="active", source="observed") == 1
