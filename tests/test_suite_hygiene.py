@@ -1,8 +1,10 @@
-"""The suite's own guarantees: nothing it starts outlives it, and CI runs exactly the README's command."""
+"""The suite's own guarantees: nothing it starts outlives it, CI runs exactly the README's command, and every
+test the docs cite exists."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -76,3 +78,19 @@ def test_a_child_with_a_deadline_of_its_own_ends_by_itself_and_keeps_its_pid():
         for proc in (alarmed, wrapped):
             proc.kill()
             proc.wait()
+
+
+def test_every_test_the_docs_cite_exists():
+    """A doc that says which test holds a behaviour must name a test that runs: a renamed test leaves
+    the doc pointing at nothing. (`tests/test_x.py` paths are files, and may be another project's.)"""
+    defined = {
+        name for path in (ROOT / "tests").glob("test_*.py") for name in re.findall(r"def (test_\w+)", path.read_text())
+    }
+    docs = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md")]
+    cited = {
+        (doc.relative_to(ROOT).as_posix(), name)
+        for doc in docs
+        for name in re.findall(r"\b(test_\w+)\b(?!\.py)", doc.read_text())
+    }
+    assert cited, "the docs cite tests: the pattern must find them"
+    assert sorted((doc, name) for doc, name in cited if name not in defined) == []
