@@ -9,7 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors.gpu import MIG_LABELS, mig_labels
 from exporter.collectors.names import PREFIX
-from exporter.collectors.residual import residual_families
+from exporter.collectors.residual import per_gpu_family, residual_families
 from exporter.snapshot.attribution import Snapshot
 from gpu_residency_common.nvml_mig import MigReading
 
@@ -54,14 +54,12 @@ def process_families(node: str, snapshot: Snapshot) -> Iterable[Metric]:
             labels = [node, usage.engine, str(usage.gpu.index), usage.gpu.uuid, *_on(usage.mig)]
             engine_memory.add_metric(labels, usage.used_bytes)
     yield engine_memory
-    unattributed = GaugeMetricFamily(
-        PREFIX + "unattributed_memory_bytes",
+    yield per_gpu_family(
+        "unattributed_memory_bytes",
         "GPU memory used minus the sum of all listed processes (high: PIDs not visible, e.g. no hostPID).",
-        labels=["node", "gpu", "uuid"],
+        node,
+        snapshot.unattributed,
     )
-    for gpu, value in snapshot.unattributed:
-        unattributed.add_metric([node, str(gpu.index), gpu.uuid], value)
-    yield unattributed
     mig_unattributed = GaugeMetricFamily(
         PREFIX + "mig_unattributed_memory_bytes",
         "One MIG device's used memory minus the processes NVML places on it (high: processes hidden from the "

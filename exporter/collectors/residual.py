@@ -12,11 +12,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors.names import PREFIX
 from exporter.snapshot.attribution import Snapshot
+from exporter.sources.nvml import GpuReading
 
 LABELS = ["node", "gpu", "uuid"]
 
 
-def _residuals(snapshot: Snapshot, held: Iterable[tuple[str, int | None]]) -> Iterable[tuple[object, int]]:
+def _residuals(snapshot: Snapshot, held: Iterable[tuple[str, int | None]]) -> Iterable[tuple[GpuReading, int]]:
     """(gpu, used minus what `held` says is held on it) for every GPU where all of it is known."""
     by_gpu: dict[str, int | None] = {}
     for uuid, used in held:
@@ -27,24 +28,28 @@ def _residuals(snapshot: Snapshot, held: Iterable[tuple[str, int | None]]) -> It
             yield gpu, gpu.used_bytes - claimed
 
 
+def per_gpu_family(name: str, documentation: str, node: str, rows: Iterable[tuple[GpuReading, int]]) -> Metric:
+    """A family of one figure per GPU (node, gpu, uuid): the residuals and the unattributed memory."""
+    family = GaugeMetricFamily(PREFIX + name, documentation, labels=LABELS)
+    for gpu, value in rows:
+        family.add_metric([node, str(gpu.index), gpu.uuid], value)
+    return family
+
+
 def residual_families(node: str, snapshot: Snapshot) -> Iterable[Metric]:
-    outside = GaugeMetricFamily(
-        PREFIX + "residual_outside_engines_bytes",
+    engines = ((usage.gpu.uuid, usage.used_bytes) for usage in snapshot.engine_usage)
+    yield per_gpu_family(
+        "residual_outside_engines_bytes",
         "Whole-GPU used minus what every engine's process tree holds on it: memory outside any engine (what blocks "
         "the next wake-up when no engine is to blame). A GPU with no engine memory counts in full.",
-        labels=LABELS,
-    )
-    engines = ((usage.gpu.uuid, usage.used_bytes) for usage in snapshot.engine_usage)
-    for gpu, value in _residuals(snapshot, engines):
-        outside.add_metric([node, str(gpu.index), gpu.uuid], value)
-    yield outside
-    unclaimed = GaugeMetricFamily(
-        PREFIX + "residual_unclaimed_bytes",
-        "Whole-GPU used minus what every recognised holder holds (engines, trainers, Ray actors, titled vLLM/SGLang "
-        "workers): memory of plain processes nobody recognised (orphans) or of no listed process (leaked contexts).",
-        labels=LABELS,
+        node,
+        _residuals(snapshot, engines),
     )
     holders = ((u.gpu.uuid, u.used_bytes) for u in snapshot.holder_usage if u.holder.kind != "process")
-    for gpu, value in _residuals(snapshot, holders):
-        unclaimed.add_metric([node, str(gpu.index), gpu.uuid], value)
-    yield unclaimed
+    yield per_gpu_family(
+        "residual_unclaimed_bytes",
+        "Whole-GPU used minus what every recognised holder holds (engines, trainers, Ray actors, titled vLLM/SGLang "
+        "workers): memory of plain processes nobody recognised (orphans) or of no listed process (leaked contexts).",
+        node,
+        _residuals(snapshot, holders),
+    )
