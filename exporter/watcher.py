@@ -168,7 +168,9 @@ class Watcher:
         self._next_history = time.monotonic() + self._history_interval
         self._vllm = any(engine.up and engine.kind == "vllm" for engine in snapshot.engines)
         if self._forensics is not None:
-            self._forensics.sync(snapshot.engines)
+            if self._forensics.sync(snapshot.engines):
+                # Its GPU processes were read before the engine was watched: theirs now, if the engine dies at once.
+                self._forensics.record(snapshot.nvml, snapshot.taken_at)
             self._forensics.look()
         if self._transitions is not None:
             self._transitions.observe(snapshot)

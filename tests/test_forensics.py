@@ -260,11 +260,8 @@ def test_an_oom_kill_is_told_by_the_memory_cgroup_alone(exporter_factory, scenar
     register_engine("oom", root_pid=oom.proc.pid, directory=registry)
     exporter = exporter_factory(scenario, "--registry.dir", str(registry), "--forensics.kmsg", "",
                                 "--forensics.interval", "0.2")  # fmt: skip
-    deadline = time.monotonic() + 15
-    while not values(exporter.scrape(), "gpu_residency_engine_up", engine="oom"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(1.0)
+    # Both the launcher and its child are watched (the child's death is what the counter is read at).
+    scrape_until(exporter, lambda m: values(m, "gpu_residency_forensics_watched_processes", engine="oom") == [2])
     oom.start_failing()
     report_exit("oom", oom.proc.wait(timeout=30), directory=registry)
     record = exits_of(exporter, "oom")
@@ -425,6 +422,80 @@ def test_another_pods_oom_kill_in_a_cgroup_v2_parent_is_no_evidence(tmp_path, en
     events.write_text(V2_EVENTS.format(n=2))
     evidence = next(steps)
     assert evidence.cause == "oom_kill" and "memory.events.local" in evidence.facts[0], evidence
+
+
+def _watched_root(forensics: Forensics, engine: FakeEngine) -> Engine:
+    root = Engine(engine.name, "sglang", None, "registry", engine.proc.pid, read_proc(engine.proc.pid).start_ticks,
+                  True)  # fmt: skip
+    forensics.tick([root])
+    assert forensics.watching(engine.name)
+    return root
+
+
+def test_a_root_the_catalog_saw_dead_before_its_death_was_handled_keeps_its_death(tmp_path, engines):
+    """The watcher's collection can read the catalog after the root died but before its pidfd was
+    handled: the death is heard first, not dropped with the watch (seen as cause `unknown` under load)."""
+    forensics = Forensics("n", ErrorCounter(), kmsg=None)
+    engine = FakeEngine(tmp_path, "raced", "sleep", delay=LIFETIME)
+    engines.append(engine)
+    root = _watched_root(forensics, engine)
+    engine.proc.kill()
+    engine.proc.wait()
+    assert forensics.sync([dataclasses.replace(root, up=False)]) is False  # no handle_ready() before it
+    death = forensics.death_for(ExitEvent("id", "raced", -9, time.time(), root_pid=engine.proc.pid))
+    assert death is not None and death.root_pid == engine.proc.pid
+
+
+def test_a_tree_pass_does_not_re_base_away_the_oom_kill_of_a_death_not_yet_handled(tmp_path, engines):
+    """The cgroup counter rises as the kernel kills a child; a tree pass that re-reads the counters
+    before that child's pidfd is handled must hear the death first, or the rise is lost (cgroup v2
+    laid out in a temp dir as above; the kill is a real SIGKILL of the real child)."""
+    (tmp_path / "cgroup.controllers").write_text("memory\n")
+    local = tmp_path / "memory.events.local"
+    local.write_text(V2_EVENTS.format(n=0))
+    forensics = Forensics("n", ErrorCounter(), cgroup_root=tmp_path, kmsg=None)
+    engine = FakeEngine(tmp_path, "swallowed", "sleep", delay=LIFETIME)
+    engines.append(engine)
+    root = _watched_root(forensics, engine)
+    local.write_text(V2_EVENTS.format(n=1))
+    os.kill(engine.child, signal.SIGKILL)
+    wait_for(engine.child_ended, what="the child's death")
+    forensics.look(force=True)  # a tree pass comes first
+    engine.proc.kill()
+    engine.proc.wait()
+    forensics.tick([dataclasses.replace(root, up=False)])
+    event = ExitEvent("id", "swallowed", -9, time.time(), root_pid=engine.proc.pid)
+    evidence = forensics.explain(event, forensics.death_for(event))
+    assert evidence.cause == "oom_kill" and evidence.victim_pid == engine.child, evidence
+
+
+def test_a_reading_taken_before_its_engine_was_watched_still_gives_the_gpu_state_at_its_death(
+    tmp_path, engines, scenario, fake_nvml_dir, monkeypatch
+):
+    """The collection that finds a new engine reads the GPUs before the engine is watched; recorded
+    again once it is (same time: no second reading), it is the state at a death that comes before any
+    other reading, with the child already reaped."""
+    from exporter.sources.nvml import NvmlSource
+
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    engine = FakeEngine(tmp_path, "early", "fail")
+    engines.append(engine)
+    scenario.gpus[1].processes = [(engine.child, 7 * GIB)]
+    scenario.gpus[1].used = 8 * GIB
+    scenario.write()
+    forensics = Forensics("n", ErrorCounter(), kmsg=None)
+    reading, at = NvmlSource(ErrorCounter(), str(fake_nvml_dir / SONAME)).read(), time.time()
+    forensics.record(reading, at)
+    root = Engine("early", "sglang", None, "registry", engine.proc.pid, read_proc(engine.proc.pid).start_ticks, True)
+    assert forensics.sync([root]) is True, "a new engine is watched"
+    forensics.record(reading, at)
+    kept = {family.name: family.samples for family in forensics.families()}
+    assert kept["gpu_residency_forensics_history_collections"][0].value == 1, "the same reading, not a second one"
+    engine.start_failing()
+    engine.proc.wait(timeout=30)
+    forensics.tick([dataclasses.replace(root, up=False)])
+    death = forensics.death_for(ExitEvent("id", "early", -9, time.time(), root_pid=engine.proc.pid))
+    assert [(gpu.gpu, gpu.used_bytes) for gpu in death.gpus] == [(1, 8 * GIB)]
 
 
 def test_dead_members_leave_the_tree_after_the_child_window(tmp_path, engines):

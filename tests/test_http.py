@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import requests
-from conftest import ROOT, one, require_tool, values
+from conftest import ROOT, one, require_tool, scrape_until, values
 
 from exporter.registry import register_engine
 from fakenvml import GIB, LIBRARY_NOT_FOUND
@@ -41,6 +41,7 @@ CONTRACT = {
     "gpu_residency_collector_success": {"node", "collector"},
     "gpu_residency_forensics_evidence_available": {"node", "source"},
     "gpu_residency_forensics_history_collections": {"node"},
+    "gpu_residency_forensics_watched_processes": {"node", "engine"},
     "gpu_residency_collector_duration_seconds": {"node", "collector"},
     "gpu_residency_engine_release_floor_bytes": {"node"},
     "gpu_residency_residual_outside_engines_bytes": {"node", "gpu", "uuid"},
@@ -58,7 +59,8 @@ def test_scrape_over_http_matches_the_contract(exporter_factory, scenario, spawn
     scenario.write()
     exporter = exporter_factory(scenario, "--registry.dir", str(registry), "--no-engines.discover")
 
-    m = exporter.scrape()
+    # Once the engine's tree is watched (the background watcher's first step): every family is there.
+    m = scrape_until(exporter, lambda m: "gpu_residency_forensics_watched_processes" in m)
 
     for name, labels in CONTRACT.items():
         # errors_total has samples only once something failed

@@ -90,38 +90,53 @@ class Forensics:
             known = self._owners[pid] = (engine, view.title(pid) or (info.comm if info else ""))
         return known
 
-    def sync(self, engines: Iterable[Engine]) -> None:
-        """The catalog's engines: a new live root is watched, one gone from the catalog alive is
-        watched no more (one whose root died unheard, with no pidfd, died now)."""
+    def sync(self, engines: Iterable[Engine]) -> bool:
+        """The catalog's engines: a new live root is watched (True then: the reading just taken is
+        worth recording again, its GPU processes may be that engine's), one gone from the catalog
+        alive is watched no more (one whose root died unheard, with no pidfd, died now)."""
         now = time.time()
         with self._lock:
             live = {e.name: e.root_pid for e in engines if e.up and e.root_pid}
-            if any([self._trees.watch(name, root) for name, root in live.items()]):
+            new = any([self._trees.watch(name, root) for name, root in live.items()])
+            if new:
                 self._owners.clear()  # a GPU process seen before its engine was watched is that engine's now
+            if any(engine not in live for engine in self._trees.watches):
+                self._hear()  # the catalog saw a root dead: its death, heard by now, is handled first
             for watch in list(self._trees.watches.values()):
                 if watch.engine not in live:
                     self._trees.poll(watch, now)
                     if watch.engine in self._trees.watches:
                         self._trees.forget(watch)
+        return new
 
     def handle_ready(self, timeout: float = 0.0) -> bool:
         """Handle the deaths and kernel log lines that arrived (waiting at most `timeout`); True if any."""
         ready = [key.data for key, _ in self._selector.select(timeout)]
         with self._lock:
-            if _KMSG in ready:
-                self._kernel.read()  # first: an OOM kill's line comes before its victim's death
-            watches = self._trees.watches
-            deaths = [data for data in ready if data != _KMSG]
-            # Children before roots: a tree killed at once still shows which member went first.
-            for engine, member in sorted(deaths, key=lambda d: d[0] in watches and watches[d[0]].root_pid == d[1][0]):
-                self._trees.died(engine, member, time.time())
-                self._owners.pop(member[0], None)
+            self._handle(ready)
         return bool(ready)
+
+    def _hear(self) -> None:
+        """The deaths that arrived while the caller worked, handled before it drops or re-bases a watch:
+        else a root dead a moment ago loses its death, or a child's OOM kill its counter's rise."""
+        self._handle([key.data for key, _ in self._selector.select(0)])
+
+    def _handle(self, ready: list) -> None:
+        if _KMSG in ready:
+            self._kernel.read()  # first: an OOM kill's line comes before its victim's death
+        watches = self._trees.watches
+        deaths = [data for data in ready if data != _KMSG]
+        # Children before roots: a tree killed at once still shows which member went first.
+        for engine, member in sorted(deaths, key=lambda d: d[0] in watches and watches[d[0]].root_pid == d[1][0]):
+            self._trees.died(engine, member, time.time())
+            self._owners.pop(member[0], None)
 
     def look(self, force: bool = False) -> None:
         """The slow part, when due (exporter/exits/trees.py): new members from the process table."""
         with self._lock:
-            self._trees.look(time.time(), force)
+            if self._trees.look(time.time(), force):
+                self._hear()
+                self._trees.rebase(time.time())
 
     def tick(self, engines: Iterable[Engine]) -> None:
         """Everything at once, without waiting: deaths that arrived, the catalog, the trees."""
@@ -190,6 +205,19 @@ class Forensics:
         yield family
         with self._lock:
             kept = len(self._history)
+            watched = {
+                watch.engine: sum(member.gone_at is None for member in watch.members.values())
+                for watch in self._trees.watches.values()
+            }
+        members = GaugeMetricFamily(
+            "gpu_residency_forensics_watched_processes",
+            "Live processes of an engine's tree the exporter watches for its death (root, children found by "
+            "the tree pass or on a GPU): a process not counted yet cannot be named as a cause.",
+            labels=["node", "engine"],
+        )
+        for engine, count in sorted(watched.items()):
+            members.add_metric([self._node, engine], count)
+        yield members
         history = GaugeMetricFamily(
             "gpu_residency_forensics_history_collections",
             f"GPU readings kept for the peak before a death (the last --forensics.window, at most {HISTORY_MAX}).",

@@ -75,6 +75,8 @@ class GpuHistory:
 
     def record(self, reading: NvmlReading, owner: Owner, at: float | None = None) -> None:
         summary = _summarise(reading, owner, time.time() if at is None else at)
+        if self._readings and self._readings[-1].at == summary.at:
+            self._readings.pop()  # the same reading again, its processes' owners known better now
         self._readings.append(summary)
         while self._readings and summary.at - self._readings[0].at > self._window:
             self._readings.popleft()

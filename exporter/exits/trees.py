@@ -90,18 +90,23 @@ class Trees:
         if watch is not None and key in watch.members:
             self._gone(watch, key, now)
 
-    def look(self, now: float, force: bool = False) -> None:
-        """When due: the whole process table for new members, members without a pidfd looked at,
-        OOM counters re-based (a rise with no member's death was another process of the group)."""
+    def look(self, now: float, force: bool = False) -> bool:
+        """When due (True then): the whole process table for new members, members without a pidfd
+        looked at. The caller hears the deaths that arrived meanwhile, then calls `rebase`."""
         due = force or time.monotonic() - self._last_scan >= self._tree_interval
         if not self.watches or not (due or self._scan_wanted):
-            return
+            return False
         self._last_scan, self._scan_wanted = time.monotonic(), False
         self._scan()
         for watch in list(self.watches.values()):
             self.poll(watch, now)
-            if watch.engine in self.watches:
-                self._read_counters(watch, now, rebase=True)
+        return True
+
+    def rebase(self, now: float) -> None:
+        """OOM counters read again with no death: a rise since was another process of the group, no
+        cause of a later death. Only after every death already heard was handled (its rise is evidence)."""
+        for watch in self.watches.values():
+            self._read_counters(watch, now, rebase=True)
 
     def poll(self, watch: Watch, now: float) -> None:
         """Members without a pidfd (a kernel without them) are looked at instead of heard."""
