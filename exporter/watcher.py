@@ -132,8 +132,10 @@ class Watcher:
                     pass
         changed = "wake" in ready or now >= self._next_refresh or self._registry_changed(ready)
         if "death" in ready and self._forensics is not None:
-            self._history()  # what the GPUs held as the death came, before it is handled
-            changed |= self._forensics.handle_ready()
+            pending = self._forensics.pending()
+            if self._forensics.deaths_in(pending):
+                self._history(confirm=False)  # what the GPUs held as the death came, before it is handled
+            changed |= self._forensics.handle(pending)
         changes = self._transitions.states.changes() if self._transitions is not None else 0
         changed |= changes != self._changes
         busy = self._exits is not None and self._exits.busy()
@@ -177,11 +179,12 @@ class Watcher:
         if self._exits is not None:
             self._exits.update(snapshot)
 
-    def _history(self) -> None:
-        """The GPU history tick: used memory and process lists of the engines' GPUs, nothing else."""
+    def _history(self, confirm: bool = True) -> None:
+        """The GPU history tick: the used memory of the engines' GPUs; their process lists too only when
+        that changed (`confirm` False: read them anyway, as at a death). Nothing from /proc."""
         self._next_history = time.monotonic() + self._history_interval
         self._history_ticks += 1
         wanted = None if self._history_ticks % FULL_READ_EVERY == 0 else self._forensics.wanted_gpus()
-        if wanted != set():
+        if wanted is None or (wanted and not (confirm and self._forensics.confirm(self._nvml.used(wanted)))):
             self._forensics.record(self._nvml.read(wanted))
         self._forensics.look()

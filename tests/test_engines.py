@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,8 +121,10 @@ def test_discovers_an_sglang_launch_and_its_tree(fake_nvml_dir, scenario, monkey
     launch = subprocess.Popen(
         [sys.executable, "-c", code, "-m", "sglang.launch_server", "--port", "31234"], stdout=subprocess.PIPE, text=True
     )
+    child_fd = None
     try:
         child = int(launch.stdout.readline())
+        child_fd = os.pidfd_open(child)  # the child is killed too, never a later process with its PID
         monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
         scenario.gpus[0].processes = [(child, 2 * GIB)]
         scenario.gpus[0].used = 2 * GIB
@@ -145,6 +149,10 @@ def test_discovers_an_sglang_launch_and_its_tree(fake_nvml_dir, scenario, monkey
     finally:
         launch.kill()
         launch.wait()
+        if child_fd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(child_fd, signal.SIGKILL)
+            os.close(child_fd)
 
 
 def test_static_config_finds_an_engine_by_pid_file(tmp_path, spawn_tree):

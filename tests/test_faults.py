@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import bcrypt
@@ -209,9 +210,17 @@ def test_a_stalled_poller_withdraws_its_results(fake_sglang):
     poller = new_poller(errors)
     e = engine("e", server.url)
     assert one(polled(poller, e), "gpu_residency_sglang_up", engine="e") == 1
-    poller._heartbeat = time.monotonic() - 60  # the loop stopped ticking a minute ago
-    assert values(scrape_families(poller, e), "gpu_residency_sglang_up") == [], "stale is not data"
-    assert errors.snapshot()[("sglang", "stalled")] >= 1
+    entered, release = threading.Event(), threading.Event()
+    poller._start_due = lambda: (entered.set(), release.wait(30))  # its loop's look hangs
+    try:
+        poller.start()
+        assert entered.wait(10)
+        poller._due_at = time.monotonic() - 60  # and it was due a minute ago
+        assert values(scrape_families(poller, e), "gpu_residency_sglang_up") == [], "stale is not data"
+        assert errors.snapshot()[("sglang", "stalled")] >= 1
+    finally:
+        poller.stop()
+        release.set()
 
 
 def test_a_re_registered_engine_inherits_no_backoff(fake_sglang):

@@ -441,7 +441,7 @@ def test_a_root_the_catalog_saw_dead_before_its_death_was_handled_keeps_its_deat
     root = _watched_root(forensics, engine)
     engine.proc.kill()
     engine.proc.wait()
-    assert forensics.sync([dataclasses.replace(root, up=False)]) is False  # no handle_ready() before it
+    assert forensics.sync([dataclasses.replace(root, up=False)]) is False  # nothing handled before it
     death = forensics.death_for(ExitEvent("id", "raced", -9, time.time(), root_pid=engine.proc.pid))
     assert death is not None and death.root_pid == engine.proc.pid
 
@@ -591,3 +591,34 @@ def test_the_history_tick_reads_only_the_live_engines_gpus(tmp_path, scenario, f
     assert forensics.wanted_gpus() == {1}
     reading = nvml.read(forensics.wanted_gpus())
     assert [(gpu.index, gpu.used_bytes) for gpu in reading.gpus] == [(1, 6 * GIB)] and reading.complete
+
+
+def test_a_tick_that_finds_the_used_memory_unchanged_keeps_the_last_reading_standing():
+    """Issue 26: the history tick reads only used memory; when no GPU changed to the byte it reads no
+    process lists and the last reading stands until then, so a death long after it (beyond the window)
+    still has its GPU state. Any change, or a GPU that cannot say, wants a whole reading."""
+    from exporter.exits.history import GpuHistory
+    from exporter.sources.nvml import GpuProcess, GpuReading, NvmlReading
+
+    def reading(used: int) -> NvmlReading:
+        gpu = GpuReading(1, "GPU-1", "0:1", "fake", used, 80 * GIB, 0, (GpuProcess(42, used),))
+        return NvmlReading(True, (gpu,))
+
+    history, owner = GpuHistory(window=60.0), lambda pid: ("e", "sglang::scheduler_TP0")
+    history.record(reading(8 * GIB), owner, at=1000.0)
+    assert history.peaks("e", 1200.0) == [], "not confirmed: it stood until 1000 only"
+    assert not history.confirm({1: 9 * GIB}, 1100.0) and not history.confirm({1: None}, 1100.0)
+    assert not history.confirm({2: 8 * GIB}, 1100.0), "a GPU the last reading did not have"
+    assert history.confirm({1: 8 * GIB}, 1190.0)
+    (peak,) = history.peaks("e", 1200.0)
+    assert (peak.gpu, peak.used_bytes, peak.at) == (1, 8 * GIB, 1190.0), "seen last when confirmed"
+    assert [h.name for h in peak.top_holders] == ["e"]
+    history.record(reading(4 * GIB), owner, at=1195.0)  # released: the peak is still the 8 GiB before
+    assert [(p.used_bytes, p.at) for p in history.peaks("e", 1200.0)] == [(8 * GIB, 1190.0)]
+    # Of equal peaks, the one where the engine's processes were known as its: a reading taken once it
+    # died (its scheduler a plain process then) does not hide it.
+    orphaned = GpuHistory(window=60.0)
+    orphaned.record(reading(8 * GIB), owner, at=1000.0)
+    orphaned.record(reading(8 * GIB), lambda pid: ("", "sglang::scheduler_TP0"), at=1001.0)
+    (peak,) = orphaned.peaks("e", 1001.5)
+    assert ([h.kind for h in peak.top_holders], peak.at) == (["engine"], 1000.0)

@@ -265,3 +265,31 @@ def test_metrics_parser_on_every_shape_and_what_it_refuses():
         parse_metrics('sglang:weight_memory_usage_gb{dp_rank="x"} 1.0\n')
     with pytest.raises(ValueError):
         parse_metrics(b"<html>\x00{")
+
+
+def test_a_catalog_resolution_is_how_a_poller_learns_its_engines(fake_sglang, spawn_tree, tmp_path):
+    """Issue 26: a poller never wakes to ask for engines. With none it sleeps with no timeout; the next
+    resolution of the catalog (any collection: a scrape or the watcher's, at a registry change) names
+    the engine, and the poller polls it at once, with no scrape asking for its results."""
+    from exporter.cli import build_parser
+    from exporter.engines.catalog import EngineCatalog
+    from exporter.pollers.flags import build_pollers
+    from exporter.registry import register_engine
+    from exporter.sources.proctable import ProcView
+
+    server, tree, registry = fake_sglang("new"), spawn_tree(), tmp_path / "reg"
+    catalog = EngineCatalog(ErrorCounter(), registry_dir=registry, discover=False)
+    sglang, vllm = build_pollers(build_parser().parse_args([]), ErrorCounter(), catalog)
+    sglang.start()
+    try:
+        assert sglang._until_due() is None, "no engine: no wake-up at all"
+        register_engine("heard", root_pid=tree.pid, url=server.url, directory=registry)
+        catalog.resolve(ProcView())
+        deadline = time.monotonic() + 20
+        while (sglang.last("heard") is None or not sglang.last("heard").ok) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sglang.last("heard") is not None and sglang.last("heard").ok
+        assert server.requests[0] == "/server_info"
+        assert vllm.last("heard") is None, "not a vLLM engine"
+    finally:
+        sglang.stop()

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +81,13 @@ class EngineCatalog:
         self._wanted: set[tuple[int, int, int]] = set()
         self._refused: set[tuple[str, float]] = set()  # (entry name, registered_at) already counted
         self._discovered: list[Discovered] = []
-        self._latest: tuple[float, list[Engine]] | None = None
         self._lock = threading.Lock()
         self._resolve_lock = threading.Lock()  # scrapes and background work both resolve
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_change: Callable[[], None] | None = None  # told when a scan found engines or roots anew
+        self.listeners: list[Callable[[list[Engine]], None]] = []  # told the engines of every resolution
 
     # --- background: discovery and namespace lookups read the whole process table ---
 
@@ -220,16 +219,9 @@ class EngineCatalog:
         """Every known engine, once per name: registry first, then static, then discovered."""
         with self._resolve_lock:
             engines = self._resolve(view)
-            self._latest = (time.monotonic(), engines)
-            return engines
-
-    def current(self, max_age: float) -> list[Engine]:
-        """The engines of the last resolution if it is younger than `max_age`, else a new one:
-        background pollers share the collector's resolution instead of doing their own."""
-        latest = self._latest
-        if latest is not None and time.monotonic() - latest[0] <= max_age:
-            return latest[1]
-        return self.resolve(ProcView(self._errors))
+        for listener in self.listeners:  # one that fails is counted, never the collection's failure
+            run_supervised("catalog-listener", lambda told=listener: told(engines), self._errors)
+        return engines
 
     def _resolve(self, view: ProcView) -> list[Engine]:
         engines: dict[str, Engine] = {}

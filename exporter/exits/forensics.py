@@ -69,7 +69,7 @@ class Forensics:
         self._lock = threading.Lock()
 
     def fileno(self) -> int:
-        """Polls readable when a watched process died or the kernel logged: call `handle_ready()` then."""
+        """Polls readable when a watched process died or the kernel logged: `pending()` says what."""
         return self._selector.fileno()
 
     # --- inputs ---
@@ -80,6 +80,12 @@ class Forensics:
             if len(self._owners) > OWNERS_MAX:
                 self._owners.clear()
             self._history.record(reading, self._owner, at)
+
+    def confirm(self, used: dict[int, int | None] | None) -> bool:
+        """The tick's cheap question: True when these GPUs' used memory is what the last reading
+        recorded (it stands until now); False: a whole reading is wanted."""
+        with self._lock:
+            return used is not None and self._history.confirm(used, time.time())
 
     def _owner(self, pid: int) -> tuple[str, str]:
         known = self._owners.get(pid)
@@ -109,12 +115,21 @@ class Forensics:
                         self._trees.forget(watch)
         return new
 
-    def handle_ready(self, timeout: float = 0.0) -> bool:
-        """Handle the deaths and kernel log lines that arrived (waiting at most `timeout`); True if any."""
-        ready = [key.data for key, _ in self._selector.select(timeout)]
+    def pending(self, timeout: float = 0.0) -> list:
+        """What arrived (deaths, kernel log lines; waiting at most `timeout`), not handled yet: a caller
+        reads the GPUs first when `deaths_in` it, then `handle`s it."""
+        return [key.data for key, _ in self._selector.select(timeout)]
+
+    @staticmethod
+    def deaths_in(pending: list) -> bool:
+        return any(data != _KMSG for data in pending)
+
+    def handle(self, pending: list) -> bool:
+        """Handle what `pending` returned; True if a watched process died (a kernel log line alone
+        changes nothing the exporter shows: it is kept for the death it may explain)."""
         with self._lock:
-            self._handle(ready)
-        return bool(ready)
+            self._handle(pending)
+        return self.deaths_in(pending)
 
     def _hear(self) -> None:
         """The deaths that arrived while the caller worked, handled before it drops or re-bases a watch:
@@ -140,10 +155,10 @@ class Forensics:
 
     def tick(self, engines: Iterable[Engine]) -> None:
         """Everything at once, without waiting: deaths that arrived, the catalog, the trees."""
-        self.handle_ready()
+        self.handle(self.pending())
         self.sync(engines)
         self.look(force=True)
-        self.handle_ready()
+        self.handle(self.pending())
 
     def _died(self, watch: Watch, root: Member) -> None:
         death = Death(

@@ -9,6 +9,7 @@ with the exit.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +38,12 @@ class _Reading:
     at: float
     gpus: tuple[_GpuState, ...]
     engines: dict[str, frozenset[str]]  # engine -> uuids it held memory on
+    confirmed: float = 0.0  # a later tick found every GPU's used memory unchanged then (0: never)
+
+    @property
+    def seen(self) -> float:
+        """The last time this state is known to have held."""
+        return max(self.at, self.confirmed)
 
 
 def _summarise(reading: NvmlReading, owner: Owner, at: float) -> _Reading:
@@ -64,7 +71,8 @@ def _summarise(reading: NvmlReading, owner: Owner, at: float) -> _Reading:
 
 
 class GpuHistory:
-    """The readings of the last `window` seconds (at most HISTORY_MAX). Not thread-safe: its owner locks."""
+    """The readings of the last `window` seconds (at most HISTORY_MAX), each standing until the next;
+    the last one until it was last confirmed. Not thread-safe: its owner locks."""
 
     def __init__(self, window: float) -> None:
         self._window = window
@@ -78,8 +86,20 @@ class GpuHistory:
         if self._readings and self._readings[-1].at == summary.at:
             self._readings.pop()  # the same reading again, its processes' owners known better now
         self._readings.append(summary)
-        while self._readings and summary.at - self._readings[0].at > self._window:
+        # A reading stands until the next one: it leaves once its successor is older than the window.
+        while len(self._readings) > 1 and summary.at - self._readings[1].at > self._window:
             self._readings.popleft()
+
+    def confirm(self, used: dict[int, int | None], at: float) -> bool:
+        """True, and the last reading stands until `at`, when each of these GPUs (by index) uses what it
+        used then: the tick need not read process lists (a pool allocated once stays the same to the byte)."""
+        if not self._readings or not used:
+            return False
+        last = {gpu.index: gpu.used for gpu in self._readings[-1].gpus}
+        if any(index not in last or value is None or last[index] != value for index, value in used.items()):
+            return False
+        self._readings[-1] = dataclasses.replace(self._readings[-1], confirmed=at)
+        return True
 
     def engine_gpus(self, engines: set[str]) -> set[int] | None:
         """Indices of the GPUs these engines held memory on at the last reading; None when there is
@@ -93,13 +113,24 @@ class GpuHistory:
         return {gpu.index for gpu in last.gpus if gpu.uuid in held}
 
     def peaks(self, engine: str, at: float) -> list[GpuPeak]:
-        """For each GPU the engine held in the window before `at`: its peak used memory and the holders then."""
-        recent = [r for r in self._readings if at - self._window <= r.at <= at + 1.0]
-        held = set().union(*(r.engines.get(engine, frozenset()) for r in recent)) if recent else set()
+        """For each GPU the engine held in the window before `at`: its peak used memory and the holders then
+        (seen last at the time given: a reading stands until the next, the last one until confirmed)."""
+        readings = list(self._readings)
+        ends = [r.at for r in readings[1:]] + [readings[-1].seen] if readings else []
+        spans = zip(readings, ends, strict=True)
+        recent = [(min(r.seen, at), r) for r, end in spans if end >= at - self._window and r.at <= at + 1.0]
+        held = set().union(*(r.engines.get(engine, frozenset()) for _, r in recent)) if recent else set()
         peaks = []
         for uuid in sorted(held):
-            states = [(r.at, gpu) for r in recent for gpu in r.gpus if gpu.uuid == uuid and gpu.used is not None]
+            states = [
+                (gpu.used, uuid in r.engines.get(engine, ()), seen, gpu)
+                for seen, r in recent
+                for gpu in r.gpus
+                if gpu.uuid == uuid and gpu.used is not None
+            ]
             if states:
-                when, top = max(states, key=lambda item: (item[1].used, item[0]))  # the latest of equal peaks
+                # Of equal peaks, one where the engine's own processes were known as its (after its death
+                # they are plain processes), then the latest.
+                _, _, when, top = max(states, key=lambda item: item[:3])
                 peaks.append(GpuPeak(top.index, uuid, top.used, top.total, when, top.holders))
         return peaks

@@ -59,27 +59,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-ENGINES_MAX_AGE = 30.0  # seconds a poller takes the catalog's last resolution as current
-
-
 def build_pollers(
     args: argparse.Namespace, errors: ErrorCounter, catalog: EngineCatalog
 ) -> tuple[SglangPoller, VllmPoller]:
     """The SGLang and vLLM pollers, each reading the catalog's engines and the same URL policy."""
     allowed = [item.strip() for item in args.engines_allowed.split(",") if item.strip()]
 
-    def poller(kind: type[SglangPoller] | type[VllmPoller], interval: float, timeout: float, max_age: float):
-        return kind(
-            args.node,
-            errors,
-            UrlPolicy.default(allowed),
-            interval=interval,
-            read_timeout=timeout,
-            engines=lambda: catalog.current(max_age=max_age),
-        )
+    def poller(kind: type[SglangPoller] | type[VllmPoller], interval: float, timeout: float):
+        made = kind(args.node, errors, UrlPolicy.default(allowed), interval=interval, read_timeout=timeout)
+        # Every resolution of the catalog (each collection: a scrape, or the watcher at a registry change,
+        # a discovery find, a death) tells the poller its engines: it never reads /proc or wakes to ask.
+        catalog.listeners.append(made.track)
+        return made
 
-    # The engines as last resolved: the watcher resolves again at every registry change, discovery
-    # find and death (exporter/watcher.py), so a poller need not read /proc on its own every few seconds.
-    sglang = poller(SglangPoller, args.sglang_interval, args.sglang_timeout, ENGINES_MAX_AGE)
-    vllm = poller(VllmPoller, args.vllm_interval, args.vllm_timeout, ENGINES_MAX_AGE)
-    return sglang, vllm
+    return (
+        poller(SglangPoller, args.sglang_interval, args.sglang_timeout),
+        poller(VllmPoller, args.vllm_interval, args.vllm_timeout),
+    )

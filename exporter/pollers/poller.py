@@ -77,12 +77,11 @@ class EnginePoller(Generic[T]):
         read_timeout: float = 3.0,
         max_bytes: int = 1024 * 1024,
         max_backoff: float = 300.0,
-        engines: Callable[[], Iterable[Engine]] | None = None,
         workers: int = 4,
         fold: Fold[T] | None = None,
     ) -> None:
-        """`source`: the error counter's label; `engines`: how the loop learns engines between scrapes;
-        `fold`: combines each successful value with the engine's previous one (its history)."""
+        """`source`: the error counter's label; `fold`: combines each successful value with the engine's
+        previous one (its history). The engines come to `track` (every resolution of the catalog)."""
         self.source = source
         self._kinds = kinds
         self._client = client
@@ -93,7 +92,6 @@ class EnginePoller(Generic[T]):
         self._deadline = connect_timeout + read_timeout
         self._max_bytes = max_bytes
         self._max_backoff = max_backoff
-        self._engine_source = engines
         self._fold = fold
         self._last_value: dict[Target, T] = {}  # the last successful value, for `fold`
         self._slots = threading.BoundedSemaphore(workers)
@@ -105,38 +103,41 @@ class EnginePoller(Generic[T]):
         self._next_poll: dict[Target, float] = {}
         self._in_flight: set[Target] = set()
         self._refused: set[tuple[str, str]] = set()
-        self._heartbeat: float | None = None
-        self._stop = threading.Event()
+        self._due_at: float | None = None  # when the loop should look next (None: when woken)
+        self._wake = threading.Event()
+        self._stopping = False
 
     # --- lifecycle ---
 
     def start(self) -> None:
-        self._heartbeat = time.monotonic()
+        self._due_at = time.monotonic()
         threading.Thread(target=self._loop, name=f"{self.source}-poller", daemon=True).start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping = True
+        self._wake.set()
 
     def _loop(self) -> None:
-        refreshed = 0.0
-        while not self._stop.is_set():
-            self._heartbeat = time.monotonic()
-            # Learn new engines at the poll interval (5 s at most), not on every tick.
-            if self._engine_source is not None and time.monotonic() - refreshed >= min(self._interval, 5.0):
-                refreshed = time.monotonic()
-                run_supervised(f"{self.source}-poller", lambda: self.track(self._engine_source()), self._errors)
+        while not self._stopping:
+            self._wake.clear()
             run_supervised(f"{self.source}-poller", self._start_due, self._errors)
-            self._stop.wait(self._until_due(refreshed + min(self._interval, 5.0)))
+            wait = self._until_due()
+            self._due_at = None if wait is None else time.monotonic() + wait
+            self._wake.wait(wait)
 
-    def _until_due(self, refresh_at: float) -> float:
-        """Asleep until the next poll or engine refresh is due: no engine to poll, no wake-up each tick.
-        A poll in flight is looked after at the tick (its next one is set when it ends)."""
-        wake = refresh_at
+    def _until_due(self) -> float | None:
+        """Asleep until the next poll is due, or until `track` brings new targets (None: no engine to
+        poll, no wake-up at all). A poll in flight is looked after at the tick (its next one is set
+        when it ends)."""
         with self._lock:
-            for target in self._targets.values():
-                due = time.monotonic() + self._tick if target in self._in_flight else self._next_poll.get(target, 0.0)
-                wake = min(wake, due)
-        return max(MIN_WAIT_SECONDS, wake - time.monotonic())
+            if not self._targets:
+                return None
+            now = time.monotonic()
+            wake = min(
+                now + self._tick if target in self._in_flight else self._next_poll.get(target, 0.0)
+                for target in self._targets.values()
+            )
+        return max(MIN_WAIT_SECONDS, wake - now)
 
     # --- which engines ---
 
@@ -158,6 +159,8 @@ class EnginePoller(Generic[T]):
             self._refused &= {(e.name, e.url or "") for e in engines}  # a refusal is logged again if it returns
             if wanted == self._targets:
                 return
+            self._due_at = time.monotonic()  # the loop looks at once
+            self._wake.set()
             live = set(wanted.values())
             for gone in set(self._results) | set(self._failures) | set(self._next_poll) | set(self._last_value):
                 if gone not in live:
@@ -254,7 +257,8 @@ class EnginePoller(Generic[T]):
     def results(self, engines: Iterable[Engine]) -> dict[str, PollResult[T]]:
         """The latest result per engine name, for the engines of this snapshot; nothing if the loop stalled."""
         self.track(engines)
-        if self._heartbeat is not None and time.monotonic() - self._heartbeat > max(10.0, 5 * self._tick):
+        due = self._due_at
+        if due is not None and time.monotonic() - due > max(10.0, 5 * self._tick):  # it should have looked
             self._errors.inc(self.source, "stalled")
             return {}
         with self._lock:

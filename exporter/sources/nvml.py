@@ -13,7 +13,9 @@ import ctypes
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from exporter.errors import ErrorCounter
 from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 # library missing): often enough to notice a fixed node, rarely enough to cost nothing.
 INIT_RETRY_SECONDS = 30.0
 DEFAULT_TIMEOUT_SECONDS = 5.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -132,15 +135,32 @@ class NvmlSource:
 
     def read(self, only: set[int] | None = None) -> NvmlReading:
         """Every GPU (or the indices in `only`), or nvml_up=0 when NVML is missing, failing or past its deadline."""
+        down = NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
+        return self._with_deadline(lambda: self._read(only), down)
+
+    def used(self, only: set[int]) -> dict[int, int | None] | None:
+        """Used memory of these GPUs alone, one call each: the GPU history's tick asks whether anything
+        changed before it reads process lists. None when NVML is not up, past its deadline, or a GPU was
+        never identified (a whole read answers then)."""
+        return self._with_deadline(lambda: self._used(only), None)
+
+    def _with_deadline(self, read: Callable[[], T], failed: T) -> T:
         try:
-            return self._runner.call(lambda: self._read(only), self._timeout)
+            return self._runner.call(read, self._timeout)
         except DeadlineExceeded as exc:
             self._errors.inc("nvml", "hung" if exc.busy else "timeout")
             if not exc.busy:
                 log.warning(
                     "NVML did not answer in %gs (a GPU or the driver hangs); nvml_up=0 until it does", self._timeout
                 )
-            return NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
+            return failed
+
+    def _used(self, only: set[int]) -> dict[int, int | None] | None:
+        with self._lock:
+            identities = {index: self._identities.get(index) for index in only}
+            if self._nvml is None or None in identities.values():
+                return None
+            return {index: self._memory(identity.handle)[0] for index, identity in identities.items()}
 
     def _read(self, only: set[int] | None) -> NvmlReading:
         with self._lock:
