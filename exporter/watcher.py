@@ -8,11 +8,12 @@ What wakes it, and what it does then:
   the catalog's scan found an engine: one collection, shared likewise;
 - a timer, only while there is something to time or to wait for: a release or wake in progress
   (every --engines.state-interval), exits waiting for their evidence or their grace period, vLLM
-  engines whose own state report may change; and while engines live, the GPU history tick
-  (--forensics.interval): NVML's used memory and process lists for the engines' GPUs alone, no
-  /proc, no attribution; every --forensics.tree-interval, one collection (the catalog again) and the
-  process table for children that never touch a GPU.
-With no engine and nothing pending it does nothing at all. Each step is supervised: a failure is
+  engines whose own state report may change; and while engines live, every --forensics.tree-interval,
+  one collection (the catalog again) and the process table for children that never touch a GPU.
+The GPU history tick (--forensics.interval, while engines live) is not this thread's: it runs on the
+NVML thread when no scrape has read NVML for a while (`_quiet_tick`), reading the used memory of the
+engines' GPUs alone, and their process lists only when that changed; nothing from /proc.
+With no engine and nothing pending nothing runs at all. Each step is supervised: a failure is
 logged and counted, and the thread goes on.
 """
 
@@ -37,8 +38,7 @@ from exporter.supervisor import run_supervised
 
 REARM_SECONDS = 1.0  # a registry directory that does not exist yet is looked for this often
 BUSY_SECONDS = 0.25  # the pace while exits wait for evidence or a grace period
-SCRAPE_FED = 1.5  # a collection this many history intervals old still counts as the tick's reading
-SCRAPED_PAUSE = 3.0  # while scrapes feed the history, the tick looks again after this many intervals
+SCRAPE_FED = 1.5  # history intervals after a read of NVML (a scrape's) before the tick reads on its own
 FAILED_RETRY_SECONDS = 1.0  # after a step failed (logged and counted), the next try
 FULL_READ_EVERY = 30  # history ticks: every GPU is read now and then (an engine may spread to another)
 
@@ -75,7 +75,6 @@ class Watcher:
         self._changes = -1
         self._vllm = False  # vLLM engines up: their own state reports may change between scrapes
         self._next_refresh = 0.0  # a collection now (the first step), then every refresh_interval
-        self._next_history = 0.0
         self._history_ticks = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
@@ -83,10 +82,14 @@ class Watcher:
 
     def start(self) -> None:
         self._thread.start()
+        if self._forensics is not None:
+            self._nvml.when_quiet(SCRAPE_FED * self._history_interval, self._quiet_tick)
 
     def stop(self) -> None:
         self._stop.set()
         self.wake()
+        if self._forensics is not None:
+            self._nvml.when_quiet(0.0, None)
 
     def wake(self) -> None:
         """Look now (the catalog found something)."""
@@ -120,7 +123,6 @@ class Watcher:
         if self._exits is not None and self._exits.busy():
             due.append(BUSY_SECONDS)
         if self._forensics is not None and self._forensics.watched():
-            due.append(max(0.0, self._next_history - now))
             due.append(max(0.0, self._next_refresh - now))
         return min(due) if due else None
 
@@ -134,7 +136,7 @@ class Watcher:
         if "death" in ready and self._forensics is not None:
             pending = self._forensics.pending()
             if self._forensics.deaths_in(pending):
-                self._history(confirm=False)  # what the GPUs held as the death came, before it is handled
+                self._history()  # what the GPUs held as the death came, before it is handled
             changed |= self._forensics.handle(pending)
         changes = self._transitions.states.changes() if self._transitions is not None else 0
         changed |= changes != self._changes
@@ -145,13 +147,6 @@ class Watcher:
             self._collect(max_age=0.0 if changed else min(BUSY_SECONDS, self._state_interval) / 2)
             if now >= self._next_refresh:
                 self._next_refresh = now + self._refresh_interval
-        elif self._forensics is not None and now >= self._next_history:
-            age = self._collector.shared.age()
-            if age is not None and age < SCRAPE_FED * self._history_interval:
-                # Scrapes' collections feed the history: no read of its own, and a look again only later.
-                self._next_history = now - age + SCRAPED_PAUSE * self._history_interval
-            else:
-                self._history()
 
     def _registry_changed(self, ready: set[str]) -> bool:
         if self._registry is None:
@@ -167,7 +162,6 @@ class Watcher:
     def _collect(self, max_age: float) -> None:
         """One collection shared by every consumer of this step (its GPU reading feeds the history)."""
         snapshot, _ = self._collector.snapshot(max_age=max_age)
-        self._next_history = time.monotonic() + self._history_interval
         self._vllm = any(engine.up and engine.kind == "vllm" for engine in snapshot.engines)
         if self._forensics is not None:
             if self._forensics.sync(snapshot.engines):
@@ -179,12 +173,22 @@ class Watcher:
         if self._exits is not None:
             self._exits.update(snapshot)
 
-    def _history(self, confirm: bool = True) -> None:
-        """The GPU history tick: the used memory of the engines' GPUs; their process lists too only when
-        that changed (`confirm` False: read them anyway, as at a death). Nothing from /proc."""
-        self._next_history = time.monotonic() + self._history_interval
+    def _history(self) -> None:
+        """What the GPUs of the engines hold as a death comes, process lists and all."""
+        wanted = self._forensics.wanted_gpus()
+        if wanted != set():
+            self._forensics.record(self._nvml.read(wanted))
+
+    def _quiet_tick(self) -> float | None:
+        """The GPU history tick, on the NVML thread (no scrape read NVML for SCRAPE_FED intervals): the
+        used memory of the engines' GPUs; their process lists only when that changed, and every GPU now
+        and then (an engine may spread to another). None while no engine is watched: no tick at all."""
+        if self._stop.is_set() or not self._forensics.watched():
+            return None
         self._history_ticks += 1
         wanted = None if self._history_ticks % FULL_READ_EVERY == 0 else self._forensics.wanted_gpus()
-        if wanted is None or (wanted and not (confirm and self._forensics.confirm(self._nvml.used(wanted)))):
-            self._forensics.record(self._nvml.read(wanted))
-        self._forensics.look()
+        if wanted is None or (wanted and not self._forensics.confirm(self._nvml.used(wanted))):
+            run_supervised("history", lambda: self._forensics.record(self._nvml.read(wanted)), self._errors)
+            if self._forensics.pass_wanted():
+                self.wake()  # a GPU process joined a tree: the watcher looks for its siblings now
+        return self._history_interval

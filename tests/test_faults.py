@@ -583,3 +583,45 @@ def test_the_nodes_own_addresses_are_allowed_engine_hosts():
     host = f"[{address}]" if address.version == 6 else str(address)
     assert UrlPolicy.default().check(f"http://{host}:30000") is None
     assert "outside the allowed networks" in UrlPolicy.default().check("http://192.0.2.1:30000")
+
+
+def test_the_deadline_runner_does_quiet_work_only_while_no_call_comes():
+    """Issue 26: the NVML thread keeps the GPU history itself between scrapes. Its quiet work runs once
+    no call came for `after` seconds, then as often as it asks; None pauses it until a call came and went
+    quiet again; its own calls run at once; a call that comes while it runs waits for it, and a quiet
+    work stuck past a caller's deadline makes later calls fail at once, as a stuck call does."""
+    from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
+
+    runner, runs, stuck = DeadlineRunner("t"), [], threading.Event()
+
+    def work() -> float | None:
+        runs.append(runner.call(lambda: time.monotonic(), 1.0))  # on its own thread: at once
+        if len(runs) == 3:
+            return None
+        stuck.wait(30) if len(runs) == 5 else None
+        return 0.05
+
+    runner.when_quiet(0.3, work)
+    _wait_for(lambda: len(runs) == 3)
+    time.sleep(0.3)
+    assert len(runs) == 3, "paused until a call comes"
+    assert runner.call(lambda: "answered", 1.0) == "answered"
+    started = time.monotonic()
+    _wait_for(lambda: len(runs) == 5)
+    assert runs[3] - started >= 0.25, "quiet again only `after` the call"
+    with pytest.raises(DeadlineExceeded) as first:
+        runner.call(lambda: "late", 0.2)
+    assert not first.value.busy, "it waited its deadline for the quiet work"
+    with pytest.raises(DeadlineExceeded) as second:
+        runner.call(lambda: "late", 0.2)
+    assert second.value.busy, "stuck past a deadline: at once"
+    stuck.set()
+    _wait_for(lambda: _answers(runner))
+    runner.when_quiet(0.0, None)
+
+
+def _answers(runner) -> bool:
+    try:
+        return runner.call(lambda: True, 0.5)
+    except Exception:
+        return False

@@ -622,3 +622,48 @@ def test_a_tick_that_finds_the_used_memory_unchanged_keeps_the_last_reading_stan
     orphaned.record(reading(8 * GIB), lambda pid: ("", "sglang::scheduler_TP0"), at=1001.0)
     (peak,) = orphaned.peaks("e", 1001.5)
     assert ([h.kind for h in peak.top_holders], peak.at) == (["engine"], 1000.0)
+
+
+def test_the_history_tick_runs_on_the_nvml_thread_and_reads_process_lists_only_on_change(
+    tmp_path, scenario, fake_nvml_dir, spawn_tree, monkeypatch
+):
+    """Issue 26: between scrapes the GPU history is kept by the NVML thread alone (the watcher thread
+    sleeps): the engines' GPUs' used memory each tick, a new reading only when it changed."""
+    import fakenvml
+    from exporter.cli import build_parser
+    from exporter.runtime import build_exporter
+
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(scenario.path))
+    tree, registry = spawn_tree(), tmp_path / "reg"
+    scenario.gpus[1].processes = [(tree.leaves[0], 5 * GIB)]
+    scenario.gpus[1].used = 6 * GIB
+    scenario.write()
+    register_engine("e", root_pid=tree.pid, directory=registry)
+    args = build_parser().parse_args(["--node", "n", "--registry.dir", str(registry), "--no-engines.discover",
+                                      "--state.dir", "", "--forensics.interval", "0.1", "--forensics.kmsg", "",
+                                      "--nvml.library", str(fake_nvml_dir / fakenvml.SONAME)])  # fmt: skip
+    exporter = build_exporter(args, ErrorCounter())
+    monkeypatch.setattr("exporter.watcher.FULL_READ_EVERY", 10**6)  # no whole read now and then here
+    calls, used = {"used": 0}, exporter.nvml.used
+
+    def counted(only: set[int]) -> dict | None:
+        calls["used"] += 1
+        return used(only)
+
+    monkeypatch.setattr(exporter.nvml, "used", counted)
+
+    def kept() -> int:
+        return next(f for f in exporter.forensics.families() if f.name.endswith("history_collections")).samples[0].value
+
+    exporter.start()
+    try:
+        wait_for(lambda: exporter.forensics.watching("e") and calls["used"] >= 3, what="ticks on a watched engine")
+        readings, steps, ticks = kept(), exporter.watcher.steps, calls["used"]
+        wait_for(lambda: calls["used"] >= ticks + 5, what="five more ticks")
+        assert kept() == readings, "nothing changed: no new reading (no process lists read)"
+        scenario.gpus[1].used = 7 * GIB
+        scenario.write()
+        wait_for(lambda: kept() > readings, what="a reading once the used memory changed")
+        assert exporter.watcher.steps == steps, "the watcher thread slept through every tick"
+    finally:
+        exporter.stop()

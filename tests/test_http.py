@@ -171,7 +171,7 @@ def test_own_text_encoder_matches_prometheus_client(local_exporter, scenario, sp
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.parser import text_string_to_metric_families
 
-    from exporter.web.exposition import render
+    from exporter.web.exposition import Exposition, render
 
     tree = spawn_tree()
     register_engine("e", root_pid=tree.pid, directory=local_exporter.registry_dir)
@@ -201,3 +201,13 @@ def test_own_text_encoder_matches_prometheus_client(local_exporter, scenario, sp
         )
 
     assert parsed(render(families).decode()) == parsed(generate_latest(registry).decode())
+    # What the server's Exposition remembers from one scrape writes the next one the same, and a
+    # value or label that changed is written anew.
+    exposition = Exposition()
+    assert exposition.render(families) == exposition.render(families) == render(families)
+    changed = GaugeMetricFamily("x_hostile", "help with \\ and\nnewline", labels=["v"])
+    changed.add_metric(['a "quoted" \\ back\nslash'], 2.5)
+    changed.add_metric(["other"], 1.5)
+    text = exposition.render([changed]).decode()
+    hostile_value = 'a "quoted" \\ back\nslash'
+    assert parsed(text) == [("x_hostile", (("v", hostile_value),), 2.5), ("x_hostile", (("v", "other"),), 1.5)]

@@ -8,7 +8,6 @@ whether that root is still the same live process.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -144,32 +143,34 @@ class EngineCatalog:
         if self._registry_dir is None:
             return []
         try:
-            names = sorted(n for n in os.listdir(self._registry_dir) if n.endswith(ENTRY_SUFFIX))
+            with os.scandir(self._registry_dir) as listing:
+                found = sorted((item.name, item) for item in listing if item.name.endswith(ENTRY_SUFFIX))
         except FileNotFoundError:
             return []
         except OSError:
             self._errors.inc("registry", "unreadable")
             return []
         entries = []
-        for name in names:
-            cached = self._registry_entry(self._registry_dir / name)
+        for _, item in found:
+            cached = self._registry_entry(item)
             if cached is not None and cached.entry is not None:
                 entries.append((cached.entry, cached.registered_at))
-        for stale in set(self._entry_cache) - set(names):
+        for stale in set(self._entry_cache) - {name for name, _ in found}:
             del self._entry_cache[stale]
         return entries
 
-    def _registry_entry(self, path: Path) -> _CachedEntry | None:
+    def _registry_entry(self, item: os.DirEntry) -> _CachedEntry | None:
         """Parse one entry, re-reading only when the file changed; bad files are refused and counted once."""
         try:
-            info = path.lstat()
+            info = item.stat(follow_symlinks=False)  # a link is refused by read_entry: never followed here
         except OSError:
             return None
         key = (info.st_ino, info.st_mtime_ns, info.st_size)
-        cached = self._entry_cache.get(path.name)
+        cached = self._entry_cache.get(item.name)
         if cached is not None and cached.key == key:
             return cached
         entry = None
+        path = Path(item.path)
         try:
             entry = read_entry(path)
         except FileNotFoundError:
@@ -231,14 +232,10 @@ class EngineCatalog:
             live_refusals.add((entry.name, registered_at))
             pid = self._host_pid(entry, view, registered_at)
             url, url_problem = reachable_url(entry, self._own_net_ns)
-            engine = _engine(view, entry.name, entry.kind, url, "registry", pid, entry.start_ticks)
-            engines[entry.name] = dataclasses.replace(
-                engine,
-                registered_at=registered_at,
-                state=entry.state,
-                state_since=entry.state_since,
-                url_problem=url_problem,
-            )
+            engines[entry.name] = _engine(
+                view, entry.name, entry.kind, url, "registry", pid, entry.start_ticks,
+                registered_at=registered_at, state=entry.state, state_since=entry.state_since, url_problem=url_problem,
+            )  # fmt: skip
         self._refused &= live_refusals
         live_keys = {(e.pid_ns, e.root_pid, e.start_ticks) for e, _ in entries}
         with self._lock:
@@ -259,15 +256,24 @@ class EngineCatalog:
             ancestors = [info.pid for info in view.ancestry(entry.root_pid)]
             if entry.name in engines or claimed.intersection(ancestors) or candidates.intersection(ancestors[1:]):
                 continue  # a registered engine's launch process, or a forked child of another launch
-            engine = _engine(view, entry.name, entry.kind, entry.url, "discovered", entry.root_pid, found.start_ticks)
+            engine = _engine(view, entry.name, entry.kind, entry.url, "discovered", entry.root_pid, found.start_ticks,
+                             url_problem=found.url_problem)  # fmt: skip
             if engine.up:  # a discovered engine that exited is simply gone
-                engines[entry.name] = dataclasses.replace(engine, url_problem=found.url_problem)
+                engines[entry.name] = engine
         return list(engines.values())
 
 
 def _engine(
-    view: ProcView, name: str, kind: str, url: str | None, source: str, pid: int | None, start: int | None
+    view: ProcView,
+    name: str,
+    kind: str,
+    url: str | None,
+    source: str,
+    pid: int | None,
+    start: int | None,
+    **more: object,
 ) -> Engine:
-    """An engine is up when its root is alive and, where a start time is known, the same process."""
+    """An engine is up when its root is alive and, where a start time is known, the same process.
+    `more`: the rest of Engine's fields, as the source knows them."""
     up = pid is not None and view.is_instance(pid, start)
-    return Engine(name=name, kind=kind, url=url, source=source, root_pid=pid, start_ticks=start, up=up)
+    return Engine(name=name, kind=kind, url=url, source=source, root_pid=pid, start_ticks=start, up=up, **more)

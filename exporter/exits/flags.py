@@ -56,9 +56,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--forensics.interval",
         "forensics_interval",
         1.0,
-        "how often, while engines live, their GPUs' used memory and process lists are read for the peak before a "
-        "death; deaths themselves are heard at once (a pidfd per process), the kernel log and OOM counters read "
-        "then (default 1; 0 turns forensics off: causes are then from exit codes only)",
+        "how often, while engines live and no scrape read NVML for 1.5 of these, their GPUs' used memory is read "
+        "(process lists too when it changed) for the peak before a death; deaths themselves are heard at once (a "
+        "pidfd per process), the kernel log and OOM counters read then (default 1; 0 turns forensics off: "
+        "causes are then from exit codes only)",
         zero=True,
     )
     seconds(

@@ -182,6 +182,11 @@ class Forensics:
             watched = set(self._trees.watches)
             return self._history.engine_gpus(watched) if watched else set()
 
+    def pass_wanted(self) -> bool:
+        """A GPU process just joined a watched tree: its siblings are looked for at the next `look`."""
+        with self._lock:
+            return self._trees.scan_wanted
+
     def watched(self) -> bool:
         """Whether any engine's tree is watched (the GPU history is worth a tick)."""
         with self._lock:

@@ -61,6 +61,11 @@ class Trees:
         self._whole = True  # the next pass reads every process (a new engine's tree is all there already)
         self._seen_pids: set[int] = set()
 
+    @property
+    def scan_wanted(self) -> bool:
+        """A new GPU process joined a tree: a pass is wanted before the next due one."""
+        return self._scan_wanted
+
     def watch(self, name: str, root_pid: int) -> bool:
         """Watch an engine's root (again, if the root changed; True then); its tree is read at the next look."""
         old = self.watches.get(name)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from exporter.errors import ErrorCounter
-from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner
+from gpu_residency_common.deadline import DeadlineExceeded, DeadlineRunner, QuietWork
 from gpu_residency_common.nvml_memory import nvml_reason, read_memory, read_process_entries, text
 from gpu_residency_common.nvml_mig import MigLayouts, MigReading
 
@@ -137,6 +137,11 @@ class NvmlSource:
         """Every GPU (or the indices in `only`), or nvml_up=0 when NVML is missing, failing or past its deadline."""
         down = NvmlReading(up=False, gpus=(), driver_version=self._driver_version)
         return self._with_deadline(lambda: self._read(only), down)
+
+    def when_quiet(self, after: float, work: QuietWork | None) -> None:
+        """`work` on the NVML thread once no read came for `after` seconds (DeadlineRunner.when_quiet):
+        its reads run there at once."""
+        self._runner.when_quiet(after, work)
 
     def used(self, only: set[int]) -> dict[int, int | None] | None:
         """Used memory of these GPUs alone, one call each: the GPU history's tick asks whether anything

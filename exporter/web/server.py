@@ -22,7 +22,7 @@ from prometheus_client.exposition import gzip_accepted
 
 from exporter import __version__
 from exporter.web.config import WebConfig
-from exporter.web.exposition import CONTENT_TYPE, render
+from exporter.web.exposition import CONTENT_TYPE, Exposition
 from exporter.web.log_limit import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def make_responder(
         "</body></html>"
     ).encode()
     text = [("Content-Type", "text/plain; charset=utf-8")]
+    exposition = Exposition()
 
     def respond(request: Request) -> Response:
         path, headers = request.path, request.headers
@@ -191,7 +192,7 @@ def make_responder(
             refused.warning(f"refused a request from {request.client or 'a client'} for {path[:100]!r}: {why}")
             return 401, [*text, ("WWW-Authenticate", 'Basic realm="gpu-residency"')], b"unauthorized\n"
         if path == telemetry_path:
-            body = render(registry.collect())
+            body = exposition.render(registry.collect())
             if gzip_accepted(headers.get("Accept-Encoding") or ""):
                 return (
                     200,
