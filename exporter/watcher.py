@@ -185,10 +185,13 @@ class Watcher:
         and then (an engine may spread to another). None while no engine is watched: no tick at all."""
         if self._stop.is_set() or not self._forensics.watched():
             return None
+        run_supervised("history", self._tick, self._errors)  # a failed tick is counted; the next one comes
+        return self._history_interval
+
+    def _tick(self) -> None:
         self._history_ticks += 1
         wanted = None if self._history_ticks % FULL_READ_EVERY == 0 else self._forensics.wanted_gpus()
         if wanted is None or (wanted and not self._forensics.confirm(self._nvml.used(wanted))):
-            run_supervised("history", lambda: self._forensics.record(self._nvml.read(wanted)), self._errors)
+            self._forensics.record(self._nvml.read(wanted))
             if self._forensics.pass_wanted():
                 self.wake()  # a GPU process joined a tree: the watcher looks for its siblings now
-        return self._history_interval
