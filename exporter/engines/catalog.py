@@ -144,18 +144,18 @@ class EngineCatalog:
             return []
         try:
             with os.scandir(self._registry_dir) as listing:
-                found = sorted((item.name, item) for item in listing if item.name.endswith(ENTRY_SUFFIX))
+                found = sorted((item for item in listing if item.name.endswith(ENTRY_SUFFIX)), key=lambda i: i.name)
         except FileNotFoundError:
             return []
         except OSError:
             self._errors.inc("registry", "unreadable")
             return []
         entries = []
-        for _, item in found:
+        for item in found:
             cached = self._registry_entry(item)
             if cached is not None and cached.entry is not None:
                 entries.append((cached.entry, cached.registered_at))
-        for stale in set(self._entry_cache) - {name for name, _ in found}:
+        for stale in set(self._entry_cache) - {item.name for item in found}:
             del self._entry_cache[stale]
         return entries
 

@@ -134,7 +134,7 @@ class Forensics:
     def _hear(self) -> None:
         """The deaths that arrived while the caller worked, handled before it drops or re-bases a watch:
         else a root dead a moment ago loses its death, or a child's OOM kill its counter's rise."""
-        self._handle([key.data for key, _ in self._selector.select(0)])
+        self._handle(self.pending())
 
     def _handle(self, ready: list) -> None:
         if _KMSG in ready:
