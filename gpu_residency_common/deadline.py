@@ -40,6 +40,7 @@ class DeadlineRunner:
         self._busy_since: float | None = None  # monotonic start of what the thread runs now
         self._guard = threading.Lock()  # one caller at a time hands work to the thread
         self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()  # callers and when_quiet may both start the thread: once
         self._quiet: tuple[float, QuietWork] | None = None
 
     def when_quiet(self, after: float, work: QuietWork | None) -> None:
@@ -50,9 +51,10 @@ class DeadlineRunner:
         self._jobs.put(None)  # the thread looks at its quiet work now
 
     def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
+        with self._starting:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
         wait: float | None = None
